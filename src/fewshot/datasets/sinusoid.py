@@ -1,0 +1,40 @@
+"""Sinusoid regression tasks exactly as in Finn et al. (2017), section 5.1.
+
+Each task is y = A sin(x - phi) with amplitude A ~ U[0.1, 5.0], phase phi ~ U[0, pi] and inputs
+x ~ U[-5, 5]; support and query points are drawn independently from the same task.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fewshot.errors import require_positive
+from fewshot.tasks import Task
+
+AMPLITUDE_RANGE = (0.1, 5.0)
+PHASE_RANGE = (0.0, math.pi)
+INPUT_RANGE = (-5.0, 5.0)
+
+
+class SinusoidTasks:
+    """Sampler of sinusoid tasks with K support and Q query points each; same API as TaskSampler."""
+
+    def __init__(self, shots: int = 10, queries: int = 10) -> None:
+        require_positive(shots=shots, queries=queries)
+        self.shots, self.queries = shots, queries
+
+    def sample(self, num_tasks: int, generator: torch.Generator | None = None) -> Task:
+        """A meta-batch of tasks; x and y are shaped (tasks, points, 1)."""
+        amplitude = _uniform((num_tasks, 1, 1), AMPLITUDE_RANGE, generator)
+        phase = _uniform((num_tasks, 1, 1), PHASE_RANGE, generator)
+        x = _uniform((num_tasks, self.shots + self.queries, 1), INPUT_RANGE, generator)
+        y = amplitude * torch.sin(x - phase)
+        k = self.shots
+        return Task(x[:, :k], y[:, :k], x[:, k:], y[:, k:])
+
+
+def _uniform(shape: tuple[int, ...], bounds: tuple[float, float], generator) -> torch.Tensor:
+    low, high = bounds
+    return torch.rand(shape, generator=generator) * (high - low) + low

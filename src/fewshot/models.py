@@ -1,0 +1,60 @@
+"""The standard backbones of the few-shot literature. Any other `nn.Module` works as well."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def conv_block(in_channels: int, out_channels: int, track_running_stats: bool) -> nn.Sequential:
+    """3x3 convolution, batch norm, ReLU, 2x2 max-pool: one stage of Conv4."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+        nn.BatchNorm2d(out_channels, track_running_stats=track_running_stats),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+    )
+
+
+class Conv4(nn.Module):
+    """Four conv blocks of `hidden` filters, then a linear head (Finn et al. 2017; Snell et al. 2017).
+
+    With `out_features=None` it returns the flattened embedding (64 features for 28x28 input), as
+    Prototypical Networks use it. MAML normalises with each task's batch statistics, so its
+    default `track_running_stats=False` keeps no running statistics at all.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_features: int | None = 5,
+        hidden: int = 64,
+        image_size: int = 28,
+        track_running_stats: bool = False,
+    ) -> None:
+        super().__init__()
+        channels = [in_channels, hidden, hidden, hidden, hidden]
+        self.features = nn.Sequential(
+            *(conv_block(a, b, track_running_stats) for a, b in zip(channels, channels[1:])),
+            nn.Flatten(),
+        )
+        spatial = image_size
+        for _ in range(4):
+            spatial //= 2
+        self.embedding_size = hidden * spatial * spatial
+        self.head = nn.Linear(self.embedding_size, out_features) if out_features else nn.Identity()
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class SinusoidMLP(nn.Sequential):
+    """The 1-40-40-1 ReLU network of the MAML sinusoid experiment."""
+
+    def __init__(self, hidden: int = 40) -> None:
+        super().__init__(
+            nn.Linear(1, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, 1),
+        )
