@@ -1,0 +1,7 @@
+"""Training loop, evaluation protocol and run folders."""
+
+from fewshot.training.config import TrainConfig
+from fewshot.training.evaluation import EvalResult, evaluate
+from fewshot.training.loop import load_run, meta_step, train
+
+__all__ = ["EvalResult", "TrainConfig", "evaluate", "load_run", "meta_step", "train"]

@@ -1,0 +1,105 @@
+"""The configuration of a training run, with the papers' defaults filled in per method and dataset."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+
+from fewshot.errors import ConfigError, require_positive
+
+ALGORITHMS = ("maml", "protonet")
+DATASETS = ("sinusoid", "omniglot")
+
+# Settings of the papers: MAML (Finn et al. 2017, sec. 5) and Prototypical Networks (Snell et
+# al. 2017, sec. 3.1, who train Omniglot with 60-way episodes of 5 queries per class).
+PAPER_DEFAULTS: dict[tuple[str, str], dict] = {
+    ("maml", "sinusoid"): dict(
+        shots=10, queries=10, meta_batch=25, inner_lr=0.01, inner_steps=1, eval_inner_steps=10,
+        outer_lr=1e-3, iterations=6000, val_every=1000,
+    ),
+    ("maml", "omniglot"): dict(
+        shots=1, queries=15, meta_batch=32, inner_lr=0.4, inner_steps=1, eval_inner_steps=3,
+        outer_lr=1e-3, iterations=60000, val_every=500,
+    ),
+    ("protonet", "omniglot"): dict(
+        shots=1, queries=15, train_ways=60, train_queries=5, meta_batch=1, outer_lr=1e-3,
+        iterations=20000, val_every=500,
+    ),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; `None` means "the paper's default for this method and data"."""
+
+    algorithm: str = "maml"
+    dataset: str = "sinusoid"
+    split: str = "vinyals"
+    ways: int = 5
+    shots: int | None = None
+    queries: int | None = None
+    train_ways: int | None = None
+    train_queries: int | None = None
+    meta_batch: int | None = None
+    inner_steps: int | None = None
+    eval_inner_steps: int | None = None
+    inner_lr: float | None = None
+    outer_lr: float | None = None
+    first_order: bool = False
+    iterations: int | None = None
+    val_every: int | None = None
+    val_episodes: int = 200
+    seed: int = 0
+
+    def resolved(self) -> TrainConfig:
+        """A copy with every `None` replaced by its default, checked for consistency."""
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(
+                f"unknown algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}."
+            )
+        if self.dataset not in DATASETS:
+            raise ConfigError(
+                f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}."
+            )
+        defaults = PAPER_DEFAULTS.get((self.algorithm, self.dataset))
+        if defaults is None:
+            raise ConfigError(
+                f"{self.algorithm} is a classification method; use it with --dataset omniglot."
+            )
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in defaults.items():
+            if values[name] is None:
+                values[name] = value
+        values["train_ways"] = values["train_ways"] or values["ways"]
+        values["train_queries"] = values["train_queries"] or values["queries"]
+        if values["inner_steps"] is None:
+            values["inner_steps"] = 1
+        if values["eval_inner_steps"] is None:
+            values["eval_inner_steps"] = values["inner_steps"]
+        config = TrainConfig(**values)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        require_positive(
+            ways=self.ways, shots=self.shots, queries=self.queries, train_ways=self.train_ways,
+            train_queries=self.train_queries, meta_batch=self.meta_batch,
+            iterations=self.iterations, val_every=self.val_every, val_episodes=self.val_episodes,
+            outer_lr=self.outer_lr,
+        )
+        if self.algorithm == "maml":
+            require_positive(inner_lr=self.inner_lr, inner_steps=self.inner_steps)
+            if self.train_ways != self.ways:
+                raise ConfigError("MAML's output layer has --ways outputs; drop --train-ways.")
+            if self.eval_inner_steps < 0:
+                raise ConfigError(f"eval_inner_steps must be >= 0, got {self.eval_inner_steps}.")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}.")
+        return cls(**values)

@@ -1,0 +1,73 @@
+"""The few-shot evaluation protocol: held-out classes, many episodes, mean and 95% interval."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from fewshot.algorithms.base import Algorithm
+
+# Episodes are drawn in fixed-size chunks from a generator seeded with the evaluation seed, so
+# every model evaluated with the same seed sees exactly the same episodes.
+EPISODES_PER_DRAW = 25
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Mean per-episode score and its 95% confidence half-width, 1.96 * std / sqrt(episodes)."""
+
+    metric: str  # "accuracy" for classification, "mse" for regression
+    mean: float
+    ci95: float
+    episodes: int
+    inner_steps: int | None
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out[self.metric] = out.pop("mean")
+        return out
+
+    def __str__(self) -> str:
+        steps = "" if self.inner_steps is None else f" after {self.inner_steps} inner steps"
+        if self.metric == "accuracy":
+            value = f"{100 * self.mean:.2f}% ± {100 * self.ci95:.2f}%"
+        else:
+            value = f"{self.mean:.4f} ± {self.ci95:.4f}"
+        return f"{self.metric} {value} (95% CI, {self.episodes} episodes){steps}"
+
+
+def episode_scores(predictions: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
+    """Per-episode accuracy (integer labels) or mean squared error (real targets)."""
+    if query_y.is_floating_point():
+        return (predictions - query_y).pow(2).flatten(1).mean(1)
+    return (predictions.argmax(-1) == query_y).float().mean(1)
+
+
+def evaluate(
+    algorithm: Algorithm,
+    tasks,
+    episodes: int = 600,
+    seed: int = 0,
+    inner_steps: int | None = None,
+    device: torch.device | str = "cpu",
+) -> EvalResult:
+    """Evaluate on `episodes` episodes drawn from `tasks` (a sampler of held-out classes)."""
+    generator = torch.Generator().manual_seed(seed)
+    was_training = algorithm.training
+    algorithm.eval()
+    scores = []
+    try:
+        with torch.no_grad():
+            for start in range(0, episodes, EPISODES_PER_DRAW):
+                batch = tasks.sample(EPISODES_PER_DRAW, generator)[: episodes - start].to(device)
+                predictions = algorithm.predict(batch, inner_steps=inner_steps)
+                scores.append(episode_scores(predictions, batch.query_y).cpu())
+    finally:
+        algorithm.train(was_training)
+    scores = torch.cat(scores).double()
+    ci95 = 1.96 * scores.std().item() / math.sqrt(len(scores)) if len(scores) > 1 else float("nan")
+    metric = "mse" if batch.query_y.is_floating_point() else "accuracy"
+    steps = getattr(algorithm, "eval_inner_steps", None) if inner_steps is None else inner_steps
+    return EvalResult(metric, scores.mean().item(), ci95, len(scores), steps)

@@ -1,0 +1,100 @@
+"""The command line end to end on sinusoid, and its one-line errors."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from fewshot.cli import main
+
+QUICK = ["--iterations", "20", "--val-every", "10", "--val-episodes", "25", "--test-episodes", "25"]
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def sinusoid_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "sin"
+    result = run("train", *QUICK, "--out", out)
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_train_writes_a_run_folder_and_reports_mse(sinusoid_run):
+    out, output = sinusoid_run
+    assert {p.name for p in out.iterdir()} >= {"config.json", "metrics.jsonl", "model.safetensors"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["inner_lr"] == 0.01 and config["meta_batch"] == 25 and config["shots"] == 10
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in lines if r.get("split") == "val"] == [10, 20]
+    for steps in (0, 1, 10):
+        assert f"after {steps} inner steps" in output
+
+
+def test_eval_json_reports_the_protocol(sinusoid_run):
+    out, _ = sinusoid_run
+    result = run("eval", out, "--episodes", "50", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["episodes"] == 50 and report["metric"] == "mse"
+    assert set(report["mse_by_inner_steps"]) == {"0", "1", "10"}
+    again = json.loads(run("eval", out, "--episodes", "50", "--json").output)
+    assert again == report  # fixed evaluation seed
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--inner-lr", "-1"], "inner_lr must be positive"),
+        (["--meta-batch", "0"], "meta_batch must be positive"),
+        (["--algorithm", "protonet"], "protonet is a classification method"),
+        (["--dataset", "omniglot", "--data-root", "/nonexistent"], "Pass --download"),
+    ],
+)
+def test_bad_training_input_is_one_line_and_writes_nothing(tmp_path, args, message):
+    out = tmp_path / "run"
+    result = run("train", *QUICK, "--out", out, *args)
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1 and message in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_unknown_algorithm_is_refused():
+    result = run("train", "--algorithm", "reptile")
+    assert result.exit_code == 2 and "'reptile' is not one of" in result.output
+
+
+def test_run_folder_without_checkpoint_is_one_line(tmp_path):
+    result = run("eval", tmp_path)
+    assert result.exit_code == 2 and "is not a run folder" in result.output
+
+
+def test_existing_run_folder_is_not_overwritten(sinusoid_run):
+    out, _ = sinusoid_run
+    before = (out / "metrics.jsonl").read_text()
+    result = run("train", *QUICK, "--out", out)
+    assert result.exit_code == 2 and "already holds a run" in result.output
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = run("--debug", "train", "--inner-lr", "-1", "--out", tmp_path / "r")
+    assert result.exception is not None and type(result.exception).__name__ == "ConfigError"
+
+
+@pytest.mark.omniglot
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ways", "1000", "--split", "lake"], "ways=1000 is larger than the 864 classes"),
+        (["--shots", "10", "--queries", "15"], "shots + queries = 25 is more than the 20"),
+    ],
+)
+def test_impossible_omniglot_episodes_are_one_line(tmp_path, omniglot_root, args, message):
+    result = run("train", "--dataset", "omniglot", "--data-root", omniglot_root,
+                 "--out", tmp_path / "r", *args)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "r").exists()

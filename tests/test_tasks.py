@@ -1,0 +1,129 @@
+"""Invariants of the N-way K-shot sampler, on synthetic data and on Omniglot's real splits."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fewshot import TaskSampler
+from fewshot.datasets.omniglot import omniglot_split
+from fewshot.errors import ConfigError
+
+
+def labelled_data(num_classes=10, per_class=8, sizes=None):
+    sizes = sizes or [per_class] * num_classes
+    labels = torch.cat([torch.full((n,), 100 + c) for c, n in enumerate(sizes)])
+    # Each input records its own class and its index within the class, so tests can trace it.
+    within = torch.cat([torch.arange(n) for n in sizes])
+    inputs = torch.stack([labels.float(), within.float()], dim=1)
+    return inputs, labels
+
+
+def check_episode_invariants(tasks, ways, shots, queries, inputs_to_label):
+    t = len(tasks)
+    assert tasks.support_x.shape[:2] == (t, ways * shots)
+    assert tasks.query_x.shape[:2] == (t, ways * queries)
+    for i in range(t):
+        task = tasks[i]
+        for y in (task.support_y, task.query_y):
+            assert set(y.tolist()) == set(range(ways))
+        # The remapped label is consistent with the original class, one class per label.
+        support_classes = {inputs_to_label(x) for x in task.support_x}
+        assert len(support_classes) == ways
+        for x, y in zip(torch.cat([task.support_x, task.query_x]),
+                        torch.cat([task.support_y, task.query_y])):
+            assert inputs_to_label(x) == inputs_to_label(task.support_x[task.support_y == y][0])
+        # Support and query are disjoint examples.
+        support = {tuple(x.tolist()) for x in task.support_x}
+        query = {tuple(x.tolist()) for x in task.query_x}
+        assert len(support) == ways * shots and len(query) == ways * queries
+        assert not support & query
+
+
+def test_episodes_have_remapped_labels_and_disjoint_support_and_query():
+    inputs, labels = labelled_data()
+    sampler = TaskSampler(inputs, labels, ways=5, shots=2, queries=3)
+    tasks = sampler.sample(20, torch.Generator().manual_seed(0))
+    check_episode_invariants(tasks, 5, 2, 3, lambda x: int(x[0]))
+
+
+def test_same_seed_same_episodes_and_other_seed_other_episodes():
+    inputs, labels = labelled_data()
+    sampler = TaskSampler(inputs, labels, ways=5, shots=1, queries=2)
+    a = sampler.sample(8, torch.Generator().manual_seed(3))
+    b = sampler.sample(8, torch.Generator().manual_seed(3))
+    c = sampler.sample(8, torch.Generator().manual_seed(4))
+    assert all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors()))
+    assert not torch.equal(a.support_x, c.support_x)
+
+
+def test_every_class_and_every_example_gets_drawn():
+    inputs, labels = labelled_data(num_classes=6, per_class=4)
+    sampler = TaskSampler(inputs, labels, ways=2, shots=1, queries=1)
+    tasks = sampler.sample(500, torch.Generator().manual_seed(0))
+    seen = {tuple(x.tolist()) for x in torch.cat([tasks.support_x, tasks.query_x], 1).flatten(0, 1)}
+    assert len(seen) == 24
+
+
+def test_unequal_class_sizes_never_draw_beyond_a_class():
+    inputs, labels = labelled_data(sizes=[3, 9, 4, 5])
+    sampler = TaskSampler(inputs, labels, ways=4, shots=1, queries=2)
+    tasks = sampler.sample(200, torch.Generator().manual_seed(0))
+    check_episode_invariants(tasks[:20], 4, 1, 2, lambda x: int(x[0]))
+
+
+def test_uint8_images_become_floats_in_unit_range():
+    images = torch.randint(0, 256, (40, 1, 4, 4), dtype=torch.uint8)
+    sampler = TaskSampler(images, torch.arange(40) // 4, ways=3, shots=1, queries=1)
+    x = sampler.sample(2).support_x
+    assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(ways=11, shots=1, queries=1), "ways=11 is larger than the 10 classes"),
+        (dict(ways=5, shots=5, queries=4), r"shots \+ queries = 9 is more than the 8 examples"),
+        (dict(ways=0, shots=1, queries=1), "ways must be positive"),
+        (dict(ways=5, shots=-1, queries=1), "shots must be positive"),
+    ],
+)
+def test_impossible_requests_get_one_clear_error(kwargs, message):
+    inputs, labels = labelled_data()
+    with pytest.raises(ConfigError, match=message):
+        TaskSampler(inputs, labels, **kwargs)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    num_classes=st.integers(1, 12), per_class=st.integers(1, 8), ways=st.integers(-1, 14),
+    shots=st.integers(-1, 6), queries=st.integers(-1, 6), seed=st.integers(0, 2**31),
+)
+def test_sampler_invariants_or_clear_error_for_any_sizes(
+    num_classes, per_class, ways, shots, queries, seed
+):
+    inputs, labels = labelled_data(num_classes, per_class)
+    valid = ways > 0 and shots > 0 and queries > 0 and ways <= num_classes
+    valid = valid and shots + queries <= per_class
+    if not valid:
+        with pytest.raises(ConfigError):
+            TaskSampler(inputs, labels, ways, shots, queries)
+        return
+    tasks = TaskSampler(inputs, labels, ways, shots, queries).sample(
+        3, torch.Generator().manual_seed(seed))
+    check_episode_invariants(tasks, ways, shots, queries, lambda x: int(x[0]))
+
+
+@pytest.mark.omniglot
+def test_omniglot_episodes_only_use_their_splits_classes(omniglot):
+    """Trace every drawn image back to its character: test episodes use test characters only."""
+    images, labels = omniglot_split(omniglot, "vinyals", "test", rotations=False)
+    test_images = {img.numpy().tobytes() for img in images}
+    train_images, _ = omniglot_split(omniglot, "vinyals", "train", rotations=False)
+    train_set = {img.numpy().tobytes() for img in train_images}
+    sampler = TaskSampler(images, labels, ways=5, shots=1, queries=15)
+    tasks = sampler.sample(50, torch.Generator().manual_seed(0))
+    drawn = torch.cat([tasks.support_x, tasks.query_x], 1).flatten(0, 1)
+    drawn_bytes = {(x * 255).round().to(torch.uint8).numpy().tobytes() for x in drawn}
+    assert drawn_bytes <= test_images
+    assert not drawn_bytes & train_set

@@ -1,0 +1,60 @@
+import math
+
+import numpy as np
+import torch
+
+from fewshot.algorithms.base import Algorithm
+from fewshot.datasets.sinusoid import SinusoidTasks
+from fewshot.tasks import TaskSampler
+from fewshot.training.evaluation import evaluate
+
+
+class Peek(Algorithm):
+    """Predicts a query's label from its input (inputs encode the class), wrong on purpose for
+    class 0 of each task, so the expected accuracy per episode is known exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def predict(self, tasks, inner_steps=None):
+        self.seen.append(tasks.query_x.clone())
+        ways = int(tasks.support_y.max()) + 1
+        wrong = torch.where(tasks.query_y == 0, 1, tasks.query_y)
+        return torch.nn.functional.one_hot(wrong, ways).float()
+
+
+def sampler():
+    labels = torch.arange(20).repeat_interleave(6)
+    return TaskSampler(torch.arange(360.0).view(120, 3), labels, ways=4, shots=1, queries=2)
+
+
+def test_accuracy_mean_and_ci_follow_the_protocol():
+    result = evaluate(Peek(), sampler(), episodes=60, seed=0)
+    assert result.metric == "accuracy" and result.episodes == 60
+    assert math.isclose(result.mean, 0.75)  # one of four classes always wrong
+    assert result.ci95 == 0.0
+
+
+def test_ci_is_196_std_over_sqrt_episodes():
+    class Zero(Algorithm):
+        def predict(self, tasks, inner_steps=None):
+            return torch.zeros_like(tasks.query_y)
+
+    result = evaluate(Zero(), SinusoidTasks(5, 5), episodes=90, seed=2)
+    scores = []
+    tasks = SinusoidTasks(5, 5)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(4):
+        batch = tasks.sample(25, g)
+        scores += batch.query_y.pow(2).mean((1, 2)).tolist()
+    scores = np.array(scores[:90])
+    assert math.isclose(result.mean, scores.mean(), rel_tol=1e-6)
+    assert math.isclose(result.ci95, 1.96 * scores.std(ddof=1) / math.sqrt(90), rel_tol=1e-6)
+
+
+def test_same_seed_gives_the_same_episodes_for_every_model():
+    a, b = Peek(), Peek()
+    evaluate(a, sampler(), episodes=30, seed=5)
+    evaluate(b, sampler(), episodes=30, seed=5)
+    assert all(torch.equal(x, y) for x, y in zip(a.seen, b.seen))
