@@ -94,7 +94,15 @@ def test_debug_shows_the_traceback(tmp_path):
     ],
 )
 def test_impossible_omniglot_episodes_are_one_line(tmp_path, omniglot_root, args, message):
-    result = run("train", "--dataset", "omniglot", "--data-root", omniglot_root,
-                 "--out", tmp_path / "r", *args)
+    result = run(
+        "train",
+        "--dataset",
+        "omniglot",
+        "--data-root",
+        omniglot_root,
+        "--out",
+        tmp_path / "r",
+        *args,
+    )
     assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "r").exists()

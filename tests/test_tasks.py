@@ -30,8 +30,9 @@ def check_episode_invariants(tasks, ways, shots, queries, inputs_to_label):
         # The remapped label is consistent with the original class, one class per label.
         support_classes = {inputs_to_label(x) for x in task.support_x}
         assert len(support_classes) == ways
-        for x, y in zip(torch.cat([task.support_x, task.query_x]),
-                        torch.cat([task.support_y, task.query_y])):
+        for x, y in zip(
+            torch.cat([task.support_x, task.query_x]), torch.cat([task.support_y, task.query_y])
+        ):
             assert inputs_to_label(x) == inputs_to_label(task.support_x[task.support_y == y][0])
         # Support and query are disjoint examples.
         support = {tuple(x.tolist()) for x in task.support_x}
@@ -76,7 +77,7 @@ def test_uint8_images_become_floats_in_unit_range():
     images = torch.randint(0, 256, (40, 1, 4, 4), dtype=torch.uint8)
     sampler = TaskSampler(images, torch.arange(40) // 4, ways=3, shots=1, queries=1)
     x = sampler.sample(2).support_x
-    assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert x.dtype == torch.float32 and x.min() >= 0 and x.max() <= 1
 
 
 @pytest.mark.parametrize(
@@ -96,8 +97,12 @@ def test_impossible_requests_get_one_clear_error(kwargs, message):
 
 @settings(max_examples=60, deadline=None)
 @given(
-    num_classes=st.integers(1, 12), per_class=st.integers(1, 8), ways=st.integers(-1, 14),
-    shots=st.integers(-1, 6), queries=st.integers(-1, 6), seed=st.integers(0, 2**31),
+    num_classes=st.integers(1, 12),
+    per_class=st.integers(1, 8),
+    ways=st.integers(-1, 14),
+    shots=st.integers(-1, 6),
+    queries=st.integers(-1, 6),
+    seed=st.integers(0, 2**31),
 )
 def test_sampler_invariants_or_clear_error_for_any_sizes(
     num_classes, per_class, ways, shots, queries, seed
@@ -110,7 +115,8 @@ def test_sampler_invariants_or_clear_error_for_any_sizes(
             TaskSampler(inputs, labels, ways, shots, queries)
         return
     tasks = TaskSampler(inputs, labels, ways, shots, queries).sample(
-        3, torch.Generator().manual_seed(seed))
+        3, torch.Generator().manual_seed(seed)
+    )
     check_episode_invariants(tasks, ways, shots, queries, lambda x: int(x[0]))
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from fewshot.errors import FewshotError
+from fewshot.errors import ConfigError, FewshotError
+from fewshot.training.checkpoint import read_config
 from fewshot.training.config import ALGORITHMS, DATASETS, TrainConfig
 from fewshot.training.evaluation import evaluate
 from fewshot.training.loop import load_run, train
@@ -27,8 +28,8 @@ def friendly_errors(command):
         except FewshotError as error:
             if click.get_current_context().find_root().params.get("debug"):
                 raise
-            click.echo(f"error: {error}", err=True)
-            raise SystemExit(2) from None
+            click.echo(f"{error.prefix}: {error}", err=True)
+            raise SystemExit(error.exit_code) from None
 
     return wrapper
 
@@ -36,8 +37,10 @@ def friendly_errors(command):
 def test_report(algorithm, config, sampler, episodes, seed, inner_steps, device) -> dict:
     """Meta-test results: accuracy at the evaluation steps, or MSE at 0, 1 and 10 steps."""
     if config.dataset == "sinusoid" and inner_steps is None:
-        results = [evaluate(algorithm, sampler, episodes, seed, steps, device)
-                   for steps in SINUSOID_REPORT_STEPS]
+        results = [
+            evaluate(algorithm, sampler, episodes, seed, steps, device)
+            for steps in SINUSOID_REPORT_STEPS
+        ]
         report = results[-1].to_dict()
         report["mse_by_inner_steps"] = {str(r.inner_steps): r.mean for r in results}
         report["ci95_by_inner_steps"] = {str(r.inner_steps): r.ci95 for r in results}
@@ -46,9 +49,14 @@ def test_report(algorithm, config, sampler, episodes, seed, inner_steps, device)
         result = evaluate(algorithm, sampler, episodes, seed, inner_steps, device)
         report = result.to_dict()
         report["lines"] = [str(result)]
-    shape = {"dataset": config.dataset, "split": config.split if config.dataset == "omniglot"
-             else None, "ways": config.ways if config.dataset == "omniglot" else None,
-             "shots": config.shots, "queries": config.queries, "seed": seed}
+    shape = {
+        "dataset": config.dataset,
+        "split": config.split if config.dataset == "omniglot" else None,
+        "ways": config.ways if config.dataset == "omniglot" else None,
+        "shots": config.shots,
+        "queries": config.queries,
+        "seed": seed,
+    }
     return {**report, **shape}
 
 
@@ -56,73 +64,197 @@ def test_report(algorithm, config, sampler, episodes, seed, inner_steps, device)
 @click.option("--debug", is_flag=True, help="Show full tracebacks for user errors.")
 @click.version_option(package_name="fewshot")
 def main(debug: bool) -> None:
-    """Meta-learning for PyTorch: train MAML or Prototypical Networks, evaluate few-shot accuracy."""
+    """Meta-learning for PyTorch: train MAML or ProtoNet, evaluate few-shot accuracy."""
 
 
 @main.command(name="train")
-@click.option("--algorithm", default="maml", type=click.Choice(ALGORITHMS),
-              help="Meta-learning method.")
-@click.option("--dataset", default="sinusoid", type=click.Choice(DATASETS),
-              help="Sinusoid regression (built in) or Omniglot (the official zips).")
-@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder with images_background.zip and images_evaluation.zip "
-                   "[default: $FEWSHOT_DATA_ROOT, else ~/.local/share/fewshot].")
-@click.option("--download", is_flag=True, help="Fetch missing Omniglot zips from the official "
-              "address (checksum-verified).")
-@click.option("--split", default="vinyals", type=click.Choice(["vinyals", "lake"]),
-              help="Omniglot class split (see docs/datasets.md).")
+@click.option(
+    "--algorithm", default="maml", type=click.Choice(ALGORITHMS), help="Meta-learning method."
+)
+@click.option(
+    "--dataset",
+    default="sinusoid",
+    type=click.Choice(DATASETS),
+    help="Sinusoid regression (built in) or Omniglot (the official zips).",
+)
+@click.option(
+    "--data-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder with images_background.zip and images_evaluation.zip "
+    "[default: $FEWSHOT_DATA_ROOT, else ~/.local/share/fewshot].",
+)
+@click.option(
+    "--download",
+    is_flag=True,
+    help="Fetch missing Omniglot zips from the official address (checksum-verified).",
+)
+@click.option(
+    "--split",
+    default="vinyals",
+    type=click.Choice(["vinyals", "lake"]),
+    help="Omniglot class split (see docs/datasets.md).",
+)
 @click.option("--ways", default=5, type=int, help="N: classes per episode (evaluation episodes).")
-@click.option("--shots", default=None, type=int,
-              help="K: support examples per class [default: 1 Omniglot, 10 sinusoid].")
-@click.option("--queries", default=None, type=int,
-              help="Q: query examples per class [default: 15 Omniglot, 10 sinusoid].")
-@click.option("--train-ways", default=None, type=int,
-              help="Classes per training episode [default: 60 ProtoNet, else --ways].")
-@click.option("--train-queries", default=None, type=int,
-              help="Queries per class in training episodes [default: 5 ProtoNet, else --queries].")
-@click.option("--meta-batch", default=None, type=int,
-              help="Tasks per outer update [default: 32 Omniglot MAML, 25 sinusoid, 1 ProtoNet].")
+@click.option(
+    "--shots",
+    default=None,
+    type=int,
+    help="K: support examples per class [default: 1 Omniglot, 10 sinusoid].",
+)
+@click.option(
+    "--queries",
+    default=None,
+    type=int,
+    help="Q: query examples per class [default: 15 Omniglot, 10 sinusoid].",
+)
+@click.option(
+    "--train-ways",
+    default=None,
+    type=int,
+    help="Classes per training episode [default: 60 ProtoNet, else --ways].",
+)
+@click.option(
+    "--train-queries",
+    default=None,
+    type=int,
+    help="Queries per class in training episodes [default: 5 ProtoNet, else --queries].",
+)
+@click.option(
+    "--meta-batch",
+    default=None,
+    type=int,
+    help="Tasks per outer update [default: 32 Omniglot MAML, 25 sinusoid, 1 ProtoNet].",
+)
 @click.option("--inner-steps", default=None, type=int, help="MAML inner steps in training [1].")
-@click.option("--eval-inner-steps", default=None, type=int,
-              help="MAML inner steps at evaluation [default: 3 Omniglot, 10 sinusoid].")
-@click.option("--inner-lr", default=None, type=float,
-              help="MAML inner step size alpha [default: 0.4 Omniglot, 0.01 sinusoid].")
+@click.option(
+    "--eval-inner-steps",
+    default=None,
+    type=int,
+    help="MAML inner steps at evaluation [default: 3 Omniglot, 10 sinusoid].",
+)
+@click.option(
+    "--inner-lr",
+    default=None,
+    type=float,
+    help="MAML inner step size alpha [default: 0.4 Omniglot, 0.01 sinusoid].",
+)
 @click.option("--outer-lr", default=None, type=float, help="Adam learning rate beta [1e-3].")
 @click.option("--first-order", is_flag=True, help="First-order MAML (no second-order term).")
-@click.option("--iterations", default=None, type=int,
-              help="Outer updates [default: 60000 MAML Omniglot, 20000 ProtoNet, 6000 sinusoid].")
-@click.option("--val-every", default=None, type=int,
-              help="Validate (and keep the best checkpoint) every this many iterations.")
+@click.option(
+    "--iterations",
+    default=None,
+    type=int,
+    help="Outer updates [default: 60000 MAML Omniglot, 20000 ProtoNet, 6000 sinusoid].",
+)
+@click.option(
+    "--val-every",
+    default=None,
+    type=int,
+    help="Validate (and keep the best checkpoint) every this many iterations.",
+)
 @click.option("--val-episodes", default=200, type=int, help="Episodes per validation.")
-@click.option("--test-episodes", default=600, type=int,
-              help="Meta-test episodes evaluated at the end (0 to skip).")
+@click.option(
+    "--test-episodes",
+    default=600,
+    type=int,
+    help="Meta-test episodes evaluated at the end (0 to skip).",
+)
+@click.option(
+    "--checkpoint-every",
+    default=100,
+    type=int,
+    help="Write the resumable checkpoint every this many iterations.",
+)
 @click.option("--seed", default=0, type=int, help="Seed for initialisation and task sampling.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="JSON file of training settings; options given here override it.",
+)
+@click.option(
+    "--resume",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Continue the interrupted run in this folder, exactly where it stopped.",
+)
 @click.option("--device", default="cpu", help="torch device, e.g. cpu or cuda.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/latest"),
-              help="Run folder to create: config.json, metrics.jsonl, model.safetensors.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs/latest"),
+    help="Run folder to create: config.json, metrics.jsonl, model.safetensors.",
+)
 @friendly_errors
-def train_command(data_root, download, test_episodes, device, out, **options) -> None:
-    """Meta-train a model and write a run folder with the best checkpoint."""
-    config = TrainConfig(**options)
-    algorithm, sources, best = train(config, out, data_root, download, device)
+def train_command(data_root, download, test_episodes, device, out, config_file, resume, **options):
+    """Meta-train a model and write a run folder with the best checkpoint.
+
+    Ctrl-C (or SIGTERM) stops after the current iteration with a checkpoint; `--resume RUN_DIR`
+    continues from it.
+    """
+    given = explicitly_given(options)
+    if resume is not None:
+        if given or config_file is not None:
+            flags = ", ".join(f"--{name.replace('_', '-')}" for name in sorted(given))
+            raise ConfigError(
+                f"--resume continues {resume} with the settings in its config.json; drop "
+                f"{flags or '--config'}."
+            )
+        out, config = resume, None
+    else:
+        base = read_config_file(config_file) if config_file else {}
+        config = TrainConfig.from_dict({**base, **{k: options[k] for k in given}})
+    algorithm, sources, best = train(
+        config, out, data_root, download, device, resume=resume is not None
+    )
     click.echo(f"best validation: {best}")
     if test_episodes > 0:
-        resolved = config.resolved()
-        report = test_report(algorithm, resolved, sources.test, test_episodes, TEST_SEED, None,
-                             device)
+        report = test_report(
+            algorithm, read_config(out), sources.test, test_episodes, TEST_SEED, None, device
+        )
         for line in report["lines"]:
             click.echo(f"meta-test {line}")
     click.echo(f"run folder: {out}")
 
 
+def explicitly_given(options: dict) -> set[str]:
+    """Names of the options the user typed, as opposed to their defaults."""
+    context = click.get_current_context()
+    return {
+        name
+        for name in options
+        if context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+    }
+
+
+def read_config_file(path: Path) -> dict:
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read the config file {path}: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"the config file {path} must hold one JSON object of settings.")
+    return values
+
+
 @main.command(name="eval")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder with the Omniglot zips [default: $FEWSHOT_DATA_ROOT].")
+@click.option(
+    "--data-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder with the Omniglot zips [default: $FEWSHOT_DATA_ROOT].",
+)
 @click.option("--download", is_flag=True, help="Fetch missing Omniglot zips.")
 @click.option("--episodes", default=600, type=int, help="Meta-test episodes.")
-@click.option("--inner-steps", default=None, type=int,
-              help="MAML adaptation steps [default: the run's --eval-inner-steps].")
+@click.option(
+    "--inner-steps",
+    default=None,
+    type=int,
+    help="MAML adaptation steps [default: the run's --eval-inner-steps].",
+)
 @click.option("--seed", default=TEST_SEED, type=int, help="Episode seed; same seed, same episodes.")
 @click.option("--device", default="cpu", help="torch device.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")

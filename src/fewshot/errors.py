@@ -7,6 +7,9 @@ The command line prints these without a traceback; everything else is a bug and 
 class FewshotError(Exception):
     """Base class for errors caused by the user's input, data or files."""
 
+    exit_code = 2
+    prefix = "error"
+
 
 class DataError(FewshotError):
     """The data folder, an archive or an image is missing, corrupt or too small for the request."""
@@ -18,6 +21,17 @@ class ConfigError(FewshotError):
 
 class CheckpointError(FewshotError):
     """A run folder is missing its checkpoint or does not match this model or version."""
+
+
+class DivergenceError(FewshotError):
+    """The loss or a gradient stopped being finite during meta-training."""
+
+
+class RunStopped(FewshotError):
+    """Training stopped on request (SIGINT/SIGTERM) after writing a checkpoint; not a failure."""
+
+    exit_code = 130
+    prefix = "stopped"
 
 
 def require_positive(**values: float) -> None:

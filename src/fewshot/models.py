@@ -16,7 +16,7 @@ def conv_block(in_channels: int, out_channels: int, track_running_stats: bool) -
 
 
 class Conv4(nn.Module):
-    """Four conv blocks of `hidden` filters, then a linear head (Finn et al. 2017; Snell et al. 2017).
+    """Four conv blocks of `hidden` filters and a linear head (Finn et al. 2017; Snell et al. 2017).
 
     With `out_features=None` it returns the flattened embedding (64 features for 28x28 input), as
     Prototypical Networks use it. MAML normalises with each task's batch statistics, so its

@@ -39,10 +39,12 @@ def test_meta_gradient_matches_finite_differences():
     torch.manual_seed(0)
     encoder = nn.Linear(3, 2).double()
     g = torch.Generator().manual_seed(1)
-    tasks = Task(torch.randn(2, 4, 3, generator=g, dtype=torch.float64),
-                 torch.tensor([[0, 0, 1, 1]] * 2),
-                 torch.randn(2, 6, 3, generator=g, dtype=torch.float64),
-                 torch.tensor([[0, 1, 0, 1, 0, 1]] * 2))
+    tasks = Task(
+        torch.randn(2, 4, 3, generator=g, dtype=torch.float64),
+        torch.tensor([[0, 0, 1, 1]] * 2),
+        torch.randn(2, 6, 3, generator=g, dtype=torch.float64),
+        torch.tensor([[0, 1, 0, 1, 0, 1]] * 2),
+    )
     net = ProtoNet(encoder)
     net.meta_loss(tasks).backward()
     eps = 1e-6

@@ -99,7 +99,9 @@ def tiny_omniglot_zip(archive: str, characters: int = 3, drawings: int = 4, bad:
 
 def test_undecodable_png_names_the_entry(tmp_path, monkeypatch):
     monkeypatch.setenv("FEWSHOT_CACHE_DIR", str(tmp_path / "cache"))
-    (tmp_path / "images_background.zip").write_bytes(tiny_omniglot_zip("images_background", bad=True))
+    (tmp_path / "images_background.zip").write_bytes(
+        tiny_omniglot_zip("images_background", bad=True)
+    )
     (tmp_path / "images_evaluation.zip").write_bytes(tiny_omniglot_zip("images_evaluation"))
     with pytest.raises(DataError, match="cannot decode images_background.zip:.*0000_00.png"):
         og.load_omniglot(tmp_path)
@@ -133,7 +135,10 @@ def test_download_verifies_checksums_then_loads(tmp_path, loopback_server, monke
     data = tmp_path / "data"
     characters = og.load_omniglot(data, download=True)
     assert len(characters.names) == 6 and characters.images.shape == (24, 28, 28)
-    assert sorted(p.name for p in data.iterdir()) == ["images_background.zip", "images_evaluation.zip"]
+    assert sorted(p.name for p in data.iterdir()) == [
+        "images_background.zip",
+        "images_evaluation.zip",
+    ]
 
 
 def test_tampered_download_is_deleted_and_reported(tmp_path, loopback_server, monkeypatch):

@@ -10,15 +10,15 @@ def test_tasks_follow_the_papers_distribution():
     assert tasks.support_x.shape == (2000, 10, 1) and tasks.query_x.shape == (2000, 7, 1)
     x = torch.cat([tasks.support_x, tasks.query_x], 1)
     y = torch.cat([tasks.support_y, tasks.query_y], 1)
-    assert -5 <= x.min() and x.max() <= 5
+    assert x.min() >= -5 and x.max() <= 5
     # Recover amplitude and phase of each task by least squares on y = a sin x + b cos x,
     # which is A sin(x - phi) with a = A cos phi, b = -A sin phi.
     design = torch.cat([torch.sin(x), torch.cos(x)], -1).double()
     coef = torch.linalg.lstsq(design, y.double()).solution.squeeze(-1)
     amplitude = coef.norm(dim=-1)
     phase = torch.atan2(-coef[:, 1], coef[:, 0])
-    assert 0.1 - 1e-6 <= amplitude.min() and amplitude.max() <= 5.0 + 1e-6
-    assert -1e-6 <= phase.min() and phase.max() <= math.pi + 1e-6
+    assert amplitude.min() >= 0.1 - 1e-6 and amplitude.max() <= 5.0 + 1e-6
+    assert phase.min() >= -1e-6 and phase.max() <= math.pi + 1e-6
     # Uniform: mean amplitude 2.55, mean phase pi/2.
     assert abs(amplitude.mean() - 2.55) < 0.1 and abs(phase.mean() - math.pi / 2) < 0.1
     # The same function generates support and query: the fit is exact.

@@ -1,4 +1,4 @@
-"""The interface every meta-learning method shares, so one training loop and one evaluator serve all."""
+"""The interface every meta-learning method shares: one training loop and evaluator serve all."""
 
 from __future__ import annotations
 

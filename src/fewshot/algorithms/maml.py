@@ -18,8 +18,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
 from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
 
 from fewshot.algorithms.base import Algorithm

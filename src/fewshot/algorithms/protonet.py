@@ -1,7 +1,9 @@
 """Prototypical Networks (Snell, Swersky & Zemel, 2017).
 
 Each class is represented by the mean embedding of its support examples, c_k; a query x is
-classified by a softmax over negative squared Euclidean distances, p(y=k|x) ∝ exp(-||f(x) - c_k||^2).
+classified by a softmax over negative squared Euclidean distances,
+
+    p(y = k | x) ∝ exp(-||f(x) - c_k||^2).
 """
 
 from __future__ import annotations

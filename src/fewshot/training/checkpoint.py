@@ -68,7 +68,8 @@ def read_config(run_dir: Path) -> TrainConfig:
 
 def save_weights(module: torch.nn.Module, path: Path) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"fewshot": fewshot.__version__}))
+    metadata = {"fewshot": fewshot.__version__}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_weights(module: torch.nn.Module, path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The configuration of a training run, with the papers' defaults filled in per method and dataset."""
+"""The configuration of a training run, with the papers' defaults per method and dataset."""
 
 from __future__ import annotations
 
@@ -14,23 +14,43 @@ DATASETS = ("sinusoid", "omniglot")
 # al. 2017, sec. 3.1, who train Omniglot with 60-way episodes of 5 queries per class).
 PAPER_DEFAULTS: dict[tuple[str, str], dict] = {
     ("maml", "sinusoid"): dict(
-        shots=10, queries=10, meta_batch=25, inner_lr=0.01, inner_steps=1, eval_inner_steps=10,
-        outer_lr=1e-3, iterations=6000, val_every=1000,
+        shots=10,
+        queries=10,
+        meta_batch=25,
+        inner_lr=0.01,
+        inner_steps=1,
+        eval_inner_steps=10,
+        outer_lr=1e-3,
+        iterations=6000,
+        val_every=1000,
     ),
     ("maml", "omniglot"): dict(
-        shots=1, queries=15, meta_batch=32, inner_lr=0.4, inner_steps=1, eval_inner_steps=3,
-        outer_lr=1e-3, iterations=60000, val_every=500,
+        shots=1,
+        queries=15,
+        meta_batch=32,
+        inner_lr=0.4,
+        inner_steps=1,
+        eval_inner_steps=3,
+        outer_lr=1e-3,
+        iterations=60000,
+        val_every=500,
     ),
     ("protonet", "omniglot"): dict(
-        shots=1, queries=15, train_ways=60, train_queries=5, meta_batch=1, outer_lr=1e-3,
-        iterations=20000, val_every=500,
+        shots=1,
+        queries=15,
+        train_ways=60,
+        train_queries=5,
+        meta_batch=1,
+        outer_lr=1e-3,
+        iterations=20000,
+        val_every=500,
     ),
 }
 
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a run; `None` means "the paper's default for this method and data"."""
+    """Everything that defines a run; `None` means "the paper's default for this method"."""
 
     algorithm: str = "maml"
     dataset: str = "sinusoid"
@@ -49,6 +69,7 @@ class TrainConfig:
     iterations: int | None = None
     val_every: int | None = None
     val_episodes: int = 200
+    checkpoint_every: int = 100
     seed: int = 0
 
     def resolved(self) -> TrainConfig:
@@ -82,9 +103,16 @@ class TrainConfig:
 
     def check(self) -> None:
         require_positive(
-            ways=self.ways, shots=self.shots, queries=self.queries, train_ways=self.train_ways,
-            train_queries=self.train_queries, meta_batch=self.meta_batch,
-            iterations=self.iterations, val_every=self.val_every, val_episodes=self.val_episodes,
+            ways=self.ways,
+            shots=self.shots,
+            queries=self.queries,
+            train_ways=self.train_ways,
+            train_queries=self.train_queries,
+            meta_batch=self.meta_batch,
+            iterations=self.iterations,
+            val_every=self.val_every,
+            val_episodes=self.val_episodes,
+            checkpoint_every=self.checkpoint_every,
             outer_lr=self.outer_lr,
         )
         if self.algorithm == "maml":
@@ -99,7 +127,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}.")
+            raise ConfigError(
+                f"unknown configuration keys: {', '.join(unknown)}; known keys are "
+                f"{', '.join(sorted(known))}."
+            )
         return cls(**values)

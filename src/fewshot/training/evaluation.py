@@ -29,6 +29,12 @@ class EvalResult:
         out[self.metric] = out.pop("mean")
         return out
 
+    @classmethod
+    def from_dict(cls, values: dict) -> EvalResult:
+        values = dict(values)
+        values["mean"] = values.pop(values["metric"])
+        return cls(**values)
+
     def __str__(self) -> str:
         steps = "" if self.inner_steps is None else f" after {self.inner_steps} inner steps"
         if self.metric == "accuracy":

@@ -23,8 +23,12 @@ class TaskSources:
     test: object
 
 
-def build_sources(config: TrainConfig, data_root=None, download: bool = False,
-                  parts: tuple[str, ...] = ("train", "val", "test")) -> TaskSources:
+def build_sources(
+    config: TrainConfig,
+    data_root=None,
+    download: bool = False,
+    parts: tuple[str, ...] = ("train", "val", "test"),
+) -> TaskSources:
     if config.dataset == "sinusoid":
         # Sinusoid tasks are continuous: "held out" means tasks never drawn in training, which
         # the separate evaluation seed guarantees in probability one.
@@ -36,7 +40,8 @@ def build_sources(config: TrainConfig, data_root=None, download: bool = False,
         images, labels = omniglot_split(characters, config.split, part)
         train = part == "train"
         samplers[part] = TaskSampler(
-            images, labels,
+            images,
+            labels,
             ways=config.train_ways if train else config.ways,
             shots=config.shots,
             queries=config.train_queries if train else config.queries,
@@ -52,6 +57,10 @@ def build_algorithm(config: TrainConfig) -> Algorithm:
     else:
         model, loss = Conv4(out_features=config.ways), F.cross_entropy
     return MAML(
-        model, inner_lr=config.inner_lr, inner_steps=config.inner_steps,
-        eval_inner_steps=config.eval_inner_steps, first_order=config.first_order, loss=loss,
+        model,
+        inner_lr=config.inner_lr,
+        inner_steps=config.inner_steps,
+        eval_inner_steps=config.eval_inner_steps,
+        first_order=config.first_order,
+        loss=loss,
     )

@@ -1,30 +1,63 @@
-"""The meta-training loop shared by every algorithm: sample, meta-step, validate, checkpoint."""
+"""The meta-training loop shared by every algorithm: sample, meta-step, validate, checkpoint.
+
+A run can be stopped at any point (Ctrl-C, SIGTERM, SIGKILL) and resumed from its last
+checkpoint with bitwise-identical results on CPU: the checkpoint holds the weights, the optimizer,
+every random-generator state and the best result so far, and the metrics log is cut back to it.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import random
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import trange
 
 from fewshot.algorithms.base import Algorithm
-from fewshot.errors import ConfigError
+from fewshot.errors import ConfigError, DivergenceError, RunStopped
 from fewshot.tasks import Task
 from fewshot.training import checkpoint
 from fewshot.training.config import TrainConfig
 from fewshot.training.evaluation import EvalResult, evaluate
 from fewshot.training.factory import TaskSources, build_algorithm, build_sources
+from fewshot.training.state import (
+    STATE_FILE,
+    TrainingState,
+    capture_global_rngs,
+    load_state,
+    restore_global_rngs,
+    save_state,
+)
 
 LOG_EVERY = 10
 VALIDATION_SEED = 1  # validation episodes stay fixed across the run; tests use another seed
 
 
+class NonFiniteError(ArithmeticError):
+    """Raised by `meta_step` when the loss or a gradient is NaN or infinite."""
+
+
 def meta_step(algorithm: Algorithm, optimizer: torch.optim.Optimizer, tasks: Task) -> float:
-    """One outer update: theta <- Adam(theta, grad_theta meta_loss(tasks))."""
+    """One outer update, theta <- Adam(theta, grad_theta meta_loss(tasks)), refused if not finite.
+
+    The update is skipped when the loss or any gradient is NaN or infinite, so the parameters
+    stay at their last finite values.
+    """
     optimizer.zero_grad(set_to_none=True)
     loss = algorithm.meta_loss(tasks)
+    if not torch.isfinite(loss):
+        raise NonFiniteError(f"loss is {loss.item()}")
     loss.backward()
+    grads = [p.grad for p in algorithm.parameters() if p.grad is not None]
+    if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
+        raise NonFiniteError("a gradient is not finite")
     optimizer.step()
     return loss.item()
 
@@ -35,10 +68,159 @@ def is_better(result: EvalResult, best: EvalResult | None) -> bool:
     return result.mean > best.mean if result.metric == "accuracy" else result.mean < best.mean
 
 
-def prepare_run_dir(run_dir: Path) -> None:
-    if (run_dir / checkpoint.CONFIG_FILE).exists():
-        raise ConfigError(f"{run_dir} already holds a run; choose another --out folder.")
-    run_dir.mkdir(parents=True, exist_ok=True)
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """Turn the first SIGINT/SIGTERM into a request to stop after the current iteration.
+
+    Yields a dict whose "signal" entry is set when one arrives; a second signal aborts at once.
+    """
+    request: dict = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def handler(signum, frame):
+        if request["signal"] is not None:
+            raise KeyboardInterrupt
+        request["signal"] = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def truncate_metrics(run_dir: Path, iteration: int) -> None:
+    """Keep only the metrics lines up to `iteration`, so a resumed run neither repeats nor skips."""
+    path = run_dir / checkpoint.METRICS_FILE
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a line cut short by a kill
+            if json.loads(line)["iteration"] <= iteration:
+                kept.append(line + "\n")
+    text = "".join(kept)
+    checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+class Run:
+    """A run folder being trained: owns the algorithm, optimizer, samplers and bookkeeping."""
+
+    def __init__(self, config: TrainConfig, run_dir: Path, sources: TaskSources, device: str):
+        self.config, self.run_dir, self.sources, self.device = config, run_dir, sources, device
+        seed_everything(config.seed)
+        self.algorithm = build_algorithm(config).to(device)
+        self.optimizer = torch.optim.Adam(self.algorithm.parameters(), lr=config.outer_lr)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.iteration = 0
+        self.best: EvalResult | None = None
+        self.elapsed = 0.0
+        self.checkpointed = 0
+
+    def state(self) -> TrainingState:
+        torch_rng, python_rng, numpy_rng = capture_global_rngs()
+        return TrainingState(
+            iteration=self.iteration,
+            algorithm=self.algorithm.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            sampler_rng=self.generator.get_state(),
+            torch_rng=torch_rng,
+            python_rng=python_rng,
+            numpy_rng=numpy_rng,
+            best=None if self.best is None else self.best.to_dict(),
+            elapsed=self.elapsed,
+        )
+
+    def restore(self, state: TrainingState) -> None:
+        self.algorithm.load_state_dict(state.algorithm)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.generator.set_state(state.sampler_rng)
+        restore_global_rngs(state)
+        self.iteration, self.elapsed = state.iteration, state.elapsed
+        self.best = None if state.best is None else EvalResult.from_dict(state.best)
+        self.checkpointed = state.iteration
+
+    def save_checkpoint(self) -> None:
+        save_state(self.run_dir / STATE_FILE, self.state())
+        self.checkpointed = self.iteration
+
+    def step(self) -> float:
+        tasks = self.sources.train.sample(self.config.meta_batch, self.generator).to(self.device)
+        try:
+            return meta_step(self.algorithm, self.optimizer, tasks)
+        except NonFiniteError as error:
+            config = self.config
+            rates = f"--outer-lr (now {config.outer_lr})"
+            if config.algorithm == "maml":
+                rates = f"--inner-lr (now {config.inner_lr}) or " + rates
+            kept = (
+                f"the checkpoint of iteration {self.checkpointed} is kept"
+                if self.checkpointed
+                else "no checkpoint had been written yet"
+            )
+            raise DivergenceError(
+                f"training diverged at iteration {self.iteration + 1}: {error}; {kept}. "
+                f"The likely cause is a learning rate too high: lower {rates}."
+            ) from None
+
+    def validate(self) -> EvalResult:
+        result = evaluate(
+            self.algorithm,
+            self.sources.val,
+            self.config.val_episodes,
+            VALIDATION_SEED,
+            device=self.device,
+        )
+        record = {"iteration": self.iteration, "split": "val", **result.to_dict()}
+        if is_better(result, self.best):
+            self.best = result
+            checkpoint.save_weights(self.algorithm, self.run_dir / checkpoint.BEST_WEIGHTS)
+            record["best"] = True
+        checkpoint.append_metrics(self.run_dir, record)
+        return result
+
+    def run(self, progress: bool) -> None:
+        config = self.config
+        started = time.perf_counter() - self.elapsed
+        bar = trange(
+            self.iteration + 1,
+            config.iterations + 1,
+            desc="meta-training",
+            initial=self.iteration,
+            total=config.iterations,
+            disable=not progress,
+        )
+        with stop_requests() as stop:
+            for iteration in bar:
+                loss = self.step()
+                self.iteration = iteration
+                self.elapsed = time.perf_counter() - started
+                if iteration % LOG_EVERY == 0:
+                    checkpoint.append_metrics(
+                        self.run_dir,
+                        {"iteration": iteration, "loss": loss, "seconds": round(self.elapsed, 3)},
+                    )
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                if iteration % config.val_every == 0 or iteration == config.iterations:
+                    bar.write(f"iteration {iteration}: validation {self.validate()}")
+                if iteration % config.checkpoint_every == 0 or stop["signal"] is not None:
+                    self.save_checkpoint()
+                if stop["signal"] is not None:
+                    raise RunStopped(
+                        f"stopped by {signal.Signals(stop['signal']).name} after iteration "
+                        f"{iteration}, checkpoint written; resume with: fewshot train --resume "
+                        f"{self.run_dir}"
+                    )
+        self.save_checkpoint()
 
 
 def train(
@@ -48,48 +230,39 @@ def train(
     download: bool = False,
     device: str = "cpu",
     progress: bool = True,
+    resume: bool = False,
 ) -> tuple[Algorithm, TaskSources, EvalResult]:
-    """Meta-train as `config` says, writing the run folder; returns the best validation result.
+    """Meta-train as `config` says (or continue the run in `run_dir` with `resume=True`).
 
-    The best weights by validation score go to model.safetensors, the final ones to
-    last.safetensors; every LOG_EVERY iterations and every validation append a metrics line.
+    Writes config.json, metrics.jsonl (a line every LOG_EVERY iterations and per validation),
+    model.safetensors (best weights by validation) and state.safetensors (resumable
+    checkpoint, every `checkpoint_every` iterations). Returns the algorithm with its best
+    weights loaded, the task samplers, and the best validation result.
     """
-    config = config.resolved()
     run_dir = Path(run_dir)
-    sources = build_sources(config, data_root, download)  # fails early, before anything is written
-    prepare_run_dir(run_dir)
-    checkpoint.write_config(run_dir, config)
-    torch.manual_seed(config.seed)
-    algorithm = build_algorithm(config).to(device)
-    optimizer = torch.optim.Adam(algorithm.parameters(), lr=config.outer_lr)
-    generator = torch.Generator().manual_seed(config.seed)
-    best: EvalResult | None = None
-    started = time.perf_counter()
-    bar = trange(1, config.iterations + 1, desc="meta-training", disable=not progress)
-    running = None
-    for iteration in bar:
-        tasks = sources.train.sample(config.meta_batch, generator).to(device)
-        loss = meta_step(algorithm, optimizer, tasks)
-        running = loss if running is None else 0.9 * running + 0.1 * loss
-        if iteration % LOG_EVERY == 0:
-            elapsed = time.perf_counter() - started
-            checkpoint.append_metrics(
-                run_dir, {"iteration": iteration, "loss": loss, "seconds": round(elapsed, 3)}
+    if resume:
+        config = checkpoint.read_config(run_dir)
+        state = load_state(run_dir / STATE_FILE)
+    else:
+        config = config.resolved()
+        if (run_dir / checkpoint.CONFIG_FILE).exists():
+            raise ConfigError(
+                f"{run_dir} already holds a run; choose another --out, or continue it with "
+                f"--resume {run_dir}."
             )
-            bar.set_postfix(loss=f"{running:.4f}", refresh=False)
-        if iteration % config.val_every == 0 or iteration == config.iterations:
-            result = evaluate(algorithm, sources.val, config.val_episodes, VALIDATION_SEED,
-                              device=device)
-            record = {"iteration": iteration, "split": "val", **result.to_dict()}
-            if is_better(result, best):
-                best = result
-                checkpoint.save_weights(algorithm, run_dir / checkpoint.BEST_WEIGHTS)
-                record["best"] = True
-            checkpoint.append_metrics(run_dir, record)
-            bar.write(f"iteration {iteration}: validation {result}")
-    checkpoint.save_weights(algorithm, run_dir / checkpoint.LAST_WEIGHTS)
-    checkpoint.load_weights(algorithm, run_dir / checkpoint.BEST_WEIGHTS)
-    return algorithm, sources, best
+    sources = build_sources(config, data_root, download)  # fails early, before anything is written
+    run = Run(config, run_dir, sources, device)
+    if resume:
+        run.restore(state)
+        truncate_metrics(run_dir, state.iteration)
+        for stale in run_dir.glob("*.tmp"):  # left by a kill during a checkpoint write
+            stale.unlink()
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_config(run_dir, config)
+    run.run(progress)
+    checkpoint.load_weights(run.algorithm, run_dir / checkpoint.BEST_WEIGHTS)
+    return run.algorithm, sources, run.best
 
 
 def load_run(run_dir: Path, data_root=None, download: bool = False, device: str = "cpu"):

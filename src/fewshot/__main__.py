@@ -1,0 +1,5 @@
+"""`python -m fewshot` runs the command line."""
+
+from fewshot.cli import main
+
+main()

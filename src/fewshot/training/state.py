@@ -1,0 +1,117 @@
+"""Everything needed to resume a run exactly, in one safetensors file written atomically.
+
+Tensors (weights, optimizer moments, random-generator states) are stored as tensors; the rest
+(iteration, best result, optimizer hyper-parameters, Python and NumPy generator states) as JSON
+in the file's metadata. Loading parses JSON and raw tensors only, so it can never run code.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from fewshot.errors import CheckpointError
+from fewshot.training.checkpoint import atomic_write
+
+STATE_FILE = "state.safetensors"
+
+
+@dataclass
+class TrainingState:
+    """A run between two iterations: `iteration` outer updates are done."""
+
+    iteration: int
+    algorithm: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    sampler_rng: torch.Tensor
+    torch_rng: torch.Tensor
+    python_rng: Any
+    numpy_rng: Any
+    best: dict | None
+    elapsed: float
+
+
+def capture_global_rngs() -> tuple[torch.Tensor, Any, Any]:
+    return torch.get_rng_state(), random.getstate(), np.random.get_state()
+
+
+def restore_global_rngs(state: TrainingState) -> None:
+    torch.set_rng_state(state.torch_rng)
+    version, internal, gauss = state.python_rng
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state.numpy_rng
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_state(path: Path, state: TrainingState) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    document = {
+        "iteration": state.iteration,
+        "algorithm": _pack(state.algorithm, "algorithm", tensors),
+        "optimizer": _pack(state.optimizer, "optimizer", tensors),
+        "sampler_rng": _pack(state.sampler_rng, "sampler_rng", tensors),
+        "torch_rng": _pack(state.torch_rng, "torch_rng", tensors),
+        "python_rng": state.python_rng,
+        "numpy_rng": [
+            state.numpy_rng[0],
+            np.asarray(state.numpy_rng[1]).tolist(),
+            *state.numpy_rng[2:],
+        ],
+        "best": state.best,
+        "elapsed": state.elapsed,
+    }
+    metadata = {"state": json.dumps(document)}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_state(path: Path) -> TrainingState:
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent} has no resumable checkpoint ({path.name}).")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            document = json.loads((f.metadata() or {})["state"])
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+        return TrainingState(
+            iteration=document["iteration"],
+            algorithm=_unpack(document["algorithm"], tensors),
+            optimizer=_unpack(document["optimizer"], tensors),
+            sampler_rng=_unpack(document["sampler_rng"], tensors),
+            torch_rng=_unpack(document["torch_rng"], tensors),
+            python_rng=document["python_rng"],
+            numpy_rng=document["numpy_rng"],
+            best=document["best"],
+            elapsed=document["elapsed"],
+        )
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError) as error:
+        raise CheckpointError(f"{path} is not a readable fewshot checkpoint ({error}).") from None
+
+
+def _pack(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON form of nested dicts/lists, with each tensor moved to `tensors` under a path key."""
+    if isinstance(value, torch.Tensor):
+        tensors[key] = value.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(value, dict):
+        # Keys keep their type (optimizer state is keyed by int), so store them as pairs.
+        return {"__items__": [[k, _pack(v, f"{key}.{k}", tensors)] for k, v in value.items()]}
+    if isinstance(value, list | tuple):
+        return [_pack(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]
+    return value
+
+
+def _unpack(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, dict) and "__tensor__" in value:
+        return tensors[value["__tensor__"]]
+    if isinstance(value, dict) and "__items__" in value:
+        return {k: _unpack(v, tensors) for k, v in value["__items__"]}
+    if isinstance(value, list):
+        return [_unpack(v, tensors) for v in value]
+    return value
