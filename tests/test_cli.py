@@ -106,3 +106,64 @@ def test_impossible_omniglot_episodes_are_one_line(tmp_path, omniglot_root, args
     )
     assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_config_file_with_unknown_keys_is_refused(tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text('{"inner_lr": 0.02, "inner_rate": 3}')
+    result = run("train", "--config", config, "--out", tmp_path / "r")
+    assert result.exit_code == 2 and "unknown configuration keys: inner_rate;" in result.output
+    assert result.output.count("\n") == 1 and not (tmp_path / "r").exists()
+
+
+def test_config_file_settings_apply_and_options_override_them(tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text('{"inner_lr": 0.02, "meta_batch": 3, "iterations": 5, "val_every": 5}')
+    result = run(
+        "train",
+        "--config",
+        config,
+        "--meta-batch",
+        "4",
+        "--val-episodes",
+        "5",
+        "--test-episodes",
+        "0",
+        "--out",
+        tmp_path / "r",
+    )
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert (saved["inner_lr"], saved["meta_batch"], saved["iterations"]) == (0.02, 4, 5)
+
+
+def test_run_folder_of_another_version_is_refused(sinusoid_run, tmp_path):
+    out, _ = sinusoid_run
+    copy = tmp_path / "old"
+    copy.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (copy / name).write_bytes((out / name).read_bytes())
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "format": 99}))
+    result = run("eval", copy)
+    assert result.exit_code == 2 and "incompatible fewshot version" in result.output
+
+
+def test_weights_of_another_model_are_refused(sinusoid_run, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    out, _ = sinusoid_run
+    copy = tmp_path / "other"
+    copy.mkdir()
+    (copy / "config.json").write_bytes((out / "config.json").read_bytes())
+    save_file({"encoder.weight": torch.zeros(3, 3)}, copy / "model.safetensors")
+    result = run("eval", copy)
+    assert result.exit_code == 2 and "does not fit this model" in result.output
+    assert result.output.count("\n") == 1
+
+
+def test_resume_refuses_new_settings(sinusoid_run):
+    out, _ = sinusoid_run
+    result = run("train", "--resume", out, "--inner-lr", "0.1")
+    assert result.exit_code == 2 and "drop --inner-lr" in result.output

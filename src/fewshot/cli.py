@@ -75,7 +75,8 @@ def main(debug: bool) -> None:
     "--dataset",
     default="sinusoid",
     type=click.Choice(DATASETS),
-    help="Sinusoid regression (built in) or Omniglot (the official zips).",
+    help="Sinusoid regression (built in), Omniglot (the official zips), or your own image "
+    "folder (--data-root with train/, val/, test/ of class folders).",
 )
 @click.option(
     "--data-root",
@@ -94,6 +95,13 @@ def main(debug: bool) -> None:
     default="vinyals",
     type=click.Choice(["vinyals", "lake"]),
     help="Omniglot class split (see docs/datasets.md).",
+)
+@click.option("--image-size", default=28, type=int, help="Side of the images (folder dataset).")
+@click.option(
+    "--channels",
+    default=1,
+    type=click.Choice([1, 3]),
+    help="1: grayscale, 3: RGB (folder dataset).",
 )
 @click.option("--ways", default=5, type=int, help="N: classes per episode (evaluation episodes).")
 @click.option(

@@ -158,3 +158,25 @@ def test_unreachable_server_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="could not download .*Check the network"):
         og.load_omniglot(tmp_path, download=True)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("entry", ["../escape.png", "/etc/evil.png", "a/../../b.png", "link"])
+def test_hostile_zip_entries_are_refused(tmp_path, monkeypatch, entry):
+    monkeypatch.setenv("FEWSHOT_CACHE_DIR", str(tmp_path / "cache"))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        zf.writestr("images_background/A/character01/0000_00.png", png_bytes(0))
+        info = zipfile.ZipInfo(entry)
+        if entry == "link":
+            info.external_attr = 0o120777 << 16  # a symbolic link to /etc/passwd
+            zf.writestr(info, "/etc/passwd")
+        else:
+            zf.writestr(info, png_bytes(1))
+    (tmp_path / "images_background.zip").write_bytes(out.getvalue())
+    (tmp_path / "images_evaluation.zip").write_bytes(tiny_omniglot_zip("images_evaluation"))
+    with pytest.raises(DataError, match="unsafe entry .*tampered with"):
+        og.load_omniglot(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "images_background.zip",
+        "images_evaluation.zip",
+    ]

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import random
+import stat
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -141,7 +142,7 @@ def _decode_archives(archives: list[Path]) -> Characters:
     for archive in archives:
         try:
             with zipfile.ZipFile(archive) as zf:
-                entries = sorted(n for n in zf.namelist() if n.lower().endswith(".png"))
+                entries = sorted(n for n in _checked_entries(zf, archive) if n.endswith(".png"))
                 if not entries:
                     raise DataError(f"{archive} holds no PNG drawings; is it an Omniglot zip?")
                 for entry in tqdm(entries, desc=f"decoding {archive.name}", leave=False):
@@ -156,6 +157,23 @@ def _decode_archives(archives: list[Path]) -> Characters:
                 "download it again."
             ) from None
     return Characters(torch.from_numpy(np.stack(images)), torch.tensor(character), names)
+
+
+def _checked_entries(zf: zipfile.ZipFile, archive: Path) -> list[str]:
+    """Entry names, refusing any that could escape a folder if extracted (we never extract, but
+    such entries only appear in tampered archives): absolute paths, '..' parts, links."""
+    names = []
+    for info in zf.infolist():
+        name = info.filename
+        parts = name.replace("\\", "/").split("/")
+        is_link = stat.S_ISLNK(info.external_attr >> 16)
+        if name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0] or is_link:
+            raise DataError(
+                f"{archive} has an unsafe entry {name!r} (absolute path, '..' or link); the "
+                "archive has been tampered with. Delete it and download it again."
+            )
+        names.append(name)
+    return names
 
 
 def _decode_png(data: bytes, where: str) -> np.ndarray:

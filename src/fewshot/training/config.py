@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 from fewshot.errors import ConfigError, require_positive
 
 ALGORITHMS = ("maml", "protonet")
-DATASETS = ("sinusoid", "omniglot")
+DATASETS = ("sinusoid", "omniglot", "folder")
 
 # Settings of the papers: MAML (Finn et al. 2017, sec. 5) and Prototypical Networks (Snell et
 # al. 2017, sec. 3.1, who train Omniglot with 60-way episodes of 5 queries per class).
@@ -46,6 +46,9 @@ PAPER_DEFAULTS: dict[tuple[str, str], dict] = {
         val_every=500,
     ),
 }
+# A user's image folder gets the Omniglot settings.
+PAPER_DEFAULTS[("maml", "folder")] = PAPER_DEFAULTS[("maml", "omniglot")]
+PAPER_DEFAULTS[("protonet", "folder")] = PAPER_DEFAULTS[("protonet", "omniglot")]
 
 
 @dataclass
@@ -55,6 +58,8 @@ class TrainConfig:
     algorithm: str = "maml"
     dataset: str = "sinusoid"
     split: str = "vinyals"
+    image_size: int = 28
+    channels: int = 1
     ways: int = 5
     shots: int | None = None
     queries: int | None = None
@@ -85,7 +90,7 @@ class TrainConfig:
         defaults = PAPER_DEFAULTS.get((self.algorithm, self.dataset))
         if defaults is None:
             raise ConfigError(
-                f"{self.algorithm} is a classification method; use it with --dataset omniglot."
+                f"{self.algorithm} is a classification method; use it with --dataset omniglot or folder."
             )
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         for name, value in defaults.items():
@@ -113,6 +118,8 @@ class TrainConfig:
             val_every=self.val_every,
             val_episodes=self.val_episodes,
             checkpoint_every=self.checkpoint_every,
+            image_size=self.image_size,
+            channels=self.channels,
             outer_lr=self.outer_lr,
         )
         if self.algorithm == "maml":

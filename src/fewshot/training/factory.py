@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch.nn.functional as F
 
 from fewshot.algorithms import MAML, Algorithm, ProtoNet
+from fewshot.datasets.image_folder import load_image_folder
 from fewshot.datasets.omniglot import load_omniglot, omniglot_split
 from fewshot.datasets.sinusoid import SinusoidTasks
+from fewshot.errors import DataError
 from fewshot.models import Conv4, SinusoidMLP
 from fewshot.tasks import TaskSampler
 from fewshot.training.config import TrainConfig
@@ -34,10 +37,8 @@ def build_sources(
         # the separate evaluation seed guarantees in probability one.
         train = SinusoidTasks(config.shots, config.queries)
         return TaskSources(train, train, train)
-    characters = load_omniglot(data_root, download=download)
     samplers = {}
-    for part in parts:
-        images, labels = omniglot_split(characters, config.split, part)
+    for part, (images, labels) in zip(parts, labelled_parts(config, data_root, download, parts)):
         train = part == "train"
         samplers[part] = TaskSampler(
             images,
@@ -49,13 +50,29 @@ def build_sources(
     return TaskSources(samplers.get("train"), samplers.get("val"), samplers.get("test"))
 
 
+def labelled_parts(config: TrainConfig, data_root, download: bool, parts: tuple[str, ...]):
+    """(images, labels) of each requested part of the configured image dataset."""
+    if config.dataset == "folder":
+        if data_root is None:
+            raise DataError("--dataset folder needs --data-root DIR with train/, val/, test/.")
+        return [
+            load_image_folder(Path(data_root) / part, config.image_size, config.channels)[:2]
+            for part in parts
+        ]
+    characters = load_omniglot(data_root, download=download)
+    return [omniglot_split(characters, config.split, part) for part in parts]
+
+
 def build_algorithm(config: TrainConfig) -> Algorithm:
     if config.algorithm == "protonet":
-        return ProtoNet(Conv4(out_features=None, track_running_stats=True))
+        return ProtoNet(
+            Conv4(config.channels, None, image_size=config.image_size, track_running_stats=True)
+        )
     if config.dataset == "sinusoid":
         model, loss = SinusoidMLP(), F.mse_loss
     else:
-        model, loss = Conv4(out_features=config.ways), F.cross_entropy
+        model = Conv4(config.channels, config.ways, image_size=config.image_size)
+        loss = F.cross_entropy
     return MAML(
         model,
         inner_lr=config.inner_lr,

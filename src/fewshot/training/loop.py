@@ -11,7 +11,6 @@ import contextlib
 import json
 import random
 import signal
-import sys
 import threading
 import time
 from pathlib import Path

@@ -1,0 +1,65 @@
+"""Your own few-shot data: a folder with one sub-folder of images per class.
+
+For training from the command line (`--dataset folder --data-root DIR`), DIR holds `train/`,
+`val/` and `test/`, each with class folders, so the three parts have disjoint classes:
+
+    DIR/train/<class>/<image>   DIR/val/<class>/<image>   DIR/test/<class>/<image>
+
+Images of any size and mode are converted to `channels` (1: grayscale, 3: RGB) and resized to
+`image_size` x `image_size`. Hidden files (starting with ".") are skipped; any other file that is
+not an image, and any class folder without images, is refused with a message naming it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from fewshot.errors import DataError
+
+MODES = {1: "L", 3: "RGB"}
+
+
+def load_image_folder(
+    root: str | os.PathLike, image_size: int = 28, channels: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Images (n, channels, size, size) uint8, their class labels, and the class names."""
+    root = Path(root)
+    if channels not in MODES:
+        raise DataError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}.")
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist.")
+    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root} has no class folders; put each class's images in its own folder.")
+    images, labels = [], []
+    for label, folder in enumerate(classes):
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise DataError(f"class folder {folder} holds no images; add some or remove it.")
+        for path in files:
+            images.append(_read_image(path, image_size, MODES[channels]))
+            labels.append(label)
+    array = np.stack(images)
+    array = array[:, None] if channels == 1 else array.transpose(0, 3, 1, 2)  # to (n, c, h, w)
+    return (
+        torch.from_numpy(np.ascontiguousarray(array)),
+        torch.tensor(labels),
+        [c.name for c in classes],
+    )
+
+
+def _read_image(path: Path, size: int, mode: str) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            converted = image.convert(mode).resize((size, size), Image.Resampling.LANCZOS)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise DataError(
+            f"{path} is not an image that can be read ({type(error).__name__}); remove it from "
+            "the class folder."
+        ) from None
+    return np.asarray(converted, dtype=np.uint8)
