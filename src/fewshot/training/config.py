@@ -90,7 +90,7 @@ class TrainConfig:
         defaults = PAPER_DEFAULTS.get((self.algorithm, self.dataset))
         if defaults is None:
             raise ConfigError(
-                f"{self.algorithm} is a classification method; use it with --dataset omniglot or folder."
+                f"{self.algorithm} is a classification method; use --dataset omniglot or folder."
             )
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         for name, value in defaults.items():
