@@ -21,8 +21,8 @@ PAPER_DEFAULTS: dict[tuple[str, str], dict] = {
         inner_steps=1,
         eval_inner_steps=10,
         outer_lr=1e-3,
-        iterations=6000,
-        val_every=1000,
+        iterations=8000,
+        val_every=2000,
     ),
     ("maml", "omniglot"): dict(
         shots=1,
