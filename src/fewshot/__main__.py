@@ -1,5 +1,5 @@
 """`python -m fewshot` runs the command line."""
 
-from fewshot.cli import main
+from fewshot.cli import run
 
-main()
+run()

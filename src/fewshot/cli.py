@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
+import sys
 from pathlib import Path
 
 import click
@@ -15,6 +18,14 @@ from fewshot.training.config import ALGORITHMS, DATASETS, TrainConfig
 from fewshot.training.evaluation import evaluate
 from fewshot.training.loop import load_run, train
 
+# glibc's malloc returns large freed blocks to the system and takes them back with fresh,
+# page-faulting memory on the next step; for meta-learning's big temporaries this doubled the
+# time of a second-order Conv4 step here (docs/performance.md). These settings keep the heap.
+TUNED_MALLOC = {
+    "MALLOC_MMAP_THRESHOLD_": "10000000000",
+    "MALLOC_TRIM_THRESHOLD_": "10000000000",
+    "MALLOC_TOP_PAD_": "1000000000",
+}
 TEST_SEED = 0
 SINUSOID_REPORT_STEPS = (0, 1, 10)
 
@@ -296,3 +307,21 @@ def eval_command(run_dir, data_root, download, episodes, inner_steps, seed, devi
     else:
         for line in lines:
             click.echo(f"meta-test {line}")
+
+
+def run() -> None:
+    """Console entry point: restart once under the tuned allocator settings, then run `main`.
+
+    glibc reads these variables only at start-up, hence the restart. Set any MALLOC_*_ variable
+    yourself, or FEWSHOT_NO_MALLOC_TUNING=1, to keep your own settings.
+    """
+    environment = os.environ
+    untuned = not any(key.startswith("MALLOC_") for key in environment)
+    if untuned and sys.platform == "linux" and not environment.get("FEWSHOT_NO_MALLOC_TUNING"):
+        with contextlib.suppress(OSError):
+            os.execve(
+                sys.executable,
+                [sys.executable, "-m", "fewshot", *sys.argv[1:]],
+                {**environment, **TUNED_MALLOC},
+            )
+    main(prog_name="fewshot")
