@@ -12,6 +12,7 @@ gradients as constants (FOMAML).
 
 from __future__ import annotations
 
+import contextvars
 import types
 from collections.abc import Callable
 
@@ -93,7 +94,11 @@ class MAML(Algorithm):
         params, buffers = self._params(), dict(self.model.named_buffers())
         if self.vectorize:
             in_dims = (None, None) + (0,) * len(per_task)
-            return vmap(fn, in_dims=in_dims, randomness="different")(params, buffers, *per_task)
+            token = _UNDER_VMAP.set(True)
+            try:
+                return vmap(fn, in_dims=in_dims, randomness="different")(params, buffers, *per_task)
+            finally:
+                _UNDER_VMAP.reset(token)
         return torch.stack([fn(params, buffers, *tensors) for tensors in zip(*per_task)])
 
     def _adapt(
@@ -124,22 +129,29 @@ class MAML(Algorithm):
         return dict(self.model.named_parameters())
 
 
+# Set while MAML runs its tasks under vmap, where batch norm must take the composite path.
+_UNDER_VMAP: contextvars.ContextVar[bool] = contextvars.ContextVar("under_vmap", default=False)
+
+
 def use_task_batch_norm(model: nn.Module) -> nn.Module:
     """Make every batch-norm layer of `model` normalise with the current batch's statistics only.
 
-    Running statistics are dropped, as MAML prescribes. The layers also compute batch norm from
-    elementary ops rather than the fused kernel: under `vmap`, the fused kernel's double backward
-    gives wrong second-order gradients in torch 2.13 (off by ~1e-2 against float64 finite
-    differences, see tests/algorithms/test_maml.py), while the composite form is exact.
+    Running statistics are dropped, as MAML prescribes. Under `vmap` the layers compute batch
+    norm from elementary ops rather than the fused kernel, whose double backward gives wrong
+    second-order gradients there in torch 2.13 (off by ~1e-2 against float64 finite differences,
+    see tests/algorithms/test_maml.py); one task at a time they use the fused kernel, which is
+    exact there and faster.
     """
     replace_all_batch_norm_modules_(model)
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.forward = types.MethodType(_composite_batch_norm, module)
+            module.forward = types.MethodType(_task_batch_norm, module)
     return model
 
 
-def _composite_batch_norm(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+def _task_batch_norm(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    if not _UNDER_VMAP.get():
+        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
     dims = [d for d in range(x.dim()) if d != 1]
     mean = x.mean(dim=dims, keepdim=True)
     var = x.var(dim=dims, keepdim=True, unbiased=False)
