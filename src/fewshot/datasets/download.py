@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -12,6 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from fewshot.errors import DataError
+from fewshot.files import atomic_write
 
 CHUNK_BYTES = 1 << 16
 
@@ -19,27 +18,20 @@ CHUNK_BYTES = 1 << 16
 def download_verified(url: str, destination: Path, md5: str, timeout: float = 60.0) -> Path:
     """Fetch `url` to `destination`, keeping it only if its MD5 digest equals `md5`.
 
-    The bytes go to a temporary file in the destination folder and are renamed into place only
-    after the digest matches, so an interrupted or tampered download never looks complete.
+    The bytes go to a temporary file in the destination folder, renamed into place only after
+    the digest matches, so an interrupted or tampered download never looks complete.
     """
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(
-        prefix=destination.name + ".", suffix=".part", dir=destination.parent
-    )
-    try:
-        with os.fdopen(fd, "wb") as out:
+
+    def fetch_and_verify(tmp: str) -> None:
+        with open(tmp, "wb") as out:
             digest = _stream(url, out, timeout)
-            out.flush()
-            os.fsync(out.fileno())
         if digest != md5:
             raise DataError(
                 f"checksum mismatch for {url}: got MD5 {digest}, expected {md5}; the file was "
                 "deleted. Try again later, or download it by hand into the data folder."
             )
-        os.replace(partial, destination)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+
+    atomic_write(destination, fetch_and_verify)
     return destination
 
 

@@ -16,7 +16,6 @@ import json
 import os
 import random
 import stat
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 from fewshot.datasets.download import download_verified, md5_of_file
 from fewshot.errors import ConfigError, DataError
+from fewshot.files import atomic_write
 
 ARCHIVES = ("images_background", "images_evaluation")
 OFFICIAL_URL = "https://github.com/brendenlake/omniglot/raw/master/python/{archive}.zip"
@@ -193,24 +193,7 @@ def _read_cache(path: Path) -> Characters:
 
 
 def _write_cache(path: Path, characters: Characters) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for target, write in (
-        (
-            path.with_suffix(".json"),
-            lambda p: Path(p).write_text(json.dumps({"names": characters.names})),
-        ),
-        (
-            path,
-            lambda p: save_file(
-                {"images": characters.images, "character": characters.character}, p
-            ),
-        ),
-    ):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    names = json.dumps({"names": characters.names})
+    tensors = {"images": characters.images, "character": characters.character}
+    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(names))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))

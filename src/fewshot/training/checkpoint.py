@@ -6,9 +6,6 @@ Nothing here unpickles: loading a run folder can never run code.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import fewshot
 from fewshot.errors import CheckpointError, ConfigError
+from fewshot.files import atomic_write
 from fewshot.training.config import TrainConfig
 
 CONFIG_FILE = "config.json"
@@ -24,20 +22,6 @@ METRICS_FILE = "metrics.jsonl"
 BEST_WEIGHTS = "model.safetensors"
 LAST_WEIGHTS = "last.safetensors"
 FORMAT_VERSION = 1
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path), flush it to disk, then rename over `path`: readers see old or new."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_config(run_dir: Path, config: TrainConfig) -> None:

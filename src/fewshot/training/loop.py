@@ -21,6 +21,7 @@ from tqdm import trange
 
 from fewshot.algorithms.base import Algorithm
 from fewshot.errors import ConfigError, DivergenceError, RunStopped
+from fewshot.files import atomic_write
 from fewshot.tasks import Task
 from fewshot.training import checkpoint
 from fewshot.training.config import TrainConfig
@@ -108,7 +109,7 @@ def truncate_metrics(run_dir: Path, iteration: int) -> None:
             if json.loads(line)["iteration"] <= iteration:
                 kept.append(line + "\n")
     text = "".join(kept)
-    checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 class Run:

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from fewshot.errors import CheckpointError
-from fewshot.training.checkpoint import atomic_write
+from fewshot.files import atomic_write
 
 STATE_FILE = "state.safetensors"
 
