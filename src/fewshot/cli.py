@@ -162,6 +162,18 @@ def main(debug: bool) -> None:
 @click.option("--outer-lr", default=None, type=float, help="Adam learning rate beta [1e-3].")
 @click.option("--first-order", is_flag=True, help="First-order MAML (no second-order term).")
 @click.option(
+    "--vectorize/--no-vectorize",
+    default=None,
+    help="MAML: adapt all tasks at once with torch.func.vmap, or one task at a time "
+    "[default: vmap for sinusoid, per task for images].",
+)
+@click.option(
+    "--time-limit",
+    default=None,
+    type=float,
+    help="Stop (validating and checkpointing first) after this many minutes of training.",
+)
+@click.option(
     "--iterations",
     default=None,
     type=int,

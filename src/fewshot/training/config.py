@@ -71,10 +71,12 @@ class TrainConfig:
     inner_lr: float | None = None
     outer_lr: float | None = None
     first_order: bool = False
+    vectorize: bool | None = None
     iterations: int | None = None
     val_every: int | None = None
     val_episodes: int = 200
     checkpoint_every: int = 100
+    time_limit: float | None = None
     seed: int = 0
 
     def resolved(self) -> TrainConfig:
@@ -98,6 +100,10 @@ class TrainConfig:
                 values[name] = value
         values["train_ways"] = values["train_ways"] or values["ways"]
         values["train_queries"] = values["train_queries"] or values["queries"]
+        if values["vectorize"] is None:
+            # vmap wins for small models; for Conv4 on CPU the per-task loop with the fused
+            # batch-norm kernel was faster and needs a fraction of the memory (performance.md).
+            values["vectorize"] = values["dataset"] == "sinusoid"
         if values["inner_steps"] is None:
             values["inner_steps"] = 1
         if values["eval_inner_steps"] is None:
@@ -121,6 +127,7 @@ class TrainConfig:
             image_size=self.image_size,
             channels=self.channels,
             outer_lr=self.outer_lr,
+            time_limit=self.time_limit if self.time_limit is not None else 1,
         )
         if self.algorithm == "maml":
             require_positive(inner_lr=self.inner_lr, inner_steps=self.inner_steps)

@@ -79,5 +79,6 @@ def build_algorithm(config: TrainConfig) -> Algorithm:
         inner_steps=config.inner_steps,
         eval_inner_steps=config.eval_inner_steps,
         first_order=config.first_order,
+        vectorize=config.vectorize,
         loss=loss,
     )

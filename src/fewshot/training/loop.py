@@ -210,10 +210,20 @@ class Run:
                         {"iteration": iteration, "loss": loss, "seconds": round(self.elapsed, 3)},
                     )
                     bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-                if iteration % config.val_every == 0 or iteration == config.iterations:
+                out_of_time = (
+                    config.time_limit is not None and self.elapsed >= 60 * config.time_limit
+                )
+                if (
+                    iteration % config.val_every == 0
+                    or iteration == config.iterations
+                    or out_of_time
+                ):
                     bar.write(f"iteration {iteration}: validation {self.validate()}")
                 if iteration % config.checkpoint_every == 0 or stop["signal"] is not None:
                     self.save_checkpoint()
+                if out_of_time:
+                    bar.write(f"time limit of {config.time_limit} minutes reached")
+                    break
                 if stop["signal"] is not None:
                     raise RunStopped(
                         f"stopped by {signal.Signals(stop['signal']).name} after iteration "
