@@ -70,41 +70,48 @@ def make_dataset(root, classes=6, per_class=4):
                 )
 
 
+def train_protonet_on_folder(tmp_path, shots, *extra):
+    """`fewshot train` of a 3-way ProtoNet on the folder dataset in tmp_path/data."""
+    args = [
+        "train",
+        "--algorithm",
+        "protonet",
+        "--dataset",
+        "folder",
+        "--data-root",
+        tmp_path / "data",
+        "--ways",
+        3,
+        "--train-ways",
+        3,
+        "--shots",
+        shots,
+        "--queries",
+        2,
+        "--train-queries",
+        2,
+        "--out",
+        tmp_path / "run",
+        *extra,
+    ]
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
 def test_training_from_a_folder_end_to_end(tmp_path):
     make_dataset(tmp_path / "data")
-    result = CliRunner().invoke(
-        main,
-        [
-            "train",
-            "--algorithm",
-            "protonet",
-            "--dataset",
-            "folder",
-            "--data-root",
-            str(tmp_path / "data"),
-            "--ways",
-            "3",
-            "--train-ways",
-            "3",
-            "--shots",
-            "1",
-            "--queries",
-            "2",
-            "--train-queries",
-            "2",
-            "--iterations",
-            "4",
-            "--val-every",
-            "2",
-            "--val-episodes",
-            "5",
-            "--test-episodes",
-            "5",
-            "--image-size",
-            "16",
-            "--out",
-            str(tmp_path / "run"),
-        ],
+    result = train_protonet_on_folder(
+        tmp_path,
+        1,
+        "--iterations",
+        4,
+        "--val-every",
+        2,
+        "--val-episodes",
+        5,
+        "--test-episodes",
+        5,
+        "--image-size",
+        16,
     )
     assert result.exit_code == 0, result.output
     assert "meta-test accuracy" in result.output
@@ -112,30 +119,7 @@ def test_training_from_a_folder_end_to_end(tmp_path):
 
 def test_class_smaller_than_shots_plus_queries_is_one_line(tmp_path):
     make_dataset(tmp_path / "data", per_class=3)
-    result = CliRunner().invoke(
-        main,
-        [
-            "train",
-            "--algorithm",
-            "protonet",
-            "--dataset",
-            "folder",
-            "--data-root",
-            str(tmp_path / "data"),
-            "--ways",
-            "3",
-            "--train-ways",
-            "3",
-            "--shots",
-            "2",
-            "--queries",
-            "2",
-            "--train-queries",
-            "2",
-            "--out",
-            str(tmp_path / "run"),
-        ],
-    )
+    result = train_protonet_on_folder(tmp_path, 2)
     assert result.exit_code == 2
     assert "shots + queries = 4 is more than the 3 examples" in result.output
     assert result.output.count("\n") == 1 and not (tmp_path / "run").exists()
