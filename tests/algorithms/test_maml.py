@@ -227,3 +227,22 @@ def test_second_order_meta_gradient_through_batch_norm_matches_finite_difference
         expected = finite_difference_gradient(lambda: maml.meta_loss(tasks), [first, second])
     torch.testing.assert_close(first.grad, expected[0], rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(second.grad, expected[1], rtol=1e-6, atol=1e-8)
+
+
+def test_task_by_task_backward_gives_the_meta_loss_gradient():
+    """The memory-saving per-task backward accumulates exactly grad of meta_loss."""
+    tasks = conv_tasks(num_tasks=3)
+    results = []
+    for use_backward_method in (False, True):
+        torch.manual_seed(0)
+        model = Conv4(out_features=3, hidden=8, image_size=16)
+        maml = MAML(model, inner_lr=0.4, inner_steps=2, vectorize=False)
+        if use_backward_method:
+            loss = maml.backward_meta_loss(tasks)
+        else:
+            loss = maml.meta_loss(tasks)
+            loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b)

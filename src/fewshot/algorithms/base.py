@@ -20,6 +20,16 @@ class Algorithm(nn.Module):
         """Mean query loss over the meta-batch, differentiable with respect to `parameters()`."""
         raise NotImplementedError
 
+    def backward_meta_loss(self, tasks: Task) -> torch.Tensor:
+        """Accumulate grad of `meta_loss(tasks)` into `.grad` and return the (detached) loss.
+
+        Methods may override this to save memory, e.g. by back-propagating task by task.
+        """
+        loss = self.meta_loss(tasks)
+        if torch.isfinite(loss):
+            loss.backward()
+        return loss.detach()
+
     def predict(self, tasks: Task, inner_steps: int | None = None) -> torch.Tensor:
         """Query outputs (logits or regression values), shaped (tasks, queries, ...).
 

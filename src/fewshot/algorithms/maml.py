@@ -73,11 +73,26 @@ class MAML(Algorithm):
         return self._adapt(self._params(), task.support_x, task.support_y, steps)
 
     def meta_loss(self, tasks: Task) -> torch.Tensor:
-        def task_loss(params, buffers, support_x, support_y, query_x, query_y):
-            adapted = self._adapt(params, support_x, support_y, self.inner_steps, buffers)
-            return self.loss(self._forward(adapted, buffers, query_x), query_y)
+        return self._map_tasks(self._task_loss, tasks.tensors()).mean()
 
-        return self._map_tasks(task_loss, tasks.tensors()).mean()
+    def backward_meta_loss(self, tasks: Task) -> torch.Tensor:
+        """Per-task path: back-propagate each task's share of the loss as soon as it is computed,
+        so only one task's graph is alive at a time (the same gradient, a fraction of the memory).
+        """
+        if self.vectorize:
+            return super().backward_meta_loss(tasks)
+        params, buffers = self._params(), dict(self.model.named_buffers())
+        total = torch.zeros(())
+        for task in zip(*tasks.tensors()):
+            loss = self._task_loss(params, buffers, *task) / len(tasks)
+            if torch.isfinite(loss):
+                loss.backward()
+            total = total + loss.detach().cpu()
+        return total
+
+    def _task_loss(self, params, buffers, support_x, support_y, query_x, query_y):
+        adapted = self._adapt(params, support_x, support_y, self.inner_steps, buffers)
+        return self.loss(self._forward(adapted, buffers, query_x), query_y)
 
     def predict(self, tasks: Task, inner_steps: int | None = None) -> torch.Tensor:
         steps = self.eval_inner_steps if inner_steps is None else inner_steps

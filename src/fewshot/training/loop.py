@@ -51,10 +51,9 @@ def meta_step(algorithm: Algorithm, optimizer: torch.optim.Optimizer, tasks: Tas
     stay at their last finite values.
     """
     optimizer.zero_grad(set_to_none=True)
-    loss = algorithm.meta_loss(tasks)
+    loss = algorithm.backward_meta_loss(tasks)
     if not torch.isfinite(loss):
         raise NonFiniteError(f"loss is {loss.item()}")
-    loss.backward()
     grads = [p.grad for p in algorithm.parameters() if p.grad is not None]
     if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
         raise NonFiniteError("a gradient is not finite")
