@@ -1,0 +1,168 @@
+"""What the benchmark measures: each workload at its paper's settings, and who runs it.
+
+Kept free of torch so that the parent process of run.py can plan a run without importing it;
+builders.py turns a workload into something to time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One benchmark at its paper's settings, the libraries that run it and how long to time it.
+
+    `kind` selects the builder; `unit` names what throughput counts; each timed repeat runs
+    `steps_per_repeat` steps after `warmup` untimed ones, and the median repeat is reported.
+    """
+
+    name: str
+    title: str
+    kind: str
+    libraries: tuple[str, ...]
+    unit: str
+    warmup: int
+    repeats: int
+    steps_per_repeat: int
+    meta_batch: int = 1
+    ways: int = 5
+    shots: int = 1
+    queries: int = 15
+    inner_steps: int = 1
+    first_order: bool = False
+    count_flops: bool = False
+
+
+MAML_LIBRARIES = ("fewshot", "learn2learn", "higher")
+CONV_MAML_LIBRARIES = ("fewshot", "fewshot-per-task", "learn2learn", "higher")
+WORKLOADS: dict[str, Workload] = {
+    w.name: w
+    for w in (
+        Workload(
+            "matmul",
+            "float32 matmul (FLOP/s reference)",
+            "matmul",
+            ("torch",),
+            "matmuls",
+            warmup=2,
+            repeats=7,
+            steps_per_repeat=1,
+        ),
+        Workload(
+            "sinusoid-maml-1step",
+            "Sinusoid MAML, 2nd order, 1 inner step, 25 tasks, K=10",
+            "sinusoid",
+            MAML_LIBRARIES,
+            "tasks",
+            warmup=5,
+            repeats=7,
+            steps_per_repeat=20,
+            meta_batch=25,
+            shots=10,
+            queries=10,
+        ),
+        Workload(
+            "sinusoid-maml-5step",
+            "Sinusoid MAML, 2nd order, 5 inner steps, 25 tasks, K=10",
+            "sinusoid",
+            MAML_LIBRARIES,
+            "tasks",
+            warmup=3,
+            repeats=7,
+            steps_per_repeat=10,
+            meta_batch=25,
+            shots=10,
+            queries=10,
+            inner_steps=5,
+        ),
+        Workload(
+            "omniglot-maml",
+            "Omniglot 5-way 1-shot MAML, 2nd order, 1 step, 32 tasks",
+            "omniglot-maml",
+            CONV_MAML_LIBRARIES,
+            "tasks",
+            warmup=1,
+            repeats=3,
+            steps_per_repeat=2,
+            meta_batch=32,
+            count_flops=True,
+        ),
+        Workload(
+            "omniglot-fomaml",
+            "Omniglot 5-way 1-shot first-order MAML, 1 step, 32 tasks",
+            "omniglot-maml",
+            CONV_MAML_LIBRARIES,
+            "tasks",
+            warmup=1,
+            repeats=3,
+            steps_per_repeat=2,
+            meta_batch=32,
+            first_order=True,
+            count_flops=True,
+        ),
+        Workload(
+            "omniglot-maml-5step",
+            "Omniglot 5-way 1-shot MAML, 2nd order, 5 steps, 32 tasks",
+            "omniglot-maml",
+            CONV_MAML_LIBRARIES,
+            "tasks",
+            warmup=1,
+            repeats=3,
+            steps_per_repeat=1,
+            meta_batch=32,
+            inner_steps=5,
+            count_flops=True,
+        ),
+        Workload(
+            "omniglot-protonet",
+            "Omniglot ProtoNet training episode, 5-way 1-shot 15 queries",
+            "protonet",
+            ("fewshot", "reference"),
+            "episodes",
+            warmup=5,
+            repeats=7,
+            steps_per_repeat=10,
+        ),
+        Workload(
+            "omniglot-protonet-60way",
+            "Omniglot ProtoNet training episode, 60-way 1-shot 5 queries (Snell et al.)",
+            "protonet",
+            ("fewshot", "reference"),
+            "episodes",
+            warmup=2,
+            repeats=5,
+            steps_per_repeat=3,
+            ways=60,
+            queries=5,
+        ),
+        Workload(
+            "omniglot-sampling",
+            "Omniglot episode sampling, 5-way 1-shot 15 queries",
+            "sampling",
+            ("fewshot", "fewshot-batched", "learn2learn"),
+            "episodes",
+            warmup=20,
+            repeats=7,
+            steps_per_repeat=200,
+        ),
+    )
+}
+
+SAMPLING_LABELS = {"learn2learn": "learn2learn (MetaDataset + TaskDataset)"}
+LIBRARY_LABELS = {
+    "fewshot": "fewshot",
+    "fewshot-per-task": "fewshot, vectorize=False (per task)",
+    "fewshot-batched": "fewshot, 32 episodes per call",
+    "learn2learn": "learn2learn (per-task loop)",
+    "higher": "higher (per-task loop)",
+    "reference": "reference (hand-written plain torch)",
+    "torch": "torch.mm",
+}
+
+
+def label(workload: str, library: str) -> str:
+    """How a row's library is named in the report."""
+    if WORKLOADS[workload].kind == "sampling" and library in SAMPLING_LABELS:
+        return SAMPLING_LABELS[library]
+    return LIBRARY_LABELS.get(library, library)
