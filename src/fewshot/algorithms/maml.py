@@ -22,7 +22,7 @@ from torch import nn
 from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
 
 from fewshot.algorithms.base import Algorithm
-from fewshot.errors import require_positive
+from fewshot.errors import ConfigError, require_positive
 from fewshot.tasks import Task
 
 Params = dict[str, torch.Tensor]
@@ -58,7 +58,7 @@ class MAML(Algorithm):
         super().__init__()
         require_positive(inner_lr=inner_lr, inner_steps=inner_steps)
         if eval_inner_steps is not None and eval_inner_steps < 0:
-            raise ValueError(f"eval_inner_steps must be >= 0, got {eval_inner_steps}.")
+            raise ConfigError(f"eval_inner_steps must be >= 0, got {eval_inner_steps}.")
         self.model = use_task_batch_norm(model)
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
