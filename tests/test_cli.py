@@ -167,3 +167,44 @@ def test_resume_refuses_new_settings(sinusoid_run):
     out, _ = sinusoid_run
     result = run("train", "--resume", out, "--inner-lr", "0.1")
     assert result.exit_code == 2 and "drop --inner-lr" in result.output
+
+
+def test_image_size_applies_to_folder_datasets_only(tmp_path):
+    result = run(
+        "train",
+        "--dataset",
+        "omniglot",
+        "--algorithm",
+        "maml",
+        "--image-size",
+        "84",
+        "--out",
+        tmp_path / "r",
+    )
+    assert result.exit_code == 2 and "apply to --dataset folder only" in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_time_limit_stops_with_a_validated_checkpoint_and_resume_continues(tmp_path):
+    out = tmp_path / "timed"
+    result = run(
+        "train",
+        "--iterations",
+        "100000",
+        "--time-limit",
+        "0.02",
+        "--val-episodes",
+        "5",
+        "--test-episodes",
+        "0",
+        "--out",
+        out,
+    )
+    assert result.exit_code == 0, result.output
+    first = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    stopped_at = first[-1]["iteration"]
+    assert first[-1]["split"] == "val" and 0 < stopped_at < 100000
+    result = run("train", "--resume", out, "--test-episodes", "0")
+    assert result.exit_code == 0, result.output
+    later = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert later[-1]["iteration"] > stopped_at  # the limit counts per invocation

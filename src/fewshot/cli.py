@@ -27,7 +27,6 @@ TUNED_MALLOC = {
     "MALLOC_TOP_PAD_": "1000000000",
 }
 TEST_SEED = 0
-SINUSOID_REPORT_STEPS = (0, 1, 10)
 
 
 def friendly_errors(command):
@@ -49,9 +48,9 @@ def friendly_errors(command):
 def test_report(algorithm, config, sampler, episodes, seed, inner_steps, device) -> dict:
     """Meta-test results: accuracy at the evaluation steps, or MSE at 0, 1 and 10 steps."""
     if config.dataset == "sinusoid" and inner_steps is None:
+        steps_to_report = sorted({0, 1, config.eval_inner_steps})
         results = [
-            evaluate(algorithm, sampler, episodes, seed, steps, device)
-            for steps in SINUSOID_REPORT_STEPS
+            evaluate(algorithm, sampler, episodes, seed, steps, device) for steps in steps_to_report
         ]
         report = results[-1].to_dict()
         report["mse_by_inner_steps"] = {str(r.inner_steps): r.mean for r in results}
@@ -112,7 +111,7 @@ def main(debug: bool) -> None:
 @click.option(
     "--channels",
     default=1,
-    type=click.Choice([1, 3]),
+    type=int,
     help="1: grayscale, 3: RGB (folder dataset).",
 )
 @click.option("--ways", default=5, type=int, help="N: classes per episode (evaluation episodes).")
@@ -245,6 +244,8 @@ def train_command(
         out, config = resume, None
     else:
         base = read_config_file(config_file) if config_file else {}
+        if device.startswith("cuda") and "vectorize" not in given:
+            base.setdefault("vectorize", True)  # one vmapped step beats a task loop on a GPU
         config = TrainConfig.from_dict({**base, **{k: options[k] for k in given}})
     set_threads((config or read_config(out)).dataset, threads)
     algorithm, sources, best = train(
@@ -299,7 +300,7 @@ def read_config_file(path: Path) -> dict:
 @click.option(
     "--inner-steps",
     default=None,
-    type=int,
+    type=click.IntRange(min=0),
     help="MAML adaptation steps [default: the run's --eval-inner-steps].",
 )
 @click.option("--seed", default=TEST_SEED, type=int, help="Episode seed; same seed, same episodes.")

@@ -6,6 +6,7 @@ the same structure with a leading task dimension, so every algorithm takes one t
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +104,14 @@ class TaskSampler:
             query_x=x[:, :, k:].flatten(1, 2),
             query_y=y[:, :, k:].flatten(1, 2),
         )
+
+
+def stream_generator(purpose: str, seed: int) -> torch.Generator:
+    """A generator for one purpose ("train", "eval"), so that e.g. meta-training and evaluation
+    with the same seed never draw the same tasks (which matters where tasks are continuous, as
+    for sinusoids, and keeps validation independent of training everywhere)."""
+    digest = hashlib.sha256(f"fewshot:{purpose}:{seed}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 def _as_float(x: torch.Tensor) -> torch.Tensor:

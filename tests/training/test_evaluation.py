@@ -5,7 +5,7 @@ import torch
 
 from fewshot.algorithms.base import Algorithm
 from fewshot.datasets.sinusoid import SinusoidTasks
-from fewshot.tasks import TaskSampler
+from fewshot.tasks import TaskSampler, stream_generator
 from fewshot.training.evaluation import evaluate
 
 
@@ -44,7 +44,7 @@ def test_ci_is_196_std_over_sqrt_episodes():
     result = evaluate(Zero(), SinusoidTasks(5, 5), episodes=90, seed=2)
     scores = []
     tasks = SinusoidTasks(5, 5)
-    g = torch.Generator().manual_seed(2)
+    g = stream_generator("eval", 2)
     for _ in range(4):
         batch = tasks.sample(25, g)
         scores += batch.query_y.pow(2).mean((1, 2)).tolist()
@@ -58,3 +58,11 @@ def test_same_seed_gives_the_same_episodes_for_every_model():
     evaluate(a, sampler(), episodes=30, seed=5)
     evaluate(b, sampler(), episodes=30, seed=5)
     assert all(torch.equal(x, y) for x, y in zip(a.seen, b.seen))
+
+
+def test_evaluation_never_draws_the_training_tasks_of_the_same_seed():
+    """Sinusoid tasks are continuous: with a shared stream, the meta-test would be training data."""
+    tasks = SinusoidTasks(5, 5)
+    trained_on = tasks.sample(25, stream_generator("train", 0))
+    evaluated_on = tasks.sample(25, stream_generator("eval", 0))
+    assert not torch.isin(evaluated_on.support_x, trained_on.support_x).any()

@@ -16,6 +16,7 @@ import json
 import os
 import random
 import stat
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +85,14 @@ def load_omniglot(data_root: str | os.PathLike | None = None, download: bool = F
         except Exception:  # a damaged cache is rebuilt, never trusted
             cached.unlink(missing_ok=True)
     characters = _decode_archives(archives)
-    _write_cache(cached, characters)
+    try:
+        _write_cache(cached, characters)
+    except OSError as error:  # a read-only cache folder costs start-up time, nothing else
+        warnings.warn(
+            f"could not cache Omniglot in {cached.parent} ({error}); set "
+            "FEWSHOT_CACHE_DIR to a writable folder to start faster.",
+            stacklevel=2,
+        )
     return characters
 
 

@@ -129,6 +129,15 @@ class TrainConfig:
             outer_lr=self.outer_lr,
             time_limit=self.time_limit if self.time_limit is not None else 1,
         )
+        if self.dataset != "folder" and (self.image_size, self.channels) != (28, 1):
+            raise ConfigError("--image-size and --channels apply to --dataset folder only.")
+        if self.channels not in (1, 3):
+            raise ConfigError(f"channels must be 1 (grayscale) or 3 (RGB), got {self.channels}.")
+        if self.image_size < 16:
+            raise ConfigError(
+                f"image_size must be at least 16 (Conv4 halves it four times), got "
+                f"{self.image_size}."
+            )
         if self.algorithm == "maml":
             require_positive(inner_lr=self.inner_lr, inner_steps=self.inner_steps)
             if self.train_ways != self.ways:

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from fewshot.algorithms.base import Algorithm
+from fewshot.tasks import stream_generator
 
 # Episodes are drawn in fixed-size chunks from a generator seeded with the evaluation seed, so
 # every model evaluated with the same seed sees exactly the same episodes.
@@ -60,7 +61,7 @@ def evaluate(
     device: torch.device | str = "cpu",
 ) -> EvalResult:
     """Evaluate on `episodes` episodes drawn from `tasks` (a sampler of held-out classes)."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = stream_generator("eval", seed)
     was_training = algorithm.training
     algorithm.eval()
     scores = []

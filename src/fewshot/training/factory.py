@@ -11,7 +11,7 @@ from fewshot.algorithms import MAML, Algorithm, ProtoNet
 from fewshot.datasets.image_folder import load_image_folder
 from fewshot.datasets.omniglot import load_omniglot, omniglot_split
 from fewshot.datasets.sinusoid import SinusoidTasks
-from fewshot.errors import DataError
+from fewshot.errors import ConfigError, DataError
 from fewshot.models import Conv4, SinusoidMLP
 from fewshot.tasks import TaskSampler
 from fewshot.training.config import TrainConfig
@@ -33,20 +33,24 @@ def build_sources(
     parts: tuple[str, ...] = ("train", "val", "test"),
 ) -> TaskSources:
     if config.dataset == "sinusoid":
-        # Sinusoid tasks are continuous: "held out" means tasks never drawn in training, which
-        # the separate evaluation seed guarantees in probability one.
+        # Sinusoid tasks are continuous: "held out" means never drawn in training, which the
+        # separate random streams of training and evaluation (`stream_generator`) ensure.
         train = SinusoidTasks(config.shots, config.queries)
         return TaskSources(train, train, train)
     samplers = {}
     for part, (images, labels) in zip(parts, labelled_parts(config, data_root, download, parts)):
         train = part == "train"
-        samplers[part] = TaskSampler(
-            images,
-            labels,
-            ways=config.train_ways if train else config.ways,
-            shots=config.shots,
-            queries=config.train_queries if train else config.queries,
-        )
+        try:
+            samplers[part] = TaskSampler(
+                images,
+                labels,
+                ways=config.train_ways if train else config.ways,
+                shots=config.shots,
+                queries=config.train_queries if train else config.queries,
+            )
+        except ConfigError as error:
+            note = " (training episodes take --train-ways and --train-queries)" if train else ""
+            raise ConfigError(f"{part} part: {error}{note}") from None
     return TaskSources(samplers.get("train"), samplers.get("val"), samplers.get("test"))
 
 

@@ -22,7 +22,7 @@ from tqdm import trange
 from fewshot.algorithms.base import Algorithm
 from fewshot.errors import ConfigError, DivergenceError, RunStopped
 from fewshot.files import atomic_write
-from fewshot.tasks import Task
+from fewshot.tasks import Task, stream_generator
 from fewshot.training import checkpoint
 from fewshot.training.config import TrainConfig
 from fewshot.training.evaluation import EvalResult, evaluate
@@ -119,7 +119,7 @@ class Run:
         seed_everything(config.seed)
         self.algorithm = build_algorithm(config).to(device)
         self.optimizer = torch.optim.Adam(self.algorithm.parameters(), lr=config.outer_lr)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.generator = stream_generator("train", config.seed)
         self.iteration = 0
         self.best: EvalResult | None = None
         self.elapsed = 0.0
@@ -161,11 +161,7 @@ class Run:
             rates = f"--outer-lr (now {config.outer_lr})"
             if config.algorithm == "maml":
                 rates = f"--inner-lr (now {config.inner_lr}) or " + rates
-            kept = (
-                f"the checkpoint of iteration {self.checkpointed} is kept"
-                if self.checkpointed
-                else "no checkpoint had been written yet"
-            )
+            kept = f"the checkpoint of iteration {self.checkpointed} is kept"
             raise DivergenceError(
                 f"training diverged at iteration {self.iteration + 1}: {error}; {kept}. "
                 f"The likely cause is a learning rate too high: lower {rates}."
@@ -190,6 +186,7 @@ class Run:
     def run(self, progress: bool) -> None:
         config = self.config
         started = time.perf_counter() - self.elapsed
+        invocation_started = time.perf_counter()  # --time-limit counts per invocation
         bar = trange(
             self.iteration + 1,
             config.iterations + 1,
@@ -210,7 +207,8 @@ class Run:
                     )
                     bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                 out_of_time = (
-                    config.time_limit is not None and self.elapsed >= 60 * config.time_limit
+                    config.time_limit is not None
+                    and time.perf_counter() - invocation_started >= 60 * config.time_limit
                 )
                 if (
                     iteration % config.val_every == 0
@@ -269,6 +267,7 @@ def train(
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.write_config(run_dir, config)
+        run.save_checkpoint()  # so that a run killed before its first checkpoint can resume
     run.run(progress)
     checkpoint.load_weights(run.algorithm, run_dir / checkpoint.BEST_WEIGHTS)
     return run.algorithm, sources, run.best
