@@ -134,8 +134,9 @@ def build_maml(workload: Workload, library: str, device: torch.device) -> Bench:
             vectorize=library == "fewshot",
         )
         optimizer = torch.optim.Adam(maml.parameters(), lr=OUTER_LR)
+        # backward_meta_loss is what meta_step runs: per task, one task's graph at a time.
         check = first_meta_gradient(
-            list(maml.parameters()), lambda: backward(maml.meta_loss(batches[0]))
+            list(maml.parameters()), lambda: maml.backward_meta_loss(batches[0])
         )
         return Bench(
             lambda i: meta_step(maml, optimizer, batches[i % len(batches)]),
