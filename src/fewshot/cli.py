@@ -60,15 +60,15 @@ def test_report(algorithm, config, sampler, episodes, seed, inner_steps, device)
         result = evaluate(algorithm, sampler, episodes, seed, inner_steps, device)
         report = result.to_dict()
         report["lines"] = [str(result)]
-    shape = {
+    episode_settings = {
         "dataset": config.dataset,
         "split": config.split if config.dataset == "omniglot" else None,
-        "ways": config.ways if config.dataset == "omniglot" else None,
+        "ways": None if config.dataset == "sinusoid" else config.ways,
         "shots": config.shots,
         "queries": config.queries,
         "seed": seed,
     }
-    return {**report, **shape}
+    return {**report, **episode_settings}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -93,7 +93,8 @@ def main(debug: bool) -> None:
     "--data-root",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Folder with images_background.zip and images_evaluation.zip "
+    help="Omniglot: folder with images_background.zip and images_evaluation.zip; folder "
+    "dataset: folder with train/, val/, test/ "
     "[default: $FEWSHOT_DATA_ROOT, else ~/.local/share/fewshot].",
 )
 @click.option(
