@@ -242,20 +242,21 @@ def train_command(
                 f"--resume continues {resume} with the settings in its config.json; drop "
                 f"{flags or '--config'}."
             )
-        out, config = resume, None
+        out, config = resume, read_config(resume)
     else:
         base = read_config_file(config_file) if config_file else {}
         if device.startswith("cuda") and "vectorize" not in given:
             base.setdefault("vectorize", True)  # one vmapped step beats a task loop on a GPU
         config = TrainConfig.from_dict({**base, **{k: options[k] for k in given}})
-    set_threads((config or read_config(out)).dataset, threads)
+    resolved = config.resolved()
+    set_threads(resolved.dataset, threads)
     algorithm, sources, best = train(
         config, out, data_root, download, device, resume=resume is not None
     )
     click.echo(f"best validation: {best}")
     if test_episodes > 0:
         report = test_report(
-            algorithm, read_config(out), sources.test, test_episodes, TEST_SEED, None, device
+            algorithm, resolved, sources.test, test_episodes, TEST_SEED, None, device
         )
         for line in report["lines"]:
             click.echo(f"meta-test {line}")

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
+from fewshot.datasets.images import UNREADABLE, decode_resized
 from fewshot.errors import DataError
 
 MODES = {1: "L", 3: "RGB"}
@@ -55,11 +55,9 @@ def load_image_folder(
 
 def _read_image(path: Path, size: int, mode: str) -> np.ndarray:
     try:
-        with Image.open(path) as image:
-            converted = image.convert(mode).resize((size, size), Image.Resampling.LANCZOS)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        return decode_resized(path, size, mode)
+    except UNREADABLE as error:
         raise DataError(
             f"{path} is not an image that can be read ({type(error).__name__}); remove it from "
             "the class folder."
         ) from None
-    return np.asarray(converted, dtype=np.uint8)

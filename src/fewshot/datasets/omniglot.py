@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from fewshot.datasets.download import download_verified, md5_of_file
+from fewshot.datasets.images import UNREADABLE, decode_resized
 from fewshot.errors import ConfigError, DataError
 from fewshot.files import atomic_write
 
@@ -186,11 +186,10 @@ def _checked_entries(zf: zipfile.ZipFile, archive: Path) -> list[str]:
 
 def _decode_png(data: bytes, where: str) -> np.ndarray:
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            gray = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        gray = decode_resized(io.BytesIO(data), IMAGE_SIZE, "L")
+    except UNREADABLE as error:
         raise DataError(f"cannot decode {where}: {error}. The archive is damaged.") from None
-    return 255 - np.asarray(gray, dtype=np.uint8)  # strokes bright on a dark background
+    return 255 - gray  # strokes bright on a dark background
 
 
 def _read_cache(path: Path) -> Characters:

@@ -227,7 +227,8 @@ class Run:
                         f"{iteration}, checkpoint written; resume with: fewshot train --resume "
                         f"{self.run_dir}"
                     )
-        self.save_checkpoint()
+        if self.checkpointed != self.iteration:  # the last iteration may have just written one
+            self.save_checkpoint()
 
 
 def train(
