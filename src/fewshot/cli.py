@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -164,8 +165,15 @@ def main(debug: bool) -> None:
 @click.option(
     "--vectorize/--no-vectorize",
     default=None,
-    help="MAML: adapt all tasks at once with torch.func.vmap, or one task at a time "
-    "[default: vmap for sinusoid, per task for images].",
+    help="MAML: run the tasks of a meta-batch together under torch.func.vmap, or one at a "
+    "time for models vmap cannot trace [default: vectorize].",
+)
+@click.option(
+    "--chunk-size",
+    default=None,
+    type=int,
+    help="MAML: tasks per vectorised pass, each back-propagated before the next; memory grows "
+    "with it [default: the whole meta-batch for sinusoid and on a GPU, 8 for images on a CPU].",
 )
 @click.option(
     "--time-limit",
@@ -245,9 +253,10 @@ def train_command(
         out, config = resume, read_config(resume)
     else:
         base = read_config_file(config_file) if config_file else {}
-        if device.startswith("cuda") and "vectorize" not in given:
-            base.setdefault("vectorize", True)  # one vmapped step beats a task loop on a GPU
         config = TrainConfig.from_dict({**base, **{k: options[k] for k in given}})
+        if device.startswith("cuda") and config.chunk_size is None:
+            # A GPU has the memory for a whole meta-batch in one pass, and is fastest so.
+            config = dataclasses.replace(config, chunk_size=config.resolved().meta_batch)
     resolved = config.resolved()
     set_threads(resolved.dataset, threads)
     algorithm, sources, best = train(

@@ -8,18 +8,23 @@ parameters theta
 (with several inner steps, the update is repeated from phi_i). The meta-gradient flows through
 the inner updates, Hessian-vector products included; `first_order=True` treats the inner
 gradients as constants (FOMAML).
+
+How the tasks are run: theta is expanded into one copy per task, the model is called on all
+tasks at once through `torch.func.vmap` (one batched, grouped computation instead of a Python
+loop), and plain `torch.autograd.grad` of the summed support losses gives every task its own
+inner gradient, because the tasks are independent: d(sum_j L_j)/d(phi_i) = dL_i/d(phi_i). Only
+the forward pass is vmapped; every backward pass, the second-order one included, is ordinary
+autograd on ordinary tensors, so torch's fused kernels (batch norm's among them) stay exact.
 """
 
 from __future__ import annotations
 
-import contextvars
-import types
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
+from torch.func import functional_call, replace_all_batch_norm_modules_, vmap
 
 from fewshot.algorithms.base import Algorithm
 from fewshot.errors import ConfigError, require_positive
@@ -41,8 +46,13 @@ class MAML(Algorithm):
         eval_inner_steps: inner updates when predicting; defaults to `inner_steps`.
         first_order: drop the second-order term (FOMAML).
         loss: loss(outputs, targets) with mean reduction; cross-entropy by default.
-        vectorize: adapt all tasks of a meta-batch at once with `torch.func.vmap`; otherwise one
-            task at a time. Both compute the same numbers.
+        vectorize: run the tasks of a meta-batch together under `torch.func.vmap`; otherwise one
+            task at a time with plain calls (for models that vmap cannot trace). Both compute
+            the same numbers.
+        chunk_size: with `vectorize`, how many tasks one vectorised pass takes when training
+            (`backward_meta_loss`); each pass is back-propagated before the next starts, so
+            peak memory grows with `chunk_size`, not with the meta-batch. None: all at once.
+            Parameters with `requires_grad=False` are not adapted.
     """
 
     def __init__(
@@ -54,9 +64,12 @@ class MAML(Algorithm):
         first_order: bool = False,
         loss: LossFn = F.cross_entropy,
         vectorize: bool = True,
+        chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         require_positive(inner_lr=inner_lr, inner_steps=inner_steps)
+        if chunk_size is not None:
+            require_positive(chunk_size=chunk_size)
         if eval_inner_steps is not None and eval_inner_steps < 0:
             raise ConfigError(f"eval_inner_steps must be >= 0, got {eval_inner_steps}.")
         self.model = use_task_batch_norm(model)
@@ -66,112 +79,107 @@ class MAML(Algorithm):
         self.first_order = first_order
         self.loss = loss
         self.vectorize = vectorize
+        self.chunk_size = chunk_size
 
     def adapt(self, task: Task, inner_steps: int | None = None) -> Params:
-        """Parameters adapted to one task's support set, for `functional_call(model, params, x)`."""
+        """Parameters adapted to one task's support set, for `functional_call(model, params, x)`.
+
+        Differentiable with respect to theta (second order unless `first_order`) when called
+        with gradients enabled.
+        """
         steps = self.eval_inner_steps if inner_steps is None else inner_steps
-        return self._adapt(self._params(), task.support_x, task.support_y, steps)
+        adapted = self._adapt(task.support_x.unsqueeze(0), task.support_y.unsqueeze(0), steps)
+        return {name: p[0] for name, p in adapted.items()}
 
     def meta_loss(self, tasks: Task) -> torch.Tensor:
-        return self._map_tasks(self._task_loss, tasks.tensors()).mean()
+        return self._query_losses(tasks).mean()
 
     def backward_meta_loss(self, tasks: Task) -> torch.Tensor:
-        """Per-task path: back-propagate each task's share of the loss as soon as it is computed,
-        so only one task's graph is alive at a time (the same gradient, a fraction of the memory).
+        """Back-propagate the meta-loss `chunk_size` tasks at a time (one task at a time without
+        `vectorize`), so that only one chunk's graph is alive: the same gradient as
+        `meta_loss(tasks).backward()`, in a fraction of the memory.
         """
-        if self.vectorize:
+        size = (self.chunk_size or len(tasks)) if self.vectorize else 1
+        if size >= len(tasks):
             return super().backward_meta_loss(tasks)
-        params, buffers = self._params(), dict(self.model.named_buffers())
         total = torch.zeros(())
-        for task in zip(*tasks.tensors()):
-            loss = self._task_loss(params, buffers, *task) / len(tasks)
+        for start in range(0, len(tasks), size):
+            loss = self._query_losses(tasks[start : start + size]).sum() / len(tasks)
             if torch.isfinite(loss):
                 loss.backward()
             total = total + loss.detach().cpu()
         return total
 
-    def _task_loss(self, params, buffers, support_x, support_y, query_x, query_y):
-        adapted = self._adapt(params, support_x, support_y, self.inner_steps, buffers)
-        return self.loss(self._forward(adapted, buffers, query_x), query_y)
-
     def predict(self, tasks: Task, inner_steps: int | None = None) -> torch.Tensor:
         steps = self.eval_inner_steps if inner_steps is None else inner_steps
+        with torch.no_grad():
+            adapted = self._adapt(tasks.support_x, tasks.support_y, steps)
+            return self._outputs(adapted, tasks.query_x)
 
-        def task_predict(params, buffers, support_x, support_y, query_x):
-            adapted = self._adapt(params, support_x, support_y, steps, buffers)
-            return self._forward(adapted, buffers, query_x)
+    def _query_losses(self, tasks: Task) -> torch.Tensor:
+        """Each task's query loss after adaptation, shape (tasks,)."""
+        adapted = self._adapt(tasks.support_x, tasks.support_y, self.inner_steps)
+        return self._losses(adapted, tasks.query_x, tasks.query_y)
 
-        with torch.no_grad():  # torch.func.grad still differentiates the inner loop
-            return self._map_tasks(task_predict, tasks.tensors()[:3])
+    def _adapt(self, x: torch.Tensor, y: torch.Tensor, steps: int) -> Params:
+        """phi_{s+1} = phi_s - alpha * grad L_support(phi_s) for every task of (x, y) at once,
+        from phi_0 = theta; the result has a leading task dimension.
 
-    def _map_tasks(self, fn: Callable, per_task: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """fn(params, buffers, *task_tensors) for every task, stacked along a new first dim."""
-        params, buffers = self._params(), dict(self.model.named_buffers())
+        The inner gradients always run, even under `torch.no_grad()`; the adapted parameters
+        are differentiable with respect to theta only where gradients are enabled, through the
+        inner gradients too unless `first_order`.
+        """
+        differentiable = torch.is_grad_enabled()
+        create_graph = differentiable and not self.first_order
+        params = dict(self.model.named_parameters())
+        learnable = [name for name, p in params.items() if p.requires_grad]
+        with torch.enable_grad():
+            adapted = {name: p.expand(len(x), *p.shape) for name, p in params.items()}
+            for _ in range(steps if learnable else 0):
+                # Summed over tasks: each task's copy receives exactly its own task's gradient.
+                grads = torch.autograd.grad(
+                    self._losses(adapted, x, y).sum(),
+                    [adapted[name] for name in learnable],
+                    create_graph=create_graph,
+                    allow_unused=True,
+                )
+                for name, g in zip(learnable, grads):
+                    if g is not None:  # a parameter the model did not use stays as it is
+                        adapted[name] = adapted[name] - self.inner_lr * g
+        if not differentiable:
+            adapted = {name: p.detach() for name, p in adapted.items()}
+        return adapted
+
+    def _losses(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Each task's loss of `params` (leading task dim) on (x, y), shape (tasks,)."""
+        outputs = self._outputs(params, x)
         if self.vectorize:
-            in_dims = (None, None) + (0,) * len(per_task)
-            token = _UNDER_VMAP.set(True)
-            try:
-                return vmap(fn, in_dims=in_dims, randomness="different")(params, buffers, *per_task)
-            finally:
-                _UNDER_VMAP.reset(token)
-        return torch.stack([fn(params, buffers, *tensors) for tensors in zip(*per_task)])
+            return vmap(self.loss)(outputs, y)
+        return torch.stack([self.loss(out, target) for out, target in zip(outputs, y)])
 
-    def _adapt(
-        self,
-        params: Params,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        steps: int,
-        buffers: Params | None = None,
-    ) -> Params:
-        """theta_{s+1} = theta_s - alpha * grad L_support(theta_s), `steps` times."""
-        buffers = dict(self.model.named_buffers()) if buffers is None else buffers
-
-        def support_loss(p: Params) -> torch.Tensor:
-            return self.loss(self._forward(p, buffers, x), y)
-
-        for _ in range(steps):
-            grads = grad(support_loss)(params)
-            if self.first_order:
-                grads = {name: g.detach() for name, g in grads.items()}
-            params = {name: p - self.inner_lr * grads[name] for name, p in params.items()}
-        return params
+    def _outputs(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        """The model's outputs for every task, with task i's inputs x[i] and parameters
+        params[name][i], stacked along a leading task dimension."""
+        buffers = dict(self.model.named_buffers())
+        if self.vectorize:
+            batched = vmap(self._forward, in_dims=(0, None, 0), randomness="different")
+            return batched(params, buffers, x)
+        return torch.stack(
+            [
+                self._forward({name: p[i] for name, p in params.items()}, buffers, x[i])
+                for i in range(len(x))
+            ]
+        )
 
     def _forward(self, params: Params, buffers: Params, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, (params, buffers), (x,))
-
-    def _params(self) -> Params:
-        return dict(self.model.named_parameters())
-
-
-# Set while MAML runs its tasks under vmap, where batch norm must take the composite path.
-_UNDER_VMAP: contextvars.ContextVar[bool] = contextvars.ContextVar("under_vmap", default=False)
 
 
 def use_task_batch_norm(model: nn.Module) -> nn.Module:
     """Make every batch-norm layer of `model` normalise with the current batch's statistics only.
 
-    Running statistics are dropped, as MAML prescribes. Under `vmap` the layers compute batch
-    norm from elementary ops rather than the fused kernel, whose double backward gives wrong
-    second-order gradients there in torch 2.13 (off by ~1e-2 against float64 finite differences,
-    see tests/algorithms/test_maml.py); one task at a time they use the fused kernel, which is
-    exact there and faster.
+    Running statistics are dropped, as MAML prescribes; under `vmap` the batch is one task's,
+    so each task is normalised with its own statistics.
     """
     replace_all_batch_norm_modules_(model)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.forward = types.MethodType(_task_batch_norm, module)
     return model
-
-
-def _task_batch_norm(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
-    if not _UNDER_VMAP.get():
-        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
-    dims = [d for d in range(x.dim()) if d != 1]
-    mean = x.mean(dim=dims, keepdim=True)
-    var = x.var(dim=dims, keepdim=True, unbiased=False)
-    y = (x - mean) * torch.rsqrt(var + self.eps)
-    if self.affine:
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        y = y * self.weight.view(shape) + self.bias.view(shape)
-    return y

@@ -84,5 +84,6 @@ def build_algorithm(config: TrainConfig) -> Algorithm:
         eval_inner_steps=config.eval_inner_steps,
         first_order=config.first_order,
         vectorize=config.vectorize,
+        chunk_size=config.chunk_size,
         loss=loss,
     )
