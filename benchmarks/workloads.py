@@ -34,6 +34,9 @@ class Workload:
     count_flops: bool = False
 
 
+# Finn et al.'s code draws 2K examples per class for Omniglot, K for the inner update and K for
+# the meta-update (main.py: DataGenerator(update_batch_size * 2, ...)): one query per class.
+FINN_OMNIGLOT_QUERIES = 1
 MAML_LIBRARIES = ("fewshot", "learn2learn", "higher")
 CONV_MAML_LIBRARIES = ("fewshot", "fewshot-per-task", "learn2learn", "higher")
 WORKLOADS: dict[str, Workload] = {
@@ -78,39 +81,42 @@ WORKLOADS: dict[str, Workload] = {
         ),
         Workload(
             "omniglot-maml",
-            "Omniglot 5-way 1-shot MAML, 2nd order, 1 step, 32 tasks",
+            "Omniglot 5-way 1-shot 1-query MAML, 2nd order, 1 step, 32 tasks",
             "omniglot-maml",
             CONV_MAML_LIBRARIES,
             "tasks",
             warmup=1,
-            repeats=3,
+            repeats=5,
             steps_per_repeat=2,
             meta_batch=32,
+            queries=FINN_OMNIGLOT_QUERIES,
             count_flops=True,
         ),
         Workload(
             "omniglot-fomaml",
-            "Omniglot 5-way 1-shot first-order MAML, 1 step, 32 tasks",
+            "Omniglot 5-way 1-shot 1-query first-order MAML, 1 step, 32 tasks",
             "omniglot-maml",
             CONV_MAML_LIBRARIES,
             "tasks",
             warmup=1,
-            repeats=3,
+            repeats=5,
             steps_per_repeat=2,
             meta_batch=32,
+            queries=FINN_OMNIGLOT_QUERIES,
             first_order=True,
             count_flops=True,
         ),
         Workload(
             "omniglot-maml-5step",
-            "Omniglot 5-way 1-shot MAML, 2nd order, 5 steps, 32 tasks",
+            "Omniglot 5-way 1-shot 1-query MAML, 2nd order, 5 steps, 32 tasks",
             "omniglot-maml",
             CONV_MAML_LIBRARIES,
             "tasks",
             warmup=1,
-            repeats=3,
+            repeats=5,
             steps_per_repeat=1,
             meta_batch=32,
+            queries=FINN_OMNIGLOT_QUERIES,
             inner_steps=5,
             count_flops=True,
         ),
@@ -151,7 +157,7 @@ WORKLOADS: dict[str, Workload] = {
 
 SAMPLING_LABELS = {"learn2learn": "learn2learn (MetaDataset + TaskDataset)"}
 LIBRARY_LABELS = {
-    "fewshot": "fewshot",
+    "fewshot": "fewshot (as `fewshot train` runs it)",
     "fewshot-per-task": "fewshot, vectorize=False (per task)",
     "fewshot-batched": "fewshot, 32 episodes per call",
     "learn2learn": "learn2learn (per-task loop)",

@@ -66,6 +66,36 @@ def test_every_class_and_every_example_gets_drawn():
     assert len(seen) == 24
 
 
+def ordered_class_pair_counts(sampler, draws, tasks_per_call, generator):
+    counts = torch.zeros(sampler.num_classes, sampler.num_classes)
+    for _ in range(draws // tasks_per_call):
+        tasks = sampler.sample(tasks_per_call, generator)
+        first = tasks.support_x[:, 0, 0].long() - 100  # the class each input records
+        second = tasks.support_x[:, 1, 0].long() - 100
+        counts.index_put_((first, second), torch.ones(len(first)), accumulate=True)
+    return counts
+
+
+@pytest.mark.parametrize(
+    "tasks_per_call",
+    [1, 2, 40],  # one task and a few: n draws kept unless repeated; 40: keys over all classes
+)
+def test_class_draw_is_uniform_over_ordered_pairs_of_distinct_classes(tasks_per_call):
+    """Both ways of drawing classes (rejection of repeated draws, and the largest of random
+    keys) must give every ordered pair of distinct classes the same chance."""
+    inputs, labels = labelled_data(num_classes=12, per_class=2)
+    sampler = TaskSampler(inputs, labels, ways=2, shots=1, queries=1)
+    generator = torch.Generator().manual_seed(0)
+    counts = ordered_class_pair_counts(sampler, 26400, tasks_per_call, generator)
+    off_diagonal = ~torch.eye(12, dtype=torch.bool)
+    assert counts.diagonal().sum() == 0
+    expected = 26400 / 132
+    chi_square = float(((counts[off_diagonal] - expected) ** 2 / expected).sum())
+    # 131 degrees of freedom: mean 131, standard deviation 16.2; a biased draw (e.g. one
+    # class twice as likely) lands far above 131 + 6 * 16.2.
+    assert chi_square < 228
+
+
 def test_unequal_class_sizes_never_draw_beyond_a_class():
     inputs, labels = labelled_data(sizes=[3, 9, 4, 5])
     sampler = TaskSampler(inputs, labels, ways=4, shots=1, queries=2)

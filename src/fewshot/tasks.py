@@ -78,32 +78,72 @@ class TaskSampler:
         self.counts = counts
         self.offsets = torch.cumsum(counts, 0) - counts
         self.ways, self.shots, self.queries = ways, shots, queries
+        # Added to an example's random key: 0 for a class's real examples, 2 (past every key)
+        # for the slots beyond its size, so a smallest-keys draw never picks them. Not needed
+        # where all classes have the same size (Omniglot).
+        self._longest = int(counts.max())
+        slots = torch.arange(self._longest)
+        padding = (slots >= counts.unsqueeze(1)).float().mul_(2.0)
+        self._padding = padding if padding.any() else None
+        # Reorders a task's (class, example) picks so that all support picks come first, then
+        # all query picks, each class-major: the support and query sets are then contiguous
+        # slices of one gather.
+        slot = torch.arange(ways * (shots + queries)).view(ways, shots + queries)
+        self._support_first = torch.cat((slot[:, :shots].flatten(), slot[:, shots:].flatten()))
+        self._support_y = torch.arange(ways).repeat_interleave(shots)
+        self._query_y = torch.arange(ways).repeat_interleave(queries)
 
     @property
     def num_classes(self) -> int:
         return len(self.counts)
 
     def sample(self, num_tasks: int, generator: torch.Generator | None = None) -> Task:
-        """A meta-batch of `num_tasks` episodes, tensors shaped (tasks, ways * shots, ...)."""
+        """A meta-batch of `num_tasks` episodes, tensors shaped (tasks, ways * shots, ...).
+
+        The labels are broadcast views (read-only): clone them before changing them in place.
+        """
+        # Written as few torch calls as possible: at these sizes an episode's cost is the
+        # per-call overhead, not the arithmetic.
         t, n, k, q = num_tasks, self.ways, self.shots, self.queries
-        # The n largest of uniform keys: n distinct classes in random order, in O(classes).
-        keys = torch.rand(t, self.num_classes, generator=generator)
-        classes = keys.topk(n, dim=1, sorted=True).indices
-        counts = self.counts[classes]
-        # Draw k + q distinct examples per class in one vectorised step: random keys, with the
-        # slots beyond a class's size pushed to the end, then the first k + q after sorting.
-        longest = int(self.counts.max())
-        keys = torch.rand(t, n, longest, generator=generator)
-        keys.masked_fill_(torch.arange(longest) >= counts.unsqueeze(-1), 2.0)
-        picks = keys.argsort(dim=-1)[..., : k + q] + self.offsets[classes].unsqueeze(-1)
-        x = _as_float(self.inputs[picks])  # (t, n, k + q, ...)
-        y = torch.arange(n).view(1, n, 1).expand(t, n, k + q)
+        classes = self._draw_classes(t, generator).flatten()
+        # k + q distinct examples of each class: the k + q smallest of random keys over the
+        # class's examples, in random order.
+        keys = torch.rand(t * n, self._longest, generator=generator)
+        if self._padding is not None:
+            keys.add_(self._padding.index_select(0, classes))
+        picks = keys.topk(k + q, dim=1, largest=False).indices
+        picks.add_(self.offsets.index_select(0, classes).unsqueeze(1))
+        picks = picks.view(t, n * (k + q)).index_select(1, self._support_first)
+        x = self.inputs.index_select(0, picks.flatten())
+        x = _as_float(x).view(t, n * (k + q), *self.inputs.shape[1:])
         return Task(
-            support_x=x[:, :, :k].flatten(1, 2),
-            support_y=y[:, :, :k].flatten(1, 2),
-            query_x=x[:, :, k:].flatten(1, 2),
-            query_y=y[:, :, k:].flatten(1, 2),
+            support_x=x[:, : n * k],
+            support_y=self._support_y.expand(t, -1),
+            query_x=x[:, n * k :],
+            query_y=self._query_y.expand(t, -1),
         )
+
+    def _draw_classes(self, t: int, generator: torch.Generator | None) -> torch.Tensor:
+        """n distinct classes per task, in random order, uniformly: shape (t, n).
+
+        Where a repeat is unlikely, n independent uniform draws are kept if no task got a class
+        twice (rejection sampling: given no repeat, they are uniform over distinct n-tuples);
+        otherwise, and where repeats are likely, the n largest of uniform keys over all classes.
+        """
+        n = self.ways
+        if t * n * (n - 1) < self.num_classes // 2:  # repeat probability below about 1/4
+            classes = torch.randint(self.num_classes, (t, n), generator=generator)
+            if not _has_repeat_per_row(classes):
+                return classes
+        keys = torch.rand(t, self.num_classes, generator=generator)
+        return keys.topk(n, dim=1).indices
+
+
+def _has_repeat_per_row(values: torch.Tensor) -> bool:
+    if len(values) == 1:  # one task: a Python set beats a sort at this size
+        return len(set(values[0].tolist())) < values.shape[1]
+    ordered = values.sort(dim=1).values
+    return bool((ordered[:, 1:] == ordered[:, :-1]).any())
 
 
 def stream_generator(purpose: str, seed: int) -> torch.Generator:
@@ -114,5 +154,8 @@ def stream_generator(purpose: str, seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
+_UINT8_SCALE = torch.tensor(255.0)  # float32 0-dim: uint8 / it gives float32 in one call
+
+
 def _as_float(x: torch.Tensor) -> torch.Tensor:
-    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    return torch.div(x, _UINT8_SCALE) if x.dtype == torch.uint8 else x.float()

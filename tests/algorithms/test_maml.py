@@ -243,9 +243,7 @@ def test_chunked_backward_gives_the_meta_loss_gradient(vectorize, chunk_size):
     for use_backward_method in (False, True):
         torch.manual_seed(0)
         model = Conv4(out_features=3, hidden=8, image_size=16)
-        maml = MAML(
-            model, inner_lr=0.4, inner_steps=2, vectorize=vectorize, chunk_size=chunk_size
-        )
+        maml = MAML(model, inner_lr=0.4, inner_steps=2, vectorize=vectorize, chunk_size=chunk_size)
         if use_backward_method:
             loss = maml.backward_meta_loss(tasks)
         else:
