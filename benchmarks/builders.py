@@ -124,7 +124,7 @@ def build_maml(workload: Workload, library: str, device: torch.device) -> Bench:
     model = model.to(device)
     batches = draw_tasks(workload, device)
     if library in ("fewshot", "fewshot-per-task"):
-        # "fewshot": vectorised as `fewshot train` runs it (images on a CPU in chunks of 8 tasks,
+        # "fewshot": vectorised as `fewshot train` runs it (images on a CPU in chunks of 4 tasks,
         # otherwise the whole meta-batch in one pass); "fewshot-per-task": one task at a time.
         whole_batch = workload.kind == "sinusoid" or device.type == "cuda"
         maml = fewshot.MAML(

@@ -173,7 +173,7 @@ def main(debug: bool) -> None:
     default=None,
     type=int,
     help="MAML: tasks per vectorised pass, each back-propagated before the next; memory grows "
-    "with it [default: the whole meta-batch for sinusoid and on a GPU, 8 for images on a CPU].",
+    "with it [default: the whole meta-batch for sinusoid and on a GPU, 4 for images on a CPU].",
 )
 @click.option(
     "--time-limit",
