@@ -65,19 +65,18 @@ def package_version(library: str) -> tuple[str, str]:
     return library, importlib.metadata.version(library)
 
 
-def build(workload: Workload, library: str, device: str) -> Bench:
-    """Set up `library` on `workload`: data, model and optimiser, nothing timed yet."""
+def build(workload: Workload, library: str, device: str, chunk_size: int | None = None) -> Bench:
+    """Set up `library` on `workload`: data, model and optimiser, nothing timed yet.
+
+    `chunk_size` replaces the command line's chunk size in fewshot's vectorised MAML rows.
+    """
     if library not in workload.libraries:
         raise ValueError(f"{workload.name} runs {workload.libraries}, not {library!r}")
     torch.manual_seed(SEED)
     random.seed(SEED)  # learn2learn's samplers draw from Python's `random`
-    builders = {
-        "matmul": build_matmul,
-        "sinusoid": build_maml,
-        "omniglot-maml": build_maml,
-        "protonet": build_protonet,
-        "sampling": build_sampling,
-    }
+    if workload.kind in ("sinusoid", "omniglot-maml"):
+        return build_maml(workload, library, torch.device(device), chunk_size)
+    builders = {"matmul": build_matmul, "protonet": build_protonet, "sampling": build_sampling}
     return builders[workload.kind](workload, library, torch.device(device))
 
 
@@ -114,7 +113,9 @@ def per_task(tasks: Task) -> PerTask:
 # --- MAML ------------------------------------------------------------------------------------
 
 
-def build_maml(workload: Workload, library: str, device: torch.device) -> Bench:
+def build_maml(
+    workload: Workload, library: str, device: torch.device, chunk_size: int | None = None
+) -> Bench:
     """MAML (sinusoid MLP or Omniglot Conv4) with an Adam outer step, in one of three libraries.
 
     The network is built from the same seed in every library, so all start from the same
@@ -126,7 +127,8 @@ def build_maml(workload: Workload, library: str, device: torch.device) -> Bench:
     if library in ("fewshot", "fewshot-per-task"):
         # "fewshot": vectorised as `fewshot train` runs it (images on a CPU in chunks of 4 tasks,
         # otherwise the whole meta-batch in one pass); "fewshot-per-task": one task at a time.
-        whole_batch = workload.kind == "sinusoid" or device.type == "cuda"
+        if chunk_size is None and workload.kind != "sinusoid" and device.type == "cpu":
+            chunk_size = CPU_IMAGE_CHUNK_SIZE
         maml = fewshot.MAML(
             model,
             inner_lr=inner_lr,
@@ -134,7 +136,7 @@ def build_maml(workload: Workload, library: str, device: torch.device) -> Bench:
             first_order=workload.first_order,
             loss=loss_fn,
             vectorize=library == "fewshot",
-            chunk_size=None if whole_batch else CPU_IMAGE_CHUNK_SIZE,
+            chunk_size=chunk_size,
         )
         optimizer = torch.optim.Adam(maml.parameters(), lr=OUTER_LR)
         # backward_meta_loss is what meta_step runs: per task, one task's graph at a time.

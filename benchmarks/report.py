@@ -94,6 +94,8 @@ def conditions(data: dict) -> list[str]:
         "- One fresh process per row; warm-up steps, then the median of timed repeats "
         "(each repeat averages several steps); speed-ups are ratios of medians of this run",
     ]
+    if meta.get("chunk_size") is not None:
+        lines.append(f"- fewshot MAML rows with --chunk-size {meta['chunk_size']}")
     if matmul:
         lines.append(f"- float32 matmul reference: {matmul:.1f} GFLOP/s ({matmul_note(data)})")
     return lines

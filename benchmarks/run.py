@@ -45,7 +45,9 @@ RESULT_PREFIX = "FEWSHOT_BENCH_RESULT "
 # --- child: one (workload, library) per process -------------------------------------------------
 
 
-def run_single(workload_name: str, library: str, device: str, quick: bool) -> dict:
+def run_single(
+    workload_name: str, library: str, device: str, quick: bool, chunk_size: int | None = None
+) -> dict:
     """Build, time and measure one library on one workload in this (fresh) process."""
     import builders
     import torch
@@ -53,7 +55,7 @@ def run_single(workload_name: str, library: str, device: str, quick: bool) -> di
 
     workload = workloads.WORKLOADS[workload_name]
     started = time.perf_counter()
-    bench = builders.build(workload, library, device)
+    bench = builders.build(workload, library, device, chunk_size)
     setup_s = time.perf_counter() - started
     rss_after_setup = current_rss_mib()
     sync = cuda_sync if device == "cuda" else no_sync
@@ -192,6 +194,8 @@ def spawn(python: str, workload: str, library: str, args: argparse.Namespace, en
     """Run one child and return its result, or a record of how it failed."""
     command = [python, str(Path(__file__).resolve()), "--single", workload, "--library", library]
     command += ["--device", args.device] + (["--quick"] if args.quick else [])
+    if args.chunk_size is not None:
+        command += ["--chunk-size", str(args.chunk_size)]
     started = time.perf_counter()
     try:
         proc = subprocess.run(
@@ -270,6 +274,7 @@ def run_all(args: argparse.Namespace) -> dict:
             "malloc": args.malloc,
             "allocator_env_set_for_children": TUNED_MALLOC if args.malloc == "tuned" else {},
             "quick": args.quick,
+            "chunk_size": args.chunk_size,
             "python": args.python,
             "git": git_revision(),
             "command": " ".join(sys.argv),
@@ -307,6 +312,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         + " ".join(f"{k}={v}" for k, v in TUNED_MALLOC.items())
         + " in every child; default: leave them unset",
     )
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        help="tasks per vectorised pass for fewshot's MAML rows, instead of the command line's",
+    )
     parser.add_argument("--workloads", type=lambda s: s.split(","), help="comma-separated subset")
     parser.add_argument("--libraries", type=lambda s: s.split(","), help="comma-separated subset")
     parser.add_argument("--python", default=sys.executable, help="interpreter for the children")
@@ -324,7 +334,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.single:
-        result = run_single(args.single, args.library, args.device, args.quick)
+        result = run_single(args.single, args.library, args.device, args.quick, args.chunk_size)
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return 0
     import report
