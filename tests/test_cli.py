@@ -49,6 +49,7 @@ def test_eval_json_reports_the_protocol(sinusoid_run):
     [
         (["--inner-lr", "-1"], "inner_lr must be positive"),
         (["--meta-batch", "0"], "meta_batch must be positive"),
+        (["--chunk-size", "0"], "chunk_size must be positive"),
         (["--algorithm", "protonet"], "classification method; use --dataset omniglot"),
         (["--dataset", "omniglot", "--data-root", "/nonexistent"], "Pass --download"),
     ],
