@@ -26,7 +26,7 @@ from workloads import Workload
 
 import fewshot
 from fewshot.tasks import Task
-from fewshot.training.config import CPU_IMAGE_CHUNK_SIZE
+from fewshot.training.config import default_chunk_size
 from fewshot.training.loop import meta_step
 
 SEED = 0
@@ -127,8 +127,9 @@ def build_maml(
     if library in ("fewshot", "fewshot-per-task"):
         # "fewshot": vectorised as `fewshot train` runs it (images on a CPU in chunks of 4 tasks,
         # otherwise the whole meta-batch in one pass); "fewshot-per-task": one task at a time.
-        if chunk_size is None and workload.kind != "sinusoid" and device.type == "cpu":
-            chunk_size = CPU_IMAGE_CHUNK_SIZE
+        if chunk_size is None:
+            dataset = "sinusoid" if workload.kind == "sinusoid" else "omniglot"
+            chunk_size = default_chunk_size(dataset, workload.meta_batch, device.type)
         maml = fewshot.MAML(
             model,
             inner_lr=inner_lr,
@@ -139,7 +140,7 @@ def build_maml(
             chunk_size=chunk_size,
         )
         optimizer = torch.optim.Adam(maml.parameters(), lr=OUTER_LR)
-        # backward_meta_loss is what meta_step runs: per task, one task's graph at a time.
+        # backward_meta_loss is what meta_step runs: one chunk's graph at a time.
         check = first_meta_gradient(
             list(maml.parameters()), lambda: maml.backward_meta_loss(batches[0])
         )

@@ -15,7 +15,7 @@ import torch
 
 from fewshot.errors import ConfigError, FewshotError
 from fewshot.training.checkpoint import read_config
-from fewshot.training.config import ALGORITHMS, DATASETS, TrainConfig
+from fewshot.training.config import ALGORITHMS, DATASETS, TrainConfig, default_chunk_size
 from fewshot.training.evaluation import evaluate
 from fewshot.training.loop import load_run, train
 
@@ -254,9 +254,10 @@ def train_command(
     else:
         base = read_config_file(config_file) if config_file else {}
         config = TrainConfig.from_dict({**base, **{k: options[k] for k in given}})
-        if device.startswith("cuda") and config.chunk_size is None:
-            # A GPU has the memory for a whole meta-batch in one pass, and is fastest so.
-            config = dataclasses.replace(config, chunk_size=config.resolved().meta_batch)
+        if config.algorithm == "maml" and config.chunk_size is None:
+            known = config.resolved()
+            chunk_size = default_chunk_size(known.dataset, known.meta_batch, device)
+            config = dataclasses.replace(config, chunk_size=chunk_size)
     resolved = config.resolved()
     set_threads(resolved.dataset, threads)
     algorithm, sources, best = train(

@@ -98,7 +98,8 @@ class TaskSampler:
         return len(self.counts)
 
     def sample(self, num_tasks: int, generator: torch.Generator | None = None) -> Task:
-        """A meta-batch of `num_tasks` episodes, tensors shaped (tasks, ways * shots, ...).
+        """A meta-batch of `num_tasks` episodes: support tensors shaped (tasks, ways * shots,
+        ...), query tensors (tasks, ways * queries, ...).
 
         The labels are broadcast views (read-only): clone them before changing them in place.
         """
@@ -154,7 +155,8 @@ def stream_generator(purpose: str, seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
-_UINT8_SCALE = torch.tensor(255.0)  # float32 0-dim: uint8 / it gives float32 in one call
+# 0-dim float32: uint8 images divided by it become float32 in one call.
+_UINT8_SCALE = torch.tensor(255.0, dtype=torch.float32)
 
 
 def _as_float(x: torch.Tensor) -> torch.Tensor:

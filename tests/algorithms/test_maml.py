@@ -255,10 +255,14 @@ def test_chunked_backward_gives_the_meta_loss_gradient(vectorize, chunk_size):
         torch.testing.assert_close(a, b)
 
 
-def test_frozen_parameters_are_not_adapted():
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_frozen_parameters_are_neither_adapted_nor_meta_learned(vectorize):
     model = small_mlp()
     model[0].weight.requires_grad_(False)
-    maml = MAML(model, inner_lr=0.05, loss=F.mse_loss)
-    adapted = maml.adapt(sinusoid_like_tasks()[0], inner_steps=2)
-    assert torch.equal(adapted["0.weight"], model[0].weight)
-    assert not torch.equal(adapted["0.bias"], model[0].bias)
+    maml = MAML(model, inner_lr=0.05, loss=F.mse_loss, vectorize=vectorize)
+    tasks = sinusoid_like_tasks()
+    adapted = maml._adapt(tasks.support_x, tasks.support_y, steps=2)
+    assert torch.equal(adapted["0.weight"], model[0].weight.expand(len(tasks), -1, -1))
+    assert not torch.equal(adapted["0.bias"], model[0].bias.expand(len(tasks), -1))
+    maml.meta_loss(tasks).backward()
+    assert model[0].weight.grad is None and model[0].bias.grad is not None

@@ -48,11 +48,12 @@ class MAML(Algorithm):
         loss: loss(outputs, targets) with mean reduction; cross-entropy by default.
         vectorize: run the tasks of a meta-batch together under `torch.func.vmap`; otherwise one
             task at a time with plain calls (for models that vmap cannot trace). Both compute
-            the same numbers.
+            the same numbers (up to dropout's random draws, which differ between the two).
         chunk_size: with `vectorize`, how many tasks one vectorised pass takes when training
             (`backward_meta_loss`); each pass is back-propagated before the next starts, so
             peak memory grows with `chunk_size`, not with the meta-batch. None: all at once.
-            Parameters with `requires_grad=False` are not adapted.
+
+    Parameters with `requires_grad=False` stay fixed: neither adapted nor meta-learned.
     """
 
     def __init__(
@@ -102,12 +103,12 @@ class MAML(Algorithm):
         size = (self.chunk_size or len(tasks)) if self.vectorize else 1
         if size >= len(tasks):
             return super().backward_meta_loss(tasks)
-        total = torch.zeros(())
+        total = torch.zeros((), device=tasks.support_x.device)
         for start in range(0, len(tasks), size):
             loss = self._query_losses(tasks[start : start + size]).sum() / len(tasks)
             if torch.isfinite(loss):
                 loss.backward()
-            total = total + loss.detach().cpu()
+            total = total + loss.detach()
         return total
 
     def predict(self, tasks: Task, inner_steps: int | None = None) -> torch.Tensor:

@@ -9,7 +9,7 @@ from fewshot.errors import ConfigError, require_positive
 
 ALGORITHMS = ("maml", "protonet")
 DATASETS = ("sinusoid", "omniglot", "folder")
-CPU_IMAGE_CHUNK_SIZE = 4  # tasks per vectorised MAML pass on images, unless told otherwise
+CPU_IMAGE_CHUNK_SIZE = 4  # tasks per vectorised MAML pass on images on a CPU, unless told
 
 # Settings of the papers: MAML (Finn et al. 2017, sec. 5) and Prototypical Networks (Snell et
 # al. 2017, sec. 3.1, who train Omniglot with 60-way episodes of 5 queries per class).
@@ -52,6 +52,19 @@ PAPER_DEFAULTS[("maml", "folder")] = PAPER_DEFAULTS[("maml", "omniglot")]
 PAPER_DEFAULTS[("protonet", "folder")] = PAPER_DEFAULTS[("protonet", "omniglot")]
 
 
+def default_chunk_size(dataset: str, meta_batch: int, device: str = "cpu") -> int:
+    """Tasks per vectorised MAML pass when the user does not say.
+
+    The whole meta-batch for the small sinusoid MLP and on a GPU (fastest there); chunks of
+    `CPU_IMAGE_CHUNK_SIZE` for images on a CPU: on the benchmark's Omniglot 1-step workload
+    about 10-15% slower than the whole meta-batch, at a third of its peak memory and no more
+    than learn2learn's task loop (docs/performance.md).
+    """
+    if dataset == "sinusoid" or not device.startswith("cpu"):
+        return meta_batch
+    return min(CPU_IMAGE_CHUNK_SIZE, meta_batch)
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a run; `None` means "the paper's default for this method"."""
@@ -72,7 +85,7 @@ class TrainConfig:
     inner_lr: float | None = None
     outer_lr: float | None = None
     first_order: bool = False
-    vectorize: bool = True
+    vectorize: bool | None = True
     chunk_size: int | None = None
     iterations: int | None = None
     val_every: int | None = None
@@ -102,13 +115,10 @@ class TrainConfig:
                 values[name] = value
         values["train_ways"] = values["train_ways"] or values["ways"]
         values["train_queries"] = values["train_queries"] or values["queries"]
-        if values["chunk_size"] is None:
-            # All tasks in one pass for the small sinusoid MLP; chunks of 4 tasks for images on
-            # a CPU, within about 10% of the whole meta-batch's speed there at no more peak
-            # memory than learn2learn's task loop (docs/performance.md). The CLI passes the
-            # whole meta-batch on a GPU.
-            whole = values["dataset"] == "sinusoid"
-            values["chunk_size"] = values["meta_batch"] if whole else CPU_IMAGE_CHUNK_SIZE
+        if values["vectorize"] is None:  # "auto" in config files of earlier versions
+            values["vectorize"] = True
+        if values["algorithm"] == "maml" and values["chunk_size"] is None:
+            values["chunk_size"] = default_chunk_size(values["dataset"], values["meta_batch"])
         if values["inner_steps"] is None:
             values["inner_steps"] = 1
         if values["eval_inner_steps"] is None:
@@ -125,7 +135,6 @@ class TrainConfig:
             train_ways=self.train_ways,
             train_queries=self.train_queries,
             meta_batch=self.meta_batch,
-            chunk_size=self.chunk_size,
             iterations=self.iterations,
             val_every=self.val_every,
             val_episodes=self.val_episodes,
@@ -135,6 +144,8 @@ class TrainConfig:
             outer_lr=self.outer_lr,
             time_limit=self.time_limit if self.time_limit is not None else 1,
         )
+        if self.chunk_size is not None:
+            require_positive(chunk_size=self.chunk_size)
         if self.dataset != "folder" and (self.image_size, self.channels) != (28, 1):
             raise ConfigError("--image-size and --channels apply to --dataset folder only.")
         if self.channels not in (1, 3):
