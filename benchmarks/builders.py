@@ -125,11 +125,13 @@ def build_maml(
     model = model.to(device)
     batches = draw_tasks(workload, device)
     if library in ("fewshot", "fewshot-per-task"):
-        # "fewshot": vectorised as `fewshot train` runs it (images on a CPU in chunks of 4 tasks,
-        # otherwise the whole meta-batch in one pass); "fewshot-per-task": one task at a time.
+        # "fewshot": vectorised with the chunk size `fewshot train` would use (default_chunk_size:
+        # 4 tasks for these Conv4 workloads on a CPU, otherwise the whole meta-batch);
+        # "fewshot-per-task": one task at a time.
         if chunk_size is None:
             dataset = "sinusoid" if workload.kind == "sinusoid" else "omniglot"
-            chunk_size = default_chunk_size(dataset, workload.meta_batch, device.type)
+            examples = workload.ways * (workload.shots + workload.queries)
+            chunk_size = default_chunk_size(dataset, workload.meta_batch, examples, device.type)
         maml = fewshot.MAML(
             model,
             inner_lr=inner_lr,

@@ -23,7 +23,7 @@ from fewshot.training.config import default_chunk_size
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--chunk-size", type=int, default=default_chunk_size("omniglot", 32))
+    parser.add_argument("--chunk-size", type=int, default=default_chunk_size("omniglot", 32, 10))
     parser.add_argument("--steps", type=int, default=3, help="profiled meta-steps")
     parser.add_argument("--rows", type=int, default=14, help="operators to print")
     args = parser.parse_args()

@@ -94,6 +94,11 @@ def conditions(data: dict) -> list[str]:
         "- One fresh process per row; warm-up steps, then the median of timed repeats "
         "(each repeat averages several steps); speed-ups are ratios of medians of this run",
     ]
+    if meta.get("queries") is not None:
+        lines.append(
+            f"- --queries {meta['queries']}: every workload ran with {meta['queries']} queries "
+            "per class (the workload titles name their defaults)"
+        )
     if meta.get("chunk_size") is not None:
         lines.append(f"- fewshot MAML rows with --chunk-size {meta['chunk_size']}")
     if matmul:

@@ -16,6 +16,7 @@ learn2learn and higher; fewshot is imported from src/.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -46,7 +47,12 @@ RESULT_PREFIX = "FEWSHOT_BENCH_RESULT "
 
 
 def run_single(
-    workload_name: str, library: str, device: str, quick: bool, chunk_size: int | None = None
+    workload_name: str,
+    library: str,
+    device: str,
+    quick: bool,
+    chunk_size: int | None = None,
+    queries: int | None = None,
 ) -> dict:
     """Build, time and measure one library on one workload in this (fresh) process."""
     import builders
@@ -54,6 +60,8 @@ def run_single(
     import workloads
 
     workload = workloads.WORKLOADS[workload_name]
+    if queries is not None:
+        workload = dataclasses.replace(workload, queries=queries)
     started = time.perf_counter()
     bench = builders.build(workload, library, device, chunk_size)
     setup_s = time.perf_counter() - started
@@ -196,6 +204,8 @@ def spawn(python: str, workload: str, library: str, args: argparse.Namespace, en
     command += ["--device", args.device] + (["--quick"] if args.quick else [])
     if args.chunk_size is not None:
         command += ["--chunk-size", str(args.chunk_size)]
+    if args.queries is not None:
+        command += ["--queries", str(args.queries)]
     started = time.perf_counter()
     try:
         proc = subprocess.run(
@@ -275,6 +285,7 @@ def run_all(args: argparse.Namespace) -> dict:
             "allocator_env_set_for_children": TUNED_MALLOC if args.malloc == "tuned" else {},
             "quick": args.quick,
             "chunk_size": args.chunk_size,
+            "queries": args.queries,
             "python": args.python,
             "git": git_revision(),
             "command": " ".join(sys.argv),
@@ -317,6 +328,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         help="tasks per vectorised pass for fewshot's MAML rows, instead of the command line's",
     )
+    parser.add_argument(
+        "--queries",
+        type=int,
+        help="queries per class for every selected workload, instead of its paper's",
+    )
     parser.add_argument("--workloads", type=lambda s: s.split(","), help="comma-separated subset")
     parser.add_argument("--libraries", type=lambda s: s.split(","), help="comma-separated subset")
     parser.add_argument("--python", default=sys.executable, help="interpreter for the children")
@@ -334,7 +350,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.single:
-        result = run_single(args.single, args.library, args.device, args.quick, args.chunk_size)
+        result = run_single(
+            args.single, args.library, args.device, args.quick, args.chunk_size, args.queries
+        )
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return 0
     import report

@@ -173,7 +173,8 @@ def main(debug: bool) -> None:
     default=None,
     type=int,
     help="MAML: tasks per vectorised pass, each back-propagated before the next; memory grows "
-    "with it [default: the whole meta-batch for sinusoid and on a GPU, 4 for images on a CPU].",
+    "with it [default: the whole meta-batch for sinusoid and on a GPU; for images on a CPU, "
+    "as many tasks as fit in 40 images, e.g. 4 for 5-way 1-shot 1-query].",
 )
 @click.option(
     "--time-limit",
@@ -256,7 +257,8 @@ def train_command(
         config = TrainConfig.from_dict({**base, **{k: options[k] for k in given}})
         if config.algorithm == "maml" and config.chunk_size is None:
             known = config.resolved()
-            chunk_size = default_chunk_size(known.dataset, known.meta_batch, device)
+            examples = known.train_ways * (known.shots + known.train_queries)
+            chunk_size = default_chunk_size(known.dataset, known.meta_batch, examples, device)
             config = dataclasses.replace(config, chunk_size=chunk_size)
     resolved = config.resolved()
     set_threads(resolved.dataset, threads)

@@ -3,7 +3,7 @@
 import pytest
 
 from fewshot.errors import ConfigError
-from fewshot.training.config import CPU_IMAGE_CHUNK_SIZE, TrainConfig, default_chunk_size
+from fewshot.training.config import TrainConfig, default_chunk_size
 
 
 def test_sinusoid_runs_the_whole_meta_batch_in_one_pass():
@@ -11,15 +11,17 @@ def test_sinusoid_runs_the_whole_meta_batch_in_one_pass():
     assert config.vectorize and config.chunk_size == config.meta_batch == 25
 
 
-def test_images_run_in_cpu_sized_chunks_unless_told():
-    assert TrainConfig(dataset="omniglot").resolved().chunk_size == CPU_IMAGE_CHUNK_SIZE
+def test_images_on_a_cpu_are_vectorised_in_chunks_of_about_40_images_unless_told():
+    one_query = TrainConfig(dataset="omniglot", train_queries=1).resolved()
+    assert one_query.chunk_size == 4  # 10 images a task
+    assert TrainConfig(dataset="omniglot").resolved().chunk_size == 1  # 15 queries: 80 images
     assert TrainConfig(dataset="omniglot", chunk_size=32).resolved().chunk_size == 32
 
 
 def test_config_files_written_before_chunk_size_existed_still_load():
     old = {"algorithm": "maml", "dataset": "omniglot", "vectorize": False}
     config = TrainConfig.from_dict(old).resolved()
-    assert config.vectorize is False and config.chunk_size == CPU_IMAGE_CHUNK_SIZE
+    assert config.vectorize is False and config.chunk_size == 1
 
 
 def test_auto_vectorize_of_earlier_config_files_means_vectorize():
@@ -32,10 +34,11 @@ def test_protonet_gets_no_chunk_size():
 
 
 def test_a_gpu_takes_the_whole_meta_batch_in_one_pass():
-    assert default_chunk_size("omniglot", 32, "cuda") == 32
-    assert default_chunk_size("omniglot", 32, "cuda:1") == 32
-    assert default_chunk_size("omniglot", 32, "cpu") == CPU_IMAGE_CHUNK_SIZE
-    assert default_chunk_size("omniglot", 2, "cpu") == 2
+    assert default_chunk_size("omniglot", 32, 80, "cuda") == 32
+    assert default_chunk_size("omniglot", 32, 80, "cuda:1") == 32
+    assert default_chunk_size("omniglot", 32, 10, "cpu") == 4
+    assert default_chunk_size("omniglot", 2, 10, "cpu") == 2
+    assert default_chunk_size("omniglot", 32, 400, "cpu") == 1
 
 
 def test_non_positive_chunk_size_is_refused():

@@ -9,7 +9,7 @@ from fewshot.errors import ConfigError, require_positive
 
 ALGORITHMS = ("maml", "protonet")
 DATASETS = ("sinusoid", "omniglot", "folder")
-CPU_IMAGE_CHUNK_SIZE = 4  # tasks per vectorised MAML pass on images on a CPU, unless told
+CPU_IMAGES_PER_PASS = 40  # support + query images one vectorised MAML pass takes on a CPU
 
 # Settings of the papers: MAML (Finn et al. 2017, sec. 5) and Prototypical Networks (Snell et
 # al. 2017, sec. 3.1, who train Omniglot with 60-way episodes of 5 queries per class).
@@ -52,17 +52,21 @@ PAPER_DEFAULTS[("maml", "folder")] = PAPER_DEFAULTS[("maml", "omniglot")]
 PAPER_DEFAULTS[("protonet", "folder")] = PAPER_DEFAULTS[("protonet", "omniglot")]
 
 
-def default_chunk_size(dataset: str, meta_batch: int, device: str = "cpu") -> int:
+def default_chunk_size(
+    dataset: str, meta_batch: int, examples_per_task: int, device: str = "cpu"
+) -> int:
     """Tasks per vectorised MAML pass when the user does not say.
 
-    The whole meta-batch for the small sinusoid MLP and on a GPU (fastest there); chunks of
-    `CPU_IMAGE_CHUNK_SIZE` for images on a CPU: on the benchmark's Omniglot 1-step workload
-    about 10-15% slower than the whole meta-batch, at a third of its peak memory and no more
-    than learn2learn's task loop (docs/performance.md).
+    The whole meta-batch for the small sinusoid MLP and on a GPU (fastest there). For images on
+    a CPU, as many tasks as fit in `CPU_IMAGES_PER_PASS` support and query images: vectorising
+    pays off where tasks are small (Finn et al.'s 5-way 1-shot 1-query Omniglot tasks, 10
+    images: chunks of 4 ran ×1.24 faster than one task at a time, 477 MiB against 451), much
+    less where they are large (15 queries per class, 80 images: chunks of 4 ran ×1.10 faster for
+    2.3x the memory); benchmarks/results.md and results-15-queries.md.
     """
     if dataset == "sinusoid" or not device.startswith("cpu"):
         return meta_batch
-    return min(CPU_IMAGE_CHUNK_SIZE, meta_batch)
+    return max(1, min(meta_batch, CPU_IMAGES_PER_PASS // examples_per_task))
 
 
 @dataclass
@@ -118,7 +122,10 @@ class TrainConfig:
         if values["vectorize"] is None:  # "auto" in config files of earlier versions
             values["vectorize"] = True
         if values["algorithm"] == "maml" and values["chunk_size"] is None:
-            values["chunk_size"] = default_chunk_size(values["dataset"], values["meta_batch"])
+            examples = values["train_ways"] * (values["shots"] + values["train_queries"])
+            values["chunk_size"] = default_chunk_size(
+                values["dataset"], values["meta_batch"], examples
+            )
         if values["inner_steps"] is None:
             values["inner_steps"] = 1
         if values["eval_inner_steps"] is None:
