@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 import os
@@ -15,7 +14,7 @@ import torch
 
 from fewshot.errors import ConfigError, FewshotError
 from fewshot.training.checkpoint import read_config
-from fewshot.training.config import ALGORITHMS, DATASETS, TrainConfig, default_chunk_size
+from fewshot.training.config import ALGORITHMS, DATASETS, TrainConfig
 from fewshot.training.evaluation import evaluate
 from fewshot.training.loop import load_run, train
 
@@ -255,12 +254,7 @@ def train_command(
     else:
         base = read_config_file(config_file) if config_file else {}
         config = TrainConfig.from_dict({**base, **{k: options[k] for k in given}})
-        if config.algorithm == "maml" and config.chunk_size is None:
-            known = config.resolved()
-            examples = known.train_ways * (known.shots + known.train_queries)
-            chunk_size = default_chunk_size(known.dataset, known.meta_batch, examples, device)
-            config = dataclasses.replace(config, chunk_size=chunk_size)
-    resolved = config.resolved()
+    resolved = config.resolved(device)
     set_threads(resolved.dataset, threads)
     algorithm, sources, best = train(
         config, out, data_root, download, device, resume=resume is not None

@@ -39,6 +39,7 @@ def test_a_gpu_takes_the_whole_meta_batch_in_one_pass():
     assert default_chunk_size("omniglot", 32, 10, "cpu") == 4
     assert default_chunk_size("omniglot", 2, 10, "cpu") == 2
     assert default_chunk_size("omniglot", 32, 400, "cpu") == 1
+    assert TrainConfig(dataset="omniglot").resolved("cuda").chunk_size == 32
 
 
 def test_non_positive_chunk_size_is_refused():

@@ -98,8 +98,9 @@ class TrainConfig:
     time_limit: float | None = None
     seed: int = 0
 
-    def resolved(self) -> TrainConfig:
-        """A copy with every `None` replaced by its default, checked for consistency."""
+    def resolved(self, device: str = "cpu") -> TrainConfig:
+        """A copy with every `None` replaced by its default for training on `device`, checked
+        for consistency."""
         if self.algorithm not in ALGORITHMS:
             raise ConfigError(
                 f"unknown algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}."
@@ -124,7 +125,7 @@ class TrainConfig:
         if values["algorithm"] == "maml" and values["chunk_size"] is None:
             examples = values["train_ways"] * (values["shots"] + values["train_queries"])
             values["chunk_size"] = default_chunk_size(
-                values["dataset"], values["meta_batch"], examples
+                values["dataset"], values["meta_batch"], examples, device
             )
         if values["inner_steps"] is None:
             values["inner_steps"] = 1

@@ -252,7 +252,7 @@ def train(
         config = checkpoint.read_config(run_dir)
         state = load_state(run_dir / STATE_FILE)
     else:
-        config = config.resolved()
+        config = config.resolved(device)
         if (run_dir / checkpoint.CONFIG_FILE).exists():
             raise ConfigError(
                 f"{run_dir} already holds a run; choose another --out, or continue it with "
