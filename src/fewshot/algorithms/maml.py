@@ -101,8 +101,6 @@ class MAML(Algorithm):
         `meta_loss(tasks).backward()`, in a fraction of the memory.
         """
         size = (self.chunk_size or len(tasks)) if self.vectorize else 1
-        if size >= len(tasks):
-            return super().backward_meta_loss(tasks)
         total = torch.zeros((), device=tasks.support_x.device)
         for start in range(0, len(tasks), size):
             loss = self._query_losses(tasks[start : start + size]).sum() / len(tasks)
