@@ -50,7 +50,8 @@ def test_eval_json_reports_the_protocol(sinusoid_run):
         (["--inner-lr", "-1"], "inner_lr must be positive"),
         (["--meta-batch", "0"], "meta_batch must be positive"),
         (["--chunk-size", "0"], "chunk_size must be positive"),
-        (["--algorithm", "protonet"], "classification method; use --dataset omniglot"),
+        (["--algorithm", "protonet"], "protonet does not handle --dataset sinusoid; use --dataset"),
+        (["--algorithm", "protonet", "--first-order"], "first_order is not a setting of protonet"),
         (["--dataset", "omniglot", "--data-root", "/nonexistent"], "Pass --download"),
     ],
 )
@@ -64,8 +65,8 @@ def test_bad_training_input_is_one_line_and_writes_nothing(tmp_path, args, messa
 
 
 def test_unknown_algorithm_is_refused():
-    result = run("train", "--algorithm", "reptile")
-    assert result.exit_code == 2 and "'reptile' is not one of" in result.output
+    result = run("train", "--algorithm", "reptil")
+    assert result.exit_code == 2 and "'reptil' is not one of" in result.output
 
 
 def test_run_folder_without_checkpoint_is_one_line(tmp_path):
@@ -113,7 +114,7 @@ def test_config_file_with_unknown_keys_is_refused(tmp_path):
     config = tmp_path / "c.json"
     config.write_text('{"inner_lr": 0.02, "inner_rate": 3}')
     result = run("train", "--config", config, "--out", tmp_path / "r")
-    assert result.exit_code == 2 and "unknown configuration keys: inner_rate;" in result.output
+    assert result.exit_code == 2 and "inner_rate is not a setting of maml;" in result.output
     assert result.output.count("\n") == 1 and not (tmp_path / "r").exists()
 
 

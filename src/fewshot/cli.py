@@ -7,14 +7,17 @@ import functools
 import json
 import os
 import sys
+import typing
+from dataclasses import fields
 from pathlib import Path
 
 import click
 import torch
 
+from fewshot.algorithms import METHODS
 from fewshot.errors import ConfigError, FewshotError
 from fewshot.training.checkpoint import read_config
-from fewshot.training.config import ALGORITHMS, DATASETS, TrainConfig
+from fewshot.training.config import DATASETS, TrainConfig
 from fewshot.training.evaluation import evaluate
 from fewshot.training.loop import load_run, train
 
@@ -27,6 +30,7 @@ TUNED_MALLOC = {
     "MALLOC_TOP_PAD_": "1000000000",
 }
 TEST_SEED = 0
+PAPER = "[default: the paper's; `fewshot methods` lists them]"
 
 
 def friendly_errors(command):
@@ -45,10 +49,43 @@ def friendly_errors(command):
     return wrapper
 
 
+def method_options(command):
+    """One option for every setting of every registered method, from its `Settings` field:
+    the type, choices and help text come from the field; the default is the method's."""
+    owners: dict[str, list[str]] = {}
+    first: dict[str, tuple] = {}
+    for method in METHODS.values():
+        hints = typing.get_type_hints(method.settings)
+        for f in fields(method.settings):
+            owners.setdefault(f.name, []).append(method.name)
+            first.setdefault(f.name, (f, hints[f.name]))
+    for name in sorted(owners, reverse=True):
+        f, hint = first[name]
+        kind = next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
+        flag = "--" + name.replace("_", "-")
+        methods = "" if len(owners[name]) == len(METHODS) else f" ({', '.join(owners[name])})"
+        default = PAPER if f.default is None else f"[default: {f.default}]"
+        help_text = f"{f.metadata['help']}{methods} {default}"
+        if kind is bool:
+            option = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
+        else:
+            choices = f.metadata.get("choices")
+            option = click.option(
+                flag,
+                name,
+                default=None,
+                type=click.Choice(choices) if choices else kind,
+                help=help_text,
+            )
+        command = option(command)
+    return command
+
+
 def test_report(algorithm, config, sampler, episodes, seed, inner_steps, device) -> dict:
     """Meta-test results: accuracy at the evaluation steps, or MSE at 0, 1 and 10 steps."""
-    if config.dataset == "sinusoid" and inner_steps is None:
-        steps_to_report = sorted({0, 1, config.eval_inner_steps})
+    eval_steps = getattr(algorithm, "eval_inner_steps", None)
+    if config.dataset == "sinusoid" and inner_steps is None and eval_steps is not None:
+        steps_to_report = sorted({0, 1, eval_steps})
         results = [
             evaluate(algorithm, sampler, episodes, seed, steps, device) for steps in steps_to_report
         ]
@@ -67,6 +104,8 @@ def test_report(algorithm, config, sampler, episodes, seed, inner_steps, device)
         "shots": config.shots,
         "queries": config.queries,
         "seed": seed,
+        "algorithm": config.algorithm,
+        "batch_norm": algorithm.batch_norm,
     }
     return {**report, **episode_settings}
 
@@ -75,12 +114,15 @@ def test_report(algorithm, config, sampler, episodes, seed, inner_steps, device)
 @click.option("--debug", is_flag=True, help="Show full tracebacks for user errors.")
 @click.version_option(package_name="fewshot")
 def main(debug: bool) -> None:
-    """Meta-learning for PyTorch: train MAML or ProtoNet, evaluate few-shot accuracy."""
+    """Meta-learning for PyTorch: meta-train a method, evaluate few-shot accuracy."""
 
 
 @main.command(name="train")
 @click.option(
-    "--algorithm", default="maml", type=click.Choice(ALGORITHMS), help="Meta-learning method."
+    "--algorithm",
+    default="maml",
+    type=click.Choice(list(METHODS)),
+    help="Meta-learning method (`fewshot methods` lists them with their settings).",
 )
 @click.option(
     "--dataset",
@@ -116,82 +158,35 @@ def main(debug: bool) -> None:
     help="1: grayscale, 3: RGB (folder dataset).",
 )
 @click.option("--ways", default=5, type=int, help="N: classes per episode (evaluation episodes).")
-@click.option(
-    "--shots",
-    default=None,
-    type=int,
-    help="K: support examples per class [default: 1 Omniglot, 10 sinusoid].",
-)
-@click.option(
-    "--queries",
-    default=None,
-    type=int,
-    help="Q: query examples per class [default: 15 Omniglot, 10 sinusoid].",
-)
+@click.option("--shots", default=None, type=int, help=f"K: support examples per class {PAPER}.")
+@click.option("--queries", default=None, type=int, help=f"Q: query examples per class {PAPER}.")
 @click.option(
     "--train-ways",
     default=None,
     type=int,
-    help="Classes per training episode [default: 60 ProtoNet, else --ways].",
+    help=f"Classes per training episode {PAPER}, else --ways.",
 )
 @click.option(
     "--train-queries",
     default=None,
     type=int,
-    help="Queries per class in training episodes [default: 5 ProtoNet, else --queries].",
+    help=f"Queries per class in training episodes {PAPER}, else --queries.",
 )
-@click.option(
-    "--meta-batch",
-    default=None,
-    type=int,
-    help="Tasks per outer update [default: 32 Omniglot MAML, 25 sinusoid, 1 ProtoNet].",
-)
-@click.option("--inner-steps", default=None, type=int, help="MAML inner steps in training [1].")
-@click.option(
-    "--eval-inner-steps",
-    default=None,
-    type=int,
-    help="MAML inner steps at evaluation [default: 3 Omniglot, 10 sinusoid].",
-)
-@click.option(
-    "--inner-lr",
-    default=None,
-    type=float,
-    help="MAML inner step size alpha [default: 0.4 Omniglot, 0.01 sinusoid].",
-)
-@click.option("--outer-lr", default=None, type=float, help="Adam learning rate beta [1e-3].")
-@click.option("--first-order", is_flag=True, help="First-order MAML (no second-order term).")
-@click.option(
-    "--vectorize/--no-vectorize",
-    default=None,
-    help="MAML: run the tasks of a meta-batch together under torch.func.vmap, or one at a "
-    "time for models vmap cannot trace [default: vectorize].",
-)
-@click.option(
-    "--chunk-size",
-    default=None,
-    type=int,
-    help="MAML: tasks per vectorised pass, each back-propagated before the next; memory grows "
-    "with it [default: the whole meta-batch for sinusoid and on a GPU; for images on a CPU, "
-    "as many tasks as fit in 40 images, e.g. 4 for 5-way 1-shot 1-query].",
-)
+@click.option("--meta-batch", default=None, type=int, help=f"Tasks per outer update {PAPER}.")
+@click.option("--outer-lr", default=None, type=float, help="Outer learning rate (beta).")
+@method_options
 @click.option(
     "--time-limit",
     default=None,
     type=float,
     help="Stop (validating and checkpointing first) after this many minutes of training.",
 )
-@click.option(
-    "--iterations",
-    default=None,
-    type=int,
-    help="Outer updates [default: 60000 MAML Omniglot, 20000 ProtoNet, 8000 sinusoid].",
-)
+@click.option("--iterations", default=None, type=int, help=f"Outer updates {PAPER}.")
 @click.option(
     "--val-every",
     default=None,
     type=int,
-    help="Validate (and keep the best checkpoint) every this many iterations.",
+    help=f"Validate (and keep the best checkpoint) every this many iterations {PAPER}.",
 )
 @click.option("--val-episodes", default=200, type=int, help="Episodes per validation.")
 @click.option(
@@ -326,8 +321,46 @@ def eval_command(run_dir, data_root, download, episodes, inner_steps, seed, devi
     if as_json:
         click.echo(json.dumps(report))
     else:
+        click.echo(f"{config.algorithm}, batch norm: {BATCH_NORM_NOTES[algorithm.batch_norm]}")
         for line in lines:
             click.echo(f"meta-test {line}")
+
+
+BATCH_NORM_NOTES = {
+    "transductive": "transductive (an episode's queries are normalised together)",
+    "inductive": "inductive (no query's prediction depends on another query)",
+}
+
+
+@main.command(name="methods")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def methods_command(as_json):
+    """List every method with its paper, batch-norm policy, settings and paper defaults."""
+    listing = {name: describe_method(method) for name, method in METHODS.items()}
+    if as_json:
+        click.echo(json.dumps(listing, indent=2))
+        return
+    for name, entry in listing.items():
+        click.echo(f"{name}  (fewshot.{entry['class']})")
+        click.echo(f"  paper: {entry['paper']}")
+        click.echo(f"  batch norm: {entry['batch_norm']}")
+        for dataset, values in entry["defaults"].items():
+            shown = ", ".join(f"{k}={v}" for k, v in values.items())
+            click.echo(f"  {dataset} defaults: {shown}")
+        click.echo(
+            f"  settings: {', '.join('--' + k.replace('_', '-') for k in entry['settings'])}"
+        )
+        click.echo("")
+
+
+def describe_method(method) -> dict:
+    return {
+        "class": method.algorithm.__name__,
+        "paper": method.paper,
+        "batch_norm": method.batch_norm,
+        "settings": {f.name: f.metadata["help"] for f in fields(method.settings)},
+        "defaults": method.defaults,
+    }
 
 
 def run() -> None:

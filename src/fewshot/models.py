@@ -58,3 +58,27 @@ class SinusoidMLP(nn.Sequential):
             nn.ReLU(),
             nn.Linear(hidden, 1),
         )
+
+
+def default_model(
+    dataset: str,
+    ways: int | None,
+    channels: int = 1,
+    image_size: int = 28,
+    track_running_stats: bool = False,
+) -> nn.Module:
+    """The literature's network for a dataset: the sinusoid MLP, or Conv4 for images (with a
+    `ways`-way linear head, or none for `ways=None`: an embedding network)."""
+    if dataset == "sinusoid":
+        return SinusoidMLP()
+    return Conv4(channels, ways, image_size=image_size, track_running_stats=track_running_stats)
+
+
+def body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """Split a network into its body (feature extractor) and its final layer, for methods that
+    adapt only the head: Conv4's `features` and `head`, or a Sequential's last layer."""
+    if isinstance(model, Conv4):
+        return model.features, model.head
+    if isinstance(model, nn.Sequential) and len(model) > 1:
+        return model[:-1], model[-1]
+    raise TypeError(f"cannot tell the head of a {type(model).__name__}; pass body and head.")

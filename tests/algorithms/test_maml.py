@@ -60,8 +60,9 @@ def test_meta_gradient_matches_closed_form_for_linear_regression(steps, first_or
         vectorize=vectorize,
     )
     maml.meta_loss(tasks).backward()
-    expected = closed_form_meta_gradient(model.weight.detach().T, tasks, 0.05, steps, first_order)
-    torch.testing.assert_close(model.weight.grad.T, expected, rtol=1e-10, atol=1e-12)
+    weight = maml.model.weight
+    expected = closed_form_meta_gradient(weight.detach().T, tasks, 0.05, steps, first_order)
+    torch.testing.assert_close(weight.grad.T, expected, rtol=1e-10, atol=1e-12)
 
 
 def small_mlp(seed=0) -> nn.Module:
@@ -103,9 +104,9 @@ def test_second_order_meta_gradient_matches_finite_differences(steps, vectorize)
     maml.meta_loss(tasks).backward()
     with torch.no_grad():
         expected = finite_difference_gradient(
-            lambda: maml.meta_loss(tasks), list(model.parameters())
+            lambda: maml.meta_loss(tasks), list(maml.model.parameters())
         )
-    for p, e in zip(model.parameters(), expected):
+    for p, e in zip(maml.model.parameters(), expected):
         torch.testing.assert_close(p.grad, e, rtol=1e-6, atol=1e-8)
 
 
@@ -115,11 +116,11 @@ def test_first_order_drops_exactly_the_second_order_term():
     tasks = sinusoid_like_tasks()
     grads = {}
     for first_order in (True, False):
-        model = small_mlp()
-        MAML(
-            model, inner_lr=0.1, inner_steps=1, first_order=first_order, loss=F.mse_loss
-        ).meta_loss(tasks).backward()
-        grads[first_order] = [p.grad.clone() for p in model.parameters()]
+        maml = MAML(
+            small_mlp(), inner_lr=0.1, inner_steps=1, first_order=first_order, loss=F.mse_loss
+        )
+        maml.meta_loss(tasks).backward()
+        grads[first_order] = [p.grad.clone() for p in maml.model.parameters()]
 
     # Independent first-order computation: adapt with plain autograd, then differentiate the
     # query loss with respect to the adapted parameters.
@@ -168,7 +169,7 @@ def test_vectorized_and_per_task_paths_agree_on_conv4_with_batch_norm():
         results.append(
             (
                 loss.detach(),
-                [p.grad for p in model.parameters()],
+                [p.grad for p in maml.model.parameters()],
                 maml.predict(tasks, inner_steps=3),
             )
         )
@@ -189,27 +190,33 @@ def test_batch_norm_uses_each_tasks_own_statistics():
     torch.testing.assert_close(together[1:2], alone)
 
 
-def test_user_model_with_running_statistics_works_and_keeps_none():
+def test_user_model_with_running_statistics_is_left_unchanged_by_wrapping_and_training():
     model = nn.Sequential(
         nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3)
     )
     model(torch.zeros(1, 1, 16, 16))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     maml = MAML(model)
     maml.meta_loss(conv_tasks()).backward()
-    assert model[1].running_mean is None
-    assert all(p.grad is not None for p in model.parameters())
+    maml.predict(conv_tasks())
+    assert model[1].running_mean is not None and model[1].track_running_stats
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert all(p.grad is None for p in model.parameters())
+    assert maml.model[1].running_mean is None  # the copy normalises with batch statistics
+    assert all(p.grad is not None for p in maml.model.parameters())
 
 
-def test_adapt_returns_parameters_that_lower_the_support_loss():
-    model = small_mlp()
-    maml = MAML(model, inner_lr=0.05, loss=F.mse_loss)
-    task = sinusoid_like_tasks()[0]
-    before = F.mse_loss(model(task.support_x), task.support_y)
-    adapted = maml.adapt(task, inner_steps=5)
-    after = F.mse_loss(
-        torch.func.functional_call(model, adapted, (task.support_x,)), task.support_y
-    )
+def test_adapt_returns_a_predictor_whose_parameters_lower_the_support_loss():
+    maml = MAML(small_mlp(), inner_lr=0.05, loss=F.mse_loss)
+    tasks = sinusoid_like_tasks()[:1]
+    before = F.mse_loss(maml.model(tasks.support_x[0]), tasks.support_y[0])
+    predictor = maml.adapt(tasks.support_x, tasks.support_y, inner_steps=5)
+    after = F.mse_loss(predictor(tasks.support_x)[0], tasks.support_y[0])
+    adapted = {name: p[0] for name, p in predictor.params.items()}
+    direct = torch.func.functional_call(maml.model, adapted, (tasks.support_x[0],))
     assert after < before
+    torch.testing.assert_close(predictor(tasks.support_x)[0], direct)
 
 
 @pytest.mark.parametrize("vectorize", [True, False])
@@ -227,7 +234,7 @@ def test_second_order_meta_gradient_through_batch_norm_matches_finite_difference
     )
     maml = MAML(model, inner_lr=0.4, inner_steps=1, vectorize=vectorize)
     maml.meta_loss(tasks).backward()
-    first, second = list(model.parameters())[:3:2]  # conv weight, batch-norm weight
+    first, second = list(maml.model.parameters())[:3:2]  # conv weight, batch-norm weight
     with torch.no_grad():
         expected = finite_difference_gradient(lambda: maml.meta_loss(tasks), [first, second])
     torch.testing.assert_close(first.grad, expected[0], rtol=1e-6, atol=1e-8)
@@ -245,11 +252,12 @@ def test_chunked_backward_gives_the_meta_loss_gradient(vectorize, chunk_size):
         model = Conv4(out_features=3, hidden=8, image_size=16)
         maml = MAML(model, inner_lr=0.4, inner_steps=2, vectorize=vectorize, chunk_size=chunk_size)
         if use_backward_method:
-            loss = maml.backward_meta_loss(tasks)
+            loss = torch.tensor(maml.training_step(tasks)["loss"])
         else:
             loss = maml.meta_loss(tasks)
             loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+            loss = loss.detach()
+        results.append((loss, [p.grad.clone() for p in maml.model.parameters()]))
     torch.testing.assert_close(results[0][0], results[1][0])
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b)
@@ -261,8 +269,9 @@ def test_frozen_parameters_are_neither_adapted_nor_meta_learned(vectorize):
     model[0].weight.requires_grad_(False)
     maml = MAML(model, inner_lr=0.05, loss=F.mse_loss, vectorize=vectorize)
     tasks = sinusoid_like_tasks()
-    adapted = maml._adapt(tasks.support_x, tasks.support_y, steps=2)
-    assert torch.equal(adapted["0.weight"], model[0].weight.expand(len(tasks), -1, -1))
-    assert not torch.equal(adapted["0.bias"], model[0].bias.expand(len(tasks), -1))
+    adapted = maml.trajectory(tasks.support_x, tasks.support_y, steps=2).params[-1]
+    first = maml.model[0]
+    assert torch.equal(adapted["0.weight"], first.weight.expand(len(tasks), -1, -1))
+    assert not torch.equal(adapted["0.bias"], first.bias.expand(len(tasks), -1))
     maml.meta_loss(tasks).backward()
-    assert model[0].weight.grad is None and model[0].bias.grad is not None
+    assert first.weight.grad is None and first.bias.grad is not None

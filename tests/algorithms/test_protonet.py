@@ -48,7 +48,7 @@ def test_meta_gradient_matches_finite_differences():
     net = ProtoNet(encoder)
     net.meta_loss(tasks).backward()
     eps = 1e-6
-    for p in encoder.parameters():
+    for p in net.encoder.parameters():
         flat = p.data.view(-1)
         for i in range(flat.numel()):
             original = flat[i].item()

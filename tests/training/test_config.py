@@ -3,34 +3,43 @@
 import pytest
 
 from fewshot.errors import ConfigError
-from fewshot.training.config import TrainConfig, default_chunk_size
+from fewshot.algorithms.registry import default_chunk_size
+from fewshot.training.config import TrainConfig
 
 
 def test_sinusoid_runs_the_whole_meta_batch_in_one_pass():
     config = TrainConfig(algorithm="maml", dataset="sinusoid").resolved()
-    assert config.vectorize and config.chunk_size == config.meta_batch == 25
+    assert config.settings.vectorize and config.settings.chunk_size == config.meta_batch == 25
 
 
 def test_images_on_a_cpu_are_vectorised_in_chunks_of_about_40_images_unless_told():
     one_query = TrainConfig(dataset="omniglot", train_queries=1).resolved()
-    assert one_query.chunk_size == 4  # 10 images a task
-    assert TrainConfig(dataset="omniglot").resolved().chunk_size == 1  # 15 queries: 80 images
-    assert TrainConfig(dataset="omniglot", chunk_size=32).resolved().chunk_size == 32
+    assert one_query.settings.chunk_size == 4  # 10 images a task
+    assert (
+        TrainConfig(dataset="omniglot").resolved().settings.chunk_size == 1
+    )  # 15 queries: 80 images
+    assert (
+        TrainConfig(dataset="omniglot", settings={"chunk_size": 32}).resolved().settings.chunk_size
+        == 32
+    )
 
 
 def test_config_files_written_before_chunk_size_existed_still_load():
     old = {"algorithm": "maml", "dataset": "omniglot", "vectorize": False}
     config = TrainConfig.from_dict(old).resolved()
-    assert config.vectorize is False and config.chunk_size == 1
+    assert config.settings.vectorize is False and config.settings.chunk_size == 1
 
 
 def test_auto_vectorize_of_earlier_config_files_means_vectorize():
     config = TrainConfig.from_dict({"dataset": "sinusoid", "vectorize": None}).resolved()
-    assert config.vectorize is True
+    assert config.settings.vectorize is True
 
 
-def test_protonet_gets_no_chunk_size():
-    assert TrainConfig(algorithm="protonet", dataset="omniglot").resolved().chunk_size is None
+def test_protonet_has_no_inner_loop_settings():
+    config = TrainConfig(algorithm="protonet", dataset="omniglot").resolved()
+    assert not hasattr(config.settings, "chunk_size")
+    with pytest.raises(ConfigError, match="chunk_size is not a setting of protonet"):
+        TrainConfig(algorithm="protonet", settings={"chunk_size": 2})
 
 
 def test_a_gpu_takes_the_whole_meta_batch_in_one_pass():
@@ -39,9 +48,9 @@ def test_a_gpu_takes_the_whole_meta_batch_in_one_pass():
     assert default_chunk_size("omniglot", 32, 10, "cpu") == 4
     assert default_chunk_size("omniglot", 2, 10, "cpu") == 2
     assert default_chunk_size("omniglot", 32, 400, "cpu") == 1
-    assert TrainConfig(dataset="omniglot").resolved("cuda").chunk_size == 32
+    assert TrainConfig(dataset="omniglot").resolved("cuda").settings.chunk_size == 32
 
 
 def test_non_positive_chunk_size_is_refused():
     with pytest.raises(ConfigError, match="chunk_size must be positive"):
-        TrainConfig(dataset="omniglot", chunk_size=0).resolved()
+        TrainConfig(dataset="omniglot", settings={"chunk_size": 0}).resolved()

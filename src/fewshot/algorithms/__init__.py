@@ -1,7 +1,30 @@
-"""Meta-learning methods; each is an `Algorithm` with `meta_loss` and `predict`."""
+"""Meta-learning methods. Each module defines one method and registers it (`registry`); the
+imports below are the registrations."""
 
-from fewshot.algorithms.base import Algorithm
+from fewshot.algorithms.anil import ANIL
+from fewshot.algorithms.base import Algorithm, Predictor
+from fewshot.algorithms.gradient import GradientLearner, current_inner_step
 from fewshot.algorithms.maml import MAML
+from fewshot.algorithms.metasgd import MetaSGD
+from fewshot.algorithms.metric import MetricLearner
 from fewshot.algorithms.protonet import ProtoNet
+from fewshot.algorithms.registry import METHODS, Method, Settings, get_method, register
+from fewshot.algorithms.reptile import Reptile
 
-__all__ = ["Algorithm", "MAML", "ProtoNet"]
+__all__ = [
+    "ANIL",
+    "METHODS",
+    "MAML",
+    "Algorithm",
+    "GradientLearner",
+    "Method",
+    "MetaSGD",
+    "MetricLearner",
+    "Predictor",
+    "ProtoNet",
+    "Reptile",
+    "Settings",
+    "current_inner_step",
+    "get_method",
+    "register",
+]

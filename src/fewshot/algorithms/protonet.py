@@ -8,38 +8,22 @@ classified by a softmax over negative squared Euclidean distances,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from fewshot.algorithms.base import Algorithm
-from fewshot.tasks import Task
+from fewshot.algorithms.metric import MetricLearner
+from fewshot.algorithms.registry import Method, Problem, Settings, register
+from fewshot.models import default_model
 
 
-class ProtoNet(Algorithm):
-    """Prototypical Networks around any embedding network `encoder`."""
+class ProtoNet(MetricLearner):
+    """Prototypical Networks around any embedding network `encoder` (embeddings are flattened)."""
 
-    def __init__(self, encoder: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-
-    def meta_loss(self, tasks: Task) -> torch.Tensor:
-        logits = self.predict(tasks)
-        return F.cross_entropy(logits.flatten(0, 1), tasks.query_y.flatten())
-
-    def predict(self, tasks: Task, inner_steps: int | None = None) -> torch.Tensor:
-        support, query = self._embed(tasks.support_x, tasks.query_x)
-        prototypes = class_means(support, tasks.support_y)
-        return -squared_distances(query, prototypes)
-
-    def _embed(self, support_x: torch.Tensor, query_x: torch.Tensor):
-        # One pass over support and query keeps batch-norm statistics shared between them.
-        tasks, n_support = support_x.shape[:2]
-        z = self.encoder(torch.cat([support_x.flatten(0, 1), query_x.flatten(0, 1)]))
-        z = z.flatten(1)
-        return z[: tasks * n_support].unflatten(0, (tasks, n_support)), z[
-            tasks * n_support :
-        ].unflatten(0, (tasks, -1))
+    def score(self, support_z, support_y, query_z):
+        prototypes = class_means(support_z.flatten(2), support_y)
+        return -squared_distances(query_z.flatten(2), prototypes)
 
 
 def class_means(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -51,3 +35,41 @@ def class_means(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def squared_distances(query: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """||q - c||^2 for every query and prototype: (tasks, q, d), (tasks, k, d) -> (tasks, q, k)."""
     return (query.unsqueeze(2) - prototypes.unsqueeze(1)).pow(2).sum(-1)
+
+
+@dataclass
+class ProtoNetSettings(Settings):
+    pass
+
+
+def build(settings: ProtoNetSettings, problem: Problem) -> ProtoNet:
+    encoder = default_model(
+        problem.dataset, None, problem.channels, problem.image_size, track_running_stats=True
+    )
+    return ProtoNet(encoder, batch_norm=settings.batch_norm)
+
+
+# Snell et al. 2017, sec. 3.1: Omniglot trained with 60-way episodes of 5 queries per class,
+# Adam 1e-3; evaluation with running batch-norm statistics (their code calls model.eval()).
+register(
+    Method(
+        name="protonet",
+        algorithm=ProtoNet,
+        settings=ProtoNetSettings,
+        paper="Snell, Swersky & Zemel 2017, Prototypical Networks for Few-shot Learning (NeurIPS)",
+        build=build,
+        batch_norm="inductive",
+        defaults={
+            "omniglot": dict(
+                shots=1,
+                queries=15,
+                train_ways=60,
+                train_queries=5,
+                meta_batch=1,
+                outer_lr=1e-3,
+                iterations=20000,
+                val_every=500,
+            ),
+        },
+    )
+)

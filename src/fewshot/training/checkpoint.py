@@ -6,6 +6,7 @@ Nothing here unpickles: loading a run folder can never run code.
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -13,15 +14,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import fewshot
+from fewshot.algorithms.registry import get_method
 from fewshot.errors import CheckpointError, ConfigError
 from fewshot.files import atomic_write
-from fewshot.training.config import TrainConfig
+from fewshot.training.config import TrainConfig, run_setting_names
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 BEST_WEIGHTS = "model.safetensors"
 LAST_WEIGHTS = "last.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: every method's settings in one flat list, whichever the method
 
 
 def write_config(run_dir: Path, config: TrainConfig) -> None:
@@ -38,16 +40,26 @@ def read_config(run_dir: Path) -> TrainConfig:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path} is not valid JSON ({error}).") from None
-    if not isinstance(document, dict) or document.pop("format", None) != FORMAT_VERSION:
+    version = document.pop("format", None) if isinstance(document, dict) else None
+    if version not in (1, FORMAT_VERSION):
         raise CheckpointError(
-            f"{path} was written by an incompatible fewshot version; this one reads format "
-            f"{FORMAT_VERSION}."
+            f"{path} was written by an incompatible fewshot version; this one reads formats 1 "
+            f"and {FORMAT_VERSION}."
         )
     document.pop("fewshot", None)
     try:
+        if version == 1:
+            document = _settings_of_its_method(document)
         return TrainConfig.from_dict(document).resolved()
     except ConfigError as error:
         raise CheckpointError(f"{path}: {error}") from None
+
+
+def _settings_of_its_method(document: dict) -> dict:
+    """A format-1 document without the settings of methods other than its own."""
+    method = get_method(document.get("algorithm", "maml"))
+    keep = set(run_setting_names()) | {f.name for f in fields(method.settings)}
+    return {k: v for k, v in document.items() if k in keep}
 
 
 def save_weights(module: torch.nn.Module, path: Path) -> None:

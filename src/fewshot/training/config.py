@@ -1,77 +1,30 @@
-"""The configuration of a training run, with the papers' defaults per method and dataset."""
+"""The configuration of a training run: the run's own settings and the method's.
+
+The run's settings (dataset, episode shape, meta-batch, outer learning rate, iterations, ...)
+are fields here; the method's are its registered `Settings` dataclass (`fewshot.algorithms.
+registry`). `None` means "the paper's default": each method declares its papers' values per
+dataset, so nothing here knows a method by name.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import Any
 
+from fewshot.algorithms.registry import Problem, Settings, get_method
 from fewshot.errors import ConfigError, require_positive
 
-ALGORITHMS = ("maml", "protonet")
 DATASETS = ("sinusoid", "omniglot", "folder")
-CPU_IMAGES_PER_PASS = 40  # support + query images one vectorised MAML pass takes on a CPU
-
-# Settings of the papers: MAML (Finn et al. 2017, sec. 5) and Prototypical Networks (Snell et
-# al. 2017, sec. 3.1, who train Omniglot with 60-way episodes of 5 queries per class).
-PAPER_DEFAULTS: dict[tuple[str, str], dict] = {
-    ("maml", "sinusoid"): dict(
-        shots=10,
-        queries=10,
-        meta_batch=25,
-        inner_lr=0.01,
-        inner_steps=1,
-        eval_inner_steps=10,
-        outer_lr=1e-3,
-        iterations=8000,
-        val_every=2000,
-    ),
-    ("maml", "omniglot"): dict(
-        shots=1,
-        queries=15,
-        meta_batch=32,
-        inner_lr=0.4,
-        inner_steps=1,
-        eval_inner_steps=3,
-        outer_lr=1e-3,
-        iterations=60000,
-        val_every=500,
-    ),
-    ("protonet", "omniglot"): dict(
-        shots=1,
-        queries=15,
-        train_ways=60,
-        train_queries=5,
-        meta_batch=1,
-        outer_lr=1e-3,
-        iterations=20000,
-        val_every=500,
-    ),
-}
-# A user's image folder gets the Omniglot settings.
-PAPER_DEFAULTS[("maml", "folder")] = PAPER_DEFAULTS[("maml", "omniglot")]
-PAPER_DEFAULTS[("protonet", "folder")] = PAPER_DEFAULTS[("protonet", "omniglot")]
-
-
-def default_chunk_size(
-    dataset: str, meta_batch: int, examples_per_task: int, device: str = "cpu"
-) -> int:
-    """Tasks per vectorised MAML pass when the user does not say.
-
-    The whole meta-batch for the small sinusoid MLP and on a GPU (fastest there). For images on
-    a CPU, as many tasks as fit in `CPU_IMAGES_PER_PASS` support and query images: vectorising
-    pays off where tasks are small (Finn et al.'s 5-way 1-shot 1-query Omniglot tasks, 10
-    images: chunks of 4 ran ×1.24 faster than one task at a time, 477 MiB against 451), much
-    less where they are large (15 queries per class, 80 images: chunks of 4 ran ×1.10 faster for
-    2.3x the memory); benchmarks/results.md and results-15-queries.md.
-    """
-    if dataset == "sinusoid" or not device.startswith("cpu"):
-        return meta_batch
-    return max(1, min(meta_batch, CPU_IMAGES_PER_PASS // examples_per_task))
 
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a run; `None` means "the paper's default for this method"."""
+    """Everything that defines a run; `None` means "the paper's default for this method".
+
+    `settings` holds the method's own settings: a dict of the ones given (before `resolved`)
+    or the method's `Settings` dataclass (after).
+    """
 
     algorithm: str = "maml"
     dataset: str = "sinusoid"
@@ -84,56 +37,50 @@ class TrainConfig:
     train_ways: int | None = None
     train_queries: int | None = None
     meta_batch: int | None = None
-    inner_steps: int | None = None
-    eval_inner_steps: int | None = None
-    inner_lr: float | None = None
     outer_lr: float | None = None
-    first_order: bool = False
-    vectorize: bool | None = True
-    chunk_size: int | None = None
     iterations: int | None = None
     val_every: int | None = None
     val_episodes: int = 200
     checkpoint_every: int = 100
     time_limit: float | None = None
     seed: int = 0
+    settings: Any = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.settings, dict):
+            method = get_method(self.algorithm)
+            self.settings = _settings_from_dict(method.name, method.settings, self.settings)
+
+    @property
+    def problem(self) -> Problem:
+        return Problem(self.dataset, self.ways, self.channels, self.image_size)
 
     def resolved(self, device: str = "cpu") -> TrainConfig:
         """A copy with every `None` replaced by its default for training on `device`, checked
         for consistency."""
-        if self.algorithm not in ALGORITHMS:
-            raise ConfigError(
-                f"unknown algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}."
-            )
+        method = get_method(self.algorithm)
         if self.dataset not in DATASETS:
             raise ConfigError(
                 f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}."
             )
-        defaults = PAPER_DEFAULTS.get((self.algorithm, self.dataset))
-        if defaults is None:
-            raise ConfigError(
-                f"{self.algorithm} is a classification method; use --dataset omniglot or folder."
-            )
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name, value in defaults.items():
-            if values[name] is None:
-                values[name] = value
+        defaults = method.defaults_for(self.dataset)
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "settings"}
+        for name in values:
+            if values[name] is None and name in defaults:
+                values[name] = defaults[name]
         values["train_ways"] = values["train_ways"] or values["ways"]
         values["train_queries"] = values["train_queries"] or values["queries"]
-        if values["vectorize"] is None:  # "auto" in config files of earlier versions
-            values["vectorize"] = True
-        if values["algorithm"] == "maml" and values["chunk_size"] is None:
-            examples = values["train_ways"] * (values["shots"] + values["train_queries"])
-            values["chunk_size"] = default_chunk_size(
-                values["dataset"], values["meta_batch"], examples, device
-            )
-        if values["inner_steps"] is None:
-            values["inner_steps"] = 1
-        if values["eval_inner_steps"] is None:
-            values["eval_inner_steps"] = values["inner_steps"]
-        config = TrainConfig(**values)
-        config.check()
-        return config
+        settings = dataclasses.asdict(self.settings)
+        for name, value in settings.items():
+            if value is None and name in defaults:
+                settings[name] = defaults[name]
+        if settings["batch_norm"] is None:
+            settings["batch_norm"] = method.batch_norm
+        run = TrainConfig(**values, settings=method.settings(**settings))
+        run.check()
+        run.settings = run.settings.resolve(run, device)
+        run.settings.check(run)
+        return run
 
     def check(self) -> None:
         require_positive(
@@ -152,8 +99,6 @@ class TrainConfig:
             outer_lr=self.outer_lr,
             time_limit=self.time_limit if self.time_limit is not None else 1,
         )
-        if self.chunk_size is not None:
-            require_positive(chunk_size=self.chunk_size)
         if self.dataset != "folder" and (self.image_size, self.channels) != (28, 1):
             raise ConfigError("--image-size and --channels apply to --dataset folder only.")
         if self.channels not in (1, 3):
@@ -163,23 +108,32 @@ class TrainConfig:
                 f"image_size must be at least 16 (Conv4 halves it four times), got "
                 f"{self.image_size}."
             )
-        if self.algorithm == "maml":
-            require_positive(inner_lr=self.inner_lr, inner_steps=self.inner_steps)
-            if self.train_ways != self.ways:
-                raise ConfigError("MAML's output layer has --ways outputs; drop --train-ways.")
-            if self.eval_inner_steps < 0:
-                raise ConfigError(f"eval_inner_steps must be >= 0, got {self.eval_inner_steps}.")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """One flat dict: the run's settings, then the method's (as config files hold them)."""
+        run = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "settings"}
+        return {**run, **dataclasses.asdict(self.settings)}
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown configuration keys: {', '.join(unknown)}; known keys are "
-                f"{', '.join(sorted(known))}."
-            )
-        return cls(**values)
+        """From a flat dict of run and method settings; unknown keys are refused."""
+        run_keys = {f.name for f in fields(cls)} - {"settings"}
+        run = {k: v for k, v in values.items() if k in run_keys}
+        return cls(**run, settings={k: v for k, v in values.items() if k not in run_keys})
+
+
+def run_setting_names() -> list[str]:
+    return [f.name for f in fields(TrainConfig) if f.name != "settings"]
+
+
+def _settings_from_dict(name: str, settings_class: type[Settings], values: dict) -> Settings:
+    known = {f.name for f in fields(settings_class)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        given = ", ".join(unknown)
+        raise ConfigError(
+            f"{given} {'is not a setting' if len(unknown) == 1 else 'are not settings'} of "
+            f"{name}; its settings are {', '.join(sorted(known))}, and the run's are "
+            f"{', '.join(run_setting_names())}."
+        )
+    return settings_class(**values)

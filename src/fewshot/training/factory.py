@@ -5,14 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch.nn.functional as F
-
-from fewshot.algorithms import MAML, Algorithm, ProtoNet
+from fewshot.algorithms import Algorithm, get_method
 from fewshot.datasets.image_folder import load_image_folder
 from fewshot.datasets.omniglot import load_omniglot, omniglot_split
 from fewshot.datasets.sinusoid import SinusoidTasks
 from fewshot.errors import ConfigError, DataError
-from fewshot.models import Conv4, SinusoidMLP
 from fewshot.tasks import TaskSampler
 from fewshot.training.config import TrainConfig
 
@@ -68,22 +65,5 @@ def labelled_parts(config: TrainConfig, data_root, download: bool, parts: tuple[
 
 
 def build_algorithm(config: TrainConfig) -> Algorithm:
-    if config.algorithm == "protonet":
-        return ProtoNet(
-            Conv4(config.channels, None, image_size=config.image_size, track_running_stats=True)
-        )
-    if config.dataset == "sinusoid":
-        model, loss = SinusoidMLP(), F.mse_loss
-    else:
-        model = Conv4(config.channels, config.ways, image_size=config.image_size)
-        loss = F.cross_entropy
-    return MAML(
-        model,
-        inner_lr=config.inner_lr,
-        inner_steps=config.inner_steps,
-        eval_inner_steps=config.eval_inner_steps,
-        first_order=config.first_order,
-        vectorize=config.vectorize,
-        chunk_size=config.chunk_size,
-        loss=loss,
-    )
+    """The method a resolved configuration names, built by its registration."""
+    return get_method(config.algorithm).build(config.settings, config.problem)

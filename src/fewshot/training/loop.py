@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import signal
 import threading
@@ -44,21 +45,29 @@ class NonFiniteError(ArithmeticError):
     """Raised by `meta_step` when the loss or a gradient is NaN or infinite."""
 
 
-def meta_step(algorithm: Algorithm, optimizer: torch.optim.Optimizer, tasks: Task) -> float:
-    """One outer update, theta <- Adam(theta, grad_theta meta_loss(tasks)), refused if not finite.
+def meta_step(
+    algorithm: Algorithm,
+    optimizer: torch.optim.Optimizer,
+    tasks: Task,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> dict[str, float]:
+    """One outer update from the method's `training_step`, refused if not finite; returns the
+    step's metrics.
 
     The update is skipped when the loss or any gradient is NaN or infinite, so the parameters
     stay at their last finite values.
     """
     optimizer.zero_grad(set_to_none=True)
-    loss = algorithm.backward_meta_loss(tasks)
-    if not torch.isfinite(loss):
-        raise NonFiniteError(f"loss is {loss.item()}")
+    metrics = algorithm.training_step(tasks)
+    if not math.isfinite(metrics["loss"]):
+        raise NonFiniteError(f"loss is {metrics['loss']}")
     grads = [p.grad for p in algorithm.parameters() if p.grad is not None]
     if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
         raise NonFiniteError("a gradient is not finite")
     optimizer.step()
-    return loss.item()
+    if scheduler is not None:
+        scheduler.step()
+    return metrics
 
 
 def is_better(result: EvalResult, best: EvalResult | None) -> bool:
@@ -118,7 +127,9 @@ class Run:
         self.config, self.run_dir, self.sources, self.device = config, run_dir, sources, device
         seed_everything(config.seed)
         self.algorithm = build_algorithm(config).to(device)
-        self.optimizer = torch.optim.Adam(self.algorithm.parameters(), lr=config.outer_lr)
+        self.optimizer, self.scheduler = self.algorithm.configure_optimizers(
+            config.outer_lr, config.iterations
+        )
         self.generator = stream_generator("train", config.seed)
         self.iteration = 0
         self.best: EvalResult | None = None
@@ -137,11 +148,14 @@ class Run:
             numpy_rng=numpy_rng,
             best=None if self.best is None else self.best.to_dict(),
             elapsed=self.elapsed,
+            scheduler=None if self.scheduler is None else self.scheduler.state_dict(),
         )
 
     def restore(self, state: TrainingState) -> None:
         self.algorithm.load_state_dict(state.algorithm)
         self.optimizer.load_state_dict(state.optimizer)
+        if self.scheduler is not None and state.scheduler is not None:
+            self.scheduler.load_state_dict(state.scheduler)
         self.generator.set_state(state.sampler_rng)
         restore_global_rngs(state)
         self.iteration, self.elapsed = state.iteration, state.elapsed
@@ -152,15 +166,16 @@ class Run:
         save_state(self.run_dir / STATE_FILE, self.state())
         self.checkpointed = self.iteration
 
-    def step(self) -> float:
+    def step(self) -> dict[str, float]:
         tasks = self.sources.train.sample(self.config.meta_batch, self.generator).to(self.device)
         try:
-            return meta_step(self.algorithm, self.optimizer, tasks)
+            return meta_step(self.algorithm, self.optimizer, tasks, self.scheduler)
         except NonFiniteError as error:
             config = self.config
-            rates = f"--outer-lr (now {config.outer_lr})"
-            if config.algorithm == "maml":
-                rates = f"--inner-lr (now {config.inner_lr}) or " + rates
+            rates = {**config.settings.learning_rates(), "outer_lr": config.outer_lr}
+            rates = " or ".join(
+                f"--{name.replace('_', '-')} (now {value})" for name, value in rates.items()
+            )
             kept = f"the checkpoint of iteration {self.checkpointed} is kept"
             raise DivergenceError(
                 f"training diverged at iteration {self.iteration + 1}: {error}; {kept}. "
@@ -197,15 +212,15 @@ class Run:
         )
         with stop_requests() as stop:
             for iteration in bar:
-                loss = self.step()
+                metrics = self.step()
                 self.iteration = iteration
                 self.elapsed = time.perf_counter() - started
                 if iteration % LOG_EVERY == 0:
+                    record = {"iteration": iteration, **metrics}
                     checkpoint.append_metrics(
-                        self.run_dir,
-                        {"iteration": iteration, "loss": loss, "seconds": round(self.elapsed, 3)},
+                        self.run_dir, {**record, "seconds": round(self.elapsed, 3)}
                     )
-                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
                 out_of_time = (
                     config.time_limit is not None
                     and time.perf_counter() - invocation_started >= 60 * config.time_limit

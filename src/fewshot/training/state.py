@@ -37,6 +37,7 @@ class TrainingState:
     numpy_rng: Any
     best: dict | None
     elapsed: float
+    scheduler: dict | None = None  # the outer learning-rate schedule's state, if any
 
 
 def capture_global_rngs() -> tuple[torch.Tensor, Any, Any]:
@@ -67,6 +68,7 @@ def save_state(path: Path, state: TrainingState) -> None:
         ],
         "best": state.best,
         "elapsed": state.elapsed,
+        "scheduler": _pack(state.scheduler, "scheduler", tensors),
     }
     metadata = {"state": json.dumps(document)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
@@ -89,6 +91,7 @@ def load_state(path: Path) -> TrainingState:
             numpy_rng=document["numpy_rng"],
             best=document["best"],
             elapsed=document["elapsed"],
+            scheduler=_unpack(document.get("scheduler"), tensors),
         )
     except (SafetensorError, OSError, KeyError, ValueError, TypeError) as error:
         raise CheckpointError(f"{path} is not a readable fewshot checkpoint ({error}).") from None

@@ -1,0 +1,91 @@
+"""ANIL, Almost No Inner Loop (Raghu, Raghu, Bengio & Vinyals, 2020).
+
+Only the head adapts in the inner loop; the body f is meta-learned in the outer loop alone:
+
+    phi_i = w - alpha * grad_w L_support_i(w; f_theta(x)),
+    min over (theta, w) of sum_i L_query_i(phi_i; f_theta(x)),
+
+The body's features are computed once per task, before the inner loop, which makes ANIL much
+cheaper than MAML; the meta-gradient still reaches the body through the features (second order
+unless `first_order`). The shared inner loop (`GradientLearner`) with the body as its encoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import nn
+
+from fewshot.algorithms.gradient import GradientLearner, LossFn
+from fewshot.algorithms.maml import MAML  # noqa: F401  (registers maml, whose defaults we take)
+from fewshot.algorithms.registry import GradientSettings, Method, Problem, get_method, register
+from fewshot.algorithms.rules import SGD
+from fewshot.models import body_and_head, default_model
+
+
+class ANIL(GradientLearner):
+    """ANIL: `head(body(x))`, with only `head` adapted per task.
+
+    Args:
+        body: the feature extractor, meta-learned only (a copy is trained, as `anil.encoder`).
+        head: the final layer(s), adapted in the inner loop (`anil.model`).
+        inner_lr: alpha, the inner step size of the head.
+        The other arguments are `GradientLearner`'s.
+    """
+
+    def __init__(
+        self,
+        body: nn.Module,
+        head: nn.Module,
+        inner_lr: float = 0.4,
+        inner_steps: int = 1,
+        eval_inner_steps: int | None = None,
+        first_order: bool = False,
+        loss: LossFn = F.cross_entropy,
+        vectorize: bool = True,
+        chunk_size: int | None = None,
+        batch_norm: str = "transductive",
+    ) -> None:
+        super().__init__(
+            head,
+            SGD(inner_lr),
+            encoder=body,
+            inner_steps=inner_steps,
+            eval_inner_steps=eval_inner_steps,
+            first_order=first_order,
+            loss=loss,
+            vectorize=vectorize,
+            chunk_size=chunk_size,
+            batch_norm=batch_norm,
+        )
+        self.inner_lr = inner_lr
+
+
+@dataclass
+class ANILSettings(GradientSettings):
+    pass
+
+
+def build(settings: ANILSettings, problem: Problem) -> ANIL:
+    model = default_model(problem.dataset, problem.ways, problem.channels, problem.image_size)
+    return ANIL(
+        *body_and_head(model),
+        inner_lr=settings.inner_lr,
+        **settings.learner_arguments(problem),
+    )
+
+
+# Raghu et al. keep MAML's hyper-parameters (their sec. 4 and appendix).
+register(
+    Method(
+        name="anil",
+        algorithm=ANIL,
+        settings=ANILSettings,
+        paper="Raghu, Raghu, Bengio & Vinyals 2020, Rapid Learning or Feature Reuse? Towards "
+        "Understanding the Effectiveness of MAML (ICLR)",
+        build=build,
+        batch_norm="transductive",
+        defaults=get_method("maml").defaults,
+    )
+)

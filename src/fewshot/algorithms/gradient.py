@@ -1,0 +1,407 @@
+"""The inner loop that every gradient-based method shares (MAML, Meta-SGD, ANIL, Reptile, ...).
+
+For each task, starting from phi_0 = theta, the support loss is differentiated and an inner
+update rule (`fewshot.algorithms.rules`) takes a step:
+
+    phi_{s+1} = rule(phi_s, grad_phi L_support(phi_s), state_s, s),   s = 0 .. S-1.
+
+The pieces are swappable: the rule (one step size, learned step sizes, Adam, ...), which
+parameters adapt (all, the head, a named set; the others stay at theta and are still
+meta-learned), and an optional `encoder` run once per task before the inner loop (ANIL's body).
+The whole trajectory phi_0 .. phi_S is kept, for losses after every step, and the forward pass
+can read the step index with `current_inner_step()` (for per-step batch-norm parameters).
+
+How tasks run: theta is expanded into one copy per task and the forward pass is vmapped over
+tasks (`torch.func.vmap`); plain `torch.autograd.grad` of the summed support losses gives each
+task its own gradient, because the tasks are independent. Every backward pass, the second-order
+one included, is ordinary autograd, so fused kernels such as batch norm's stay exact. Without
+`vectorize`, tasks run one at a time with plain calls; both compute the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, replace_all_batch_norm_modules_, vmap
+
+from fewshot.algorithms.base import (
+    Algorithm,
+    Predictor,
+    check_batch_norm_policy,
+    has_batch_norm,
+)
+from fewshot.algorithms.rules import InnerRule, Params
+from fewshot.errors import ConfigError, require_positive
+from fewshot.tasks import Task
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Selection = str | Iterable[str] | Callable[[str], bool] | None
+
+_INNER_STEP: ContextVar[int] = ContextVar("fewshot_inner_step", default=0)
+
+
+def current_inner_step() -> int:
+    """The inner step the forward pass belongs to, for layers with per-step parameters.
+
+    The support pass that takes step s sees s; a query pass on phi_s (after s steps) sees
+    s - 1, the last step taken (0 before any).
+    """
+    return _INNER_STEP.get()
+
+
+@contextlib.contextmanager
+def inner_step(step: int) -> Iterator[None]:
+    token = _INNER_STEP.set(step)
+    try:
+        yield
+    finally:
+        _INNER_STEP.reset(token)
+
+
+@dataclass
+class Trajectory:
+    """phi_0 .. phi_S (every model parameter, leading task dimension) and the support losses
+    L_support(phi_s) of the steps taken, each shaped (tasks,)."""
+
+    params: list[Params]
+    support_losses: list[torch.Tensor]
+
+
+@dataclass
+class QueryResult:
+    """Each task's query loss after adaptation, its query accuracy (classification), and its
+    last support loss; all shaped (tasks,)."""
+
+    losses: torch.Tensor
+    accuracy: torch.Tensor | None
+    inner_loss: torch.Tensor | None
+
+
+class GradientLearner(Algorithm):
+    """A model adapted to each task by gradient steps on its support set.
+
+    Args:
+        model: the network adapted in the inner loop; its parameters are the meta-learned
+            initialisation theta. The learner works on a copy: the model passed in is not
+            changed. Its batch norm always normalises with batch statistics (running statistics
+            are dropped from the copy); `batch_norm` says which batch at prediction.
+        rule: the inner update rule, or a function that makes it from the adapted parameters
+            (name -> tensor; for rules with a learned value per parameter).
+        inner_steps: inner updates per task in meta-training.
+        eval_inner_steps: inner updates when adapting a trained learner; default `inner_steps`.
+        first_order: treat inner gradients as constants (no second-order term).
+        loss: loss(outputs, targets) with mean reduction; cross-entropy by default.
+        adapt: which parameters of `model` adapt in the inner loop: None for all, or names,
+            or a predicate on names, or a name prefix (e.g. "head"). The rest keep theta in
+            every task and are still meta-learned.
+        encoder: an optional network applied to the inputs once per task, before the inner loop
+            (it does not adapt; its parameters are meta-learned through the adapted outputs).
+        inner_batch: examples per inner step, drawn as mini-batches from each task's support
+            set in a random order (None: the whole support set every step); `eval_inner_batch`
+            likewise when adapting a trained learner.
+        vectorize: run the tasks of a meta-batch together under `torch.func.vmap`.
+        chunk_size: with `vectorize`, tasks per vectorised pass in `training_step`; each pass is
+            back-propagated before the next starts, so memory grows with it. None: all at once.
+        batch_norm: "transductive" (a task's queries are normalised together, as in Finn et
+            al.'s code) or "inductive" (each query with the support set plus itself, as in
+            Nichol et al.'s non-transductive evaluation).
+
+    Parameters with `requires_grad=False` stay fixed: neither adapted nor meta-learned.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        rule: InnerRule | Callable[[Params], InnerRule],
+        *,
+        inner_steps: int = 1,
+        eval_inner_steps: int | None = None,
+        first_order: bool = False,
+        loss: LossFn = F.cross_entropy,
+        adapt: Selection = None,
+        encoder: nn.Module | None = None,
+        inner_batch: int | None = None,
+        eval_inner_batch: int | None = None,
+        vectorize: bool = True,
+        chunk_size: int | None = None,
+        batch_norm: str = "transductive",
+    ) -> None:
+        super().__init__()
+        require_positive(inner_steps=inner_steps)
+        for name, value in (
+            ("chunk_size", chunk_size),
+            ("inner_batch", inner_batch),
+            ("eval_inner_batch", eval_inner_batch),
+        ):
+            if value is not None:
+                require_positive(**{name: value})
+        if eval_inner_steps is not None and eval_inner_steps < 0:
+            raise ConfigError(f"eval_inner_steps must be >= 0, got {eval_inner_steps}.")
+        self.model = _with_batch_statistics(copy.deepcopy(model))
+        self.encoder = None if encoder is None else _with_batch_statistics(copy.deepcopy(encoder))
+        self.adapted_names = _select(self.model, adapt)
+        if not isinstance(rule, InnerRule):
+            parameters = dict(self.model.named_parameters())
+            rule = rule(
+                {n: p for n, p in parameters.items() if n in self.adapted_names and p.requires_grad}
+            )
+        self.rule = rule
+        self.inner_steps = inner_steps
+        self.eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
+        self.first_order = first_order
+        self.loss = loss
+        self.inner_batch, self.eval_inner_batch = inner_batch, eval_inner_batch
+        self.vectorize = vectorize
+        self.chunk_size = chunk_size
+        self.batch_norm = check_batch_norm_policy(batch_norm)
+        self._needs_one_query_at_a_time = batch_norm == "inductive" and (
+            has_batch_norm(self.model) or (encoder is not None and has_batch_norm(self.encoder))
+        )
+
+    # -- using a trained learner ------------------------------------------------------------
+
+    def adapt(self, support_x, support_y, inner_steps=None) -> Predictor:
+        steps = self.eval_inner_steps if inner_steps is None else inner_steps
+        with torch.enable_grad():
+            path = self.trajectory(
+                support_x, support_y, steps, differentiable=False, batch=self.eval_inner_batch
+            )
+        return GradientPredictor(self, path.params[-1], support_x, steps)
+
+    # -- meta-training ----------------------------------------------------------------------
+
+    def meta_loss(self, tasks: Task) -> torch.Tensor:
+        return self.query_result(tasks).losses.mean()
+
+    def training_step(self, tasks: Task) -> dict[str, float]:
+        """Back-propagate the meta-loss `chunk_size` tasks at a time (one at a time without
+        `vectorize`): the same gradient as `meta_loss(tasks).backward()`, with only one chunk's
+        graph alive."""
+        size = (self.chunk_size or len(tasks)) if self.vectorize else 1
+        sums: dict[str, float] = {}
+        for start in range(0, len(tasks), size):
+            result = self.query_result(tasks[start : start + size])
+            loss = result.losses.sum() / len(tasks)
+            if torch.isfinite(loss):
+                loss.backward()
+            parts = {"loss": loss.detach()}
+            if result.accuracy is not None:
+                parts["accuracy"] = result.accuracy.sum() / len(tasks)
+            if result.inner_loss is not None:
+                parts["inner_loss"] = result.inner_loss.detach().sum() / len(tasks)
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + value.item()
+        return sums
+
+    def query_result(self, tasks: Task) -> QueryResult:
+        """Each task's query loss after `inner_steps` steps, differentiable with respect to theta
+        (and the rule's parameters). Methods with other query losses (after every step, say)
+        override this."""
+        path = self.trajectory(tasks.support_x, tasks.support_y, self.inner_steps)
+        outputs = self.query_outputs(path.params[-1], tasks.query_x, self.inner_steps)
+        losses = self.per_task_loss(outputs, tasks.query_y)
+        return QueryResult(losses, _accuracy(outputs, tasks.query_y), _last(path.support_losses))
+
+    # -- the inner loop ---------------------------------------------------------------------
+
+    def trajectory(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        steps: int,
+        differentiable: bool | None = None,
+        batch: int | None = None,
+    ) -> Trajectory:
+        """phi_0 .. phi_steps for every task of (x, y) at once, each with a leading task dim.
+
+        `differentiable` (default: whether gradients are enabled) keeps the graph from theta
+        to the trajectory, through the inner gradients too unless `first_order`. Otherwise
+        each step starts from detached parameters, so memory does not grow with the steps.
+        `batch` (default `inner_batch`) is the mini-batch size of each step.
+        """
+        differentiable = torch.is_grad_enabled() if differentiable is None else differentiable
+        create_graph = differentiable and not self.first_order
+        batch = self.inner_batch if batch is None else batch
+        theta = dict(self.model.named_parameters())
+        names = [n for n in self.adapted_names if theta[n].requires_grad]
+        with torch.enable_grad():
+            features = self._encode(x) if differentiable else self._encode(x).detach()
+            params = {n: p.expand(len(x), *p.shape) for n, p in theta.items()}
+            if not differentiable:
+                params = {n: p.detach() for n, p in params.items()}
+            path, losses = [params], []
+            state = self.rule.init_state({n: params[n] for n in names})
+            order = _random_order(x, batch)
+            for step in range(steps if names else 0):
+                if not differentiable:
+                    params = {n: p.requires_grad_(n in names) for n, p in params.items()}
+                xs, ys = _mini_batch(features, y, order, batch, step)
+                with inner_step(step):
+                    support_losses = self.per_task_loss(self._call_model(params, xs), ys)
+                # Summed over tasks: each task's copy receives exactly its own task's gradient.
+                grads = torch.autograd.grad(
+                    support_losses.sum(),
+                    [params[n] for n in names],
+                    create_graph=create_graph,
+                    allow_unused=True,
+                )
+                updated, state = self.rule(
+                    {n: params[n] for n in names}, dict(zip(names, grads)), state, step
+                )
+                params = {**params, **updated}
+                if not differentiable:
+                    params = {n: p.detach() for n, p in params.items()}
+                    state = _detached(state)
+                path.append(params)
+                losses.append(support_losses.detach())
+        return Trajectory(path, losses)
+
+    def query_outputs(self, params: Params, query_x: torch.Tensor, steps: int) -> torch.Tensor:
+        """Outputs of the adapted parameters on the query sets, in the training-time batch-norm
+        mode (the query set of a task as one batch)."""
+        with inner_step(max(steps - 1, 0)):
+            return self._call_model(params, self._encode(query_x))
+
+    def per_task_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Each task's loss, shape (tasks,)."""
+        if self._vmapped(outputs):
+            return vmap(self.loss)(outputs, targets)
+        return torch.stack([self.loss(out, target) for out, target in zip(outputs, targets)])
+
+    # -- functional calls, vectorised over tasks --------------------------------------------
+
+    def _call_model(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        """The model on every task: task i's inputs x[i] with parameters params[name][i]."""
+        buffers = dict(self.model.named_buffers())
+        if self._vmapped(x):
+            batched = vmap(_call, in_dims=(None, 0, None, 0), randomness="different")
+            return batched(self.model, params, buffers, x)
+        return torch.stack(
+            [
+                _call(self.model, {n: p[i] for n, p in params.items()}, buffers, x[i])
+                for i in range(len(x))
+            ]
+        )
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's features of every task's inputs (the inputs themselves without one)."""
+        if self.encoder is None:
+            return x
+        params = dict(self.encoder.named_parameters())
+        buffers = dict(self.encoder.named_buffers())
+        if self._vmapped(x):
+            batched = vmap(_call, in_dims=(None, None, None, 0), randomness="different")
+            return batched(self.encoder, params, buffers, x)
+        return torch.stack([self.encoder(task_x) for task_x in x])
+
+    def _vmapped(self, x: torch.Tensor) -> bool:
+        # A single task runs faster as a plain call (Conv4 on CPU; docs/performance.md).
+        return self.vectorize and len(x) > 1
+
+
+class GradientPredictor(Predictor):
+    """Predictions of adapted parameters, in the learner's batch-norm mode.
+
+    `params` holds the adapted parameters (leading task dimension), for
+    `torch.func.functional_call(learner.model, ...)` on one task's slice.
+    """
+
+    def __init__(
+        self, learner: GradientLearner, params: Params, support_x: torch.Tensor, steps: int
+    ):
+        super().__init__(self._outputs)
+        self.learner, self.params, self.support_x, self.steps = learner, params, support_x, steps
+
+    def _outputs(self, query_x: torch.Tensor) -> torch.Tensor:
+        learner = self.learner
+        if not learner._needs_one_query_at_a_time:
+            return learner.query_outputs(self.params, query_x, self.steps)
+        # Inductive batch norm: each query is normalised with its task's support set plus
+        # itself, so no query sees another (Nichol et al. 2018). Task by task, all queries
+        # of a task at once: (queries, support + 1, ...) with the task's parameters repeated.
+        outputs = []
+        for i in range(len(query_x)):
+            queries = query_x[i]
+            support = self.support_x[i].expand(len(queries), *self.support_x.shape[1:])
+            batches = torch.cat([support, queries.unsqueeze(1)], dim=1)
+            params = {n: p[i].expand(len(queries), *p.shape[1:]) for n, p in self.params.items()}
+            outputs.append(learner.query_outputs(params, batches, self.steps)[:, -1])
+        return torch.stack(outputs)
+
+
+def _call(module: nn.Module, params: Params, buffers: Params, x: torch.Tensor) -> torch.Tensor:
+    return functional_call(module, (params, buffers), (x,))
+
+
+def _with_batch_statistics(model: nn.Module) -> nn.Module:
+    """Make every batch-norm layer normalise with the current batch's statistics only: under
+    vmap the batch is one task's, so each task is normalised with its own statistics."""
+    replace_all_batch_norm_modules_(model)
+    return model
+
+
+def _select(model: nn.Module, adapt: Selection) -> list[str]:
+    names = [n for n, _ in model.named_parameters()]
+    if adapt is None:
+        return names
+    if isinstance(adapt, str):
+        chosen = [n for n in names if n == adapt or n.startswith(adapt + ".")]
+    elif callable(adapt):
+        chosen = [n for n in names if adapt(n)]
+    else:
+        wanted = set(adapt)
+        unknown = sorted(wanted - set(names))
+        if unknown:
+            raise ConfigError(
+                f"adapt names parameters the model does not have: {', '.join(unknown)}."
+            )
+        chosen = [n for n in names if n in wanted]
+    if not chosen:
+        raise ConfigError(f"adapt={adapt!r} selects none of the model's parameters.")
+    return chosen
+
+
+def _random_order(x: torch.Tensor, batch: int | None) -> torch.Tensor | None:
+    """A random order of each task's support examples for mini-batched inner steps."""
+    if batch is None or batch >= x.shape[1]:
+        return None
+    return torch.rand(x.shape[0], x.shape[1], device=x.device).argsort(dim=1)
+
+
+def _mini_batch(x, y, order, batch, step):
+    """Step `step`'s mini-batch: the next `batch` examples of each task's random order,
+    cycling through it."""
+    if order is None:
+        return x, y
+    n = order.shape[1]
+    positions = (torch.arange(batch, device=order.device) + step * batch) % n
+    index = order[:, positions]
+    rows = torch.arange(len(order), device=order.device).unsqueeze(1)
+    return x[rows, index], y[rows, index]
+
+
+def _detached(state):
+    if isinstance(state, torch.Tensor):
+        return state.detach()
+    if isinstance(state, dict):
+        return {k: _detached(v) for k, v in state.items()}
+    if isinstance(state, tuple | list):
+        return type(state)(_detached(v) for v in state)
+    return state
+
+
+def _accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+    if targets.is_floating_point():
+        return None
+    return (outputs.detach().argmax(-1) == targets).float().mean(1)
+
+
+def _last(losses: list[torch.Tensor]) -> torch.Tensor | None:
+    return losses[-1] if losses else None

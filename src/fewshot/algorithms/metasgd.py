@@ -1,0 +1,99 @@
+"""Meta-SGD (Li, Zhou, Chen & Li, 2017): MAML with a learned step size for every coordinate.
+
+    phi_i = theta - alpha ⊙ grad_theta L_support_i(theta),
+
+where alpha has the shape of theta and is meta-learned together with it, by the same outer
+optimizer on the same query loss: it learns the direction and size of the inner update, not
+only the initialisation. The shared inner loop (`GradientLearner`) with `rules.PerCoordinateSGD`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch.nn.functional as F
+from torch import nn
+
+from fewshot.algorithms.gradient import GradientLearner, LossFn, Selection
+from fewshot.algorithms.maml import MAML  # noqa: F401  (registers maml, whose defaults we take)
+from fewshot.algorithms.registry import (
+    GradientSettings,
+    Method,
+    Problem,
+    get_method,
+    register,
+    setting,
+)
+from fewshot.algorithms.rules import PerCoordinateSGD
+from fewshot.models import default_model
+
+
+class MetaSGD(GradientLearner):
+    """Meta-SGD around any `nn.Module`.
+
+    Args:
+        model: the network (a copy is trained; the module passed in is left as it was).
+        inner_lr: the initial value of every coordinate's step size (`meta_sgd.rule.rates`).
+        The other arguments are `GradientLearner`'s.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_lr: float = 0.4,
+        inner_steps: int = 1,
+        eval_inner_steps: int | None = None,
+        first_order: bool = False,
+        loss: LossFn = F.cross_entropy,
+        adapt: Selection = None,
+        vectorize: bool = True,
+        chunk_size: int | None = None,
+        batch_norm: str = "transductive",
+    ) -> None:
+        super().__init__(
+            model,
+            partial(PerCoordinateSGD, lr=inner_lr),
+            inner_steps=inner_steps,
+            eval_inner_steps=eval_inner_steps,
+            first_order=first_order,
+            loss=loss,
+            adapt=adapt,
+            vectorize=vectorize,
+            chunk_size=chunk_size,
+            batch_norm=batch_norm,
+        )
+
+
+@dataclass
+class MetaSGDSettings(GradientSettings):
+    inner_lr: float | None = setting(
+        None, "Inner step size alpha; Meta-SGD: the initial value of every learned step size."
+    )
+
+
+def build(settings: MetaSGDSettings, problem: Problem) -> MetaSGD:
+    return MetaSGD(
+        default_model(problem.dataset, problem.ways, problem.channels, problem.image_size),
+        inner_lr=settings.inner_lr,
+        **settings.learner_arguments(problem),
+    )
+
+
+# Li et al. train with one inner step and adapt with one; the rest is MAML's setting.
+_ONE_STEP = {"sinusoid": dict(eval_inner_steps=1), "omniglot": dict(eval_inner_steps=1)}
+register(
+    Method(
+        name="meta-sgd",
+        algorithm=MetaSGD,
+        settings=MetaSGDSettings,
+        paper="Li, Zhou, Chen & Li 2017, Meta-SGD: Learning to Learn Quickly for Few-Shot "
+        "Learning (arXiv:1707.09835)",
+        build=build,
+        batch_norm="transductive",
+        defaults={
+            dataset: {**values, **_ONE_STEP[dataset]}
+            for dataset, values in get_method("maml").defaults.items()
+        },
+    )
+)

@@ -1,0 +1,129 @@
+"""The metric-learning family: embed support and query examples, then score queries against
+the support set (Prototypical, Matching and Relation Networks).
+
+A subclass implements `score(support_z, support_y, query_z) -> logits`; embeddings keep the
+encoder's shape (feature maps stay unflattened, for Relation Networks' relation module).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from fewshot.algorithms.base import Algorithm, Predictor, check_batch_norm_policy
+from fewshot.errors import ConfigError
+from fewshot.tasks import Task
+
+
+class MetricLearner(Algorithm):
+    """Embed-then-score methods, trained with cross-entropy over the query logits.
+
+    Args:
+        encoder: the embedding network (a copy is trained, as `.encoder`).
+        batch_norm: at prediction, "inductive" normalises with the running statistics learnt in
+            training, so no query influences another; "transductive" normalises a task's support
+            and queries together with their own batch statistics. In training the support and
+            queries of a task always go through the encoder together, in one batch.
+    """
+
+    def __init__(self, encoder: nn.Module, batch_norm: str = "inductive") -> None:
+        super().__init__()
+        self.encoder = copy.deepcopy(encoder)
+        self.batch_norm = check_batch_norm_policy(batch_norm)
+        if batch_norm == "inductive" and _has_batch_norm_without_running_stats(self.encoder):
+            raise ConfigError(
+                "inductive batch norm needs running statistics, but the encoder has a "
+                "batch-norm layer without them (track_running_stats=False); use "
+                "batch_norm='transductive' or keep running statistics."
+            )
+
+    def score(
+        self, support_z: torch.Tensor, support_y: torch.Tensor, query_z: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits (tasks, queries, ways) from embeddings (tasks, n, *embedding_shape)."""
+        raise NotImplementedError
+
+    def meta_loss(self, tasks: Task) -> torch.Tensor:
+        support_z, query_z = self.embed_together(tasks.support_x, tasks.query_x)
+        logits = self.score(support_z, tasks.support_y, query_z)
+        return F.cross_entropy(logits.flatten(0, 1), tasks.query_y.flatten())
+
+    def training_step(self, tasks: Task) -> dict[str, float]:
+        support_z, query_z = self.embed_together(tasks.support_x, tasks.query_x)
+        logits = self.score(support_z, tasks.support_y, query_z)
+        loss = F.cross_entropy(logits.flatten(0, 1), tasks.query_y.flatten())
+        if torch.isfinite(loss):
+            loss.backward()
+        accuracy = (logits.detach().argmax(-1) == tasks.query_y).float().mean()
+        return {"loss": loss.item(), "accuracy": accuracy.item()}
+
+    def adapt(self, support_x, support_y, inner_steps=None) -> Predictor:
+        if self.is_transductive:
+
+            def transductive(query_x):
+                # Task by task: each episode's support and queries are one batch of their own.
+                logits = []
+                with _batch_norm_mode(self.encoder, training=True):
+                    for i in range(len(query_x)):
+                        task = slice(i, i + 1)
+                        support_z, query_z = self.embed_together(
+                            support_x[task], query_x[task], keep_stats=True
+                        )
+                        logits.append(self.score(support_z, support_y[task], query_z))
+                return torch.cat(logits)
+
+            return Predictor(transductive)
+        with _batch_norm_mode(self.encoder, training=False):
+            support_z = self.embed(support_x)
+
+        def inductive(query_x):
+            with _batch_norm_mode(self.encoder, training=False):
+                return self.score(support_z, support_y, self.embed(query_x))
+
+        return Predictor(inductive)
+
+    def embed(self, x: torch.Tensor, keep_stats: bool = False) -> torch.Tensor:
+        """Embeddings of (tasks, n, ...) inputs, shaped (tasks, n, *encoder_output_shape)."""
+        flat = x.flatten(0, 1)
+        if keep_stats:  # batch statistics without updating the running ones
+            buffers = {n: b.clone() for n, b in self.encoder.named_buffers()}
+            z = functional_call(self.encoder, buffers, (flat,), strict=False)
+        else:
+            z = self.encoder(flat)
+        return z.unflatten(0, x.shape[:2])
+
+    def embed_together(self, support_x, query_x, keep_stats: bool = False):
+        """Support and query embeddings from one pass, so that batch norm in training mode
+        normalises a task's support and queries together."""
+        n_support = support_x.shape[1]
+        z = self.embed(torch.cat([support_x, query_x], dim=1), keep_stats)
+        return z[:, :n_support], z[:, n_support:]
+
+
+class _batch_norm_mode:
+    """Put the module's batch-norm layers, and nothing else, in training mode (batch
+    statistics) or eval mode (running statistics) for the duration."""
+
+    def __init__(self, module: nn.Module, training: bool) -> None:
+        self.layers = [m for m in module.modules() if isinstance(m, _BATCH_NORM)]
+        self.training = training
+
+    def __enter__(self):
+        self.modes = [m.training for m in self.layers]
+        for m in self.layers:
+            m.train(self.training)
+
+    def __exit__(self, *exc):
+        for m, mode in zip(self.layers, self.modes):
+            m.train(mode)
+
+
+_BATCH_NORM = nn.modules.batchnorm._BatchNorm
+
+
+def _has_batch_norm_without_running_stats(module: nn.Module) -> bool:
+    return any(isinstance(m, _BATCH_NORM) and not m.track_running_stats for m in module.modules())

@@ -1,0 +1,197 @@
+"""The registry of methods: what `fewshot train --algorithm NAME` and `fewshot methods` read.
+
+A method is one module that defines its algorithm class, a `Settings` dataclass (its options,
+with help text), its papers' defaults per dataset and a `build` function, and calls `register`.
+The training loop, the command line and the configuration know nothing else about it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch.nn.functional as F
+
+from fewshot.algorithms.base import BATCH_NORM_POLICIES, Algorithm, check_batch_norm_policy
+from fewshot.errors import ConfigError, require_positive
+
+CPU_IMAGES_PER_PASS = 40  # support + query images one vectorised pass takes on a CPU
+
+
+def setting(default: Any = None, help: str = "", choices: tuple[str, ...] | None = None):
+    """A field of a method's settings; None as default means "the paper's value for the
+    dataset" (the method's `defaults`) or a rule of `Settings.resolve`."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What a method is built for: the dataset kind and the episode shape of its data."""
+
+    dataset: str
+    ways: int
+    channels: int = 1
+    image_size: int = 28
+
+    @property
+    def regression(self) -> bool:
+        return self.dataset == "sinusoid"
+
+    @property
+    def loss(self) -> Callable:
+        """Mean squared error for regression, cross-entropy for classification."""
+        return F.mse_loss if self.regression else F.cross_entropy
+
+
+@dataclass
+class Settings:
+    """A method's own settings (the episode shape, meta-batch and outer learning rate are the
+    run's, in `TrainConfig`)."""
+
+    batch_norm: str | None = setting(
+        None,
+        "Batch-norm statistics at prediction: transductive (the batch of queries) or inductive "
+        "(no query sees another).",
+        BATCH_NORM_POLICIES,
+    )
+
+    def resolve(self, run, device: str) -> Settings:
+        """A copy with the values that derive from the run (`TrainConfig`) filled in."""
+        return dataclasses.replace(self)
+
+    def check(self, run) -> None:
+        """Raise ConfigError for values that are invalid or do not fit the run."""
+        check_batch_norm_policy(self.batch_norm)
+
+    def learning_rates(self) -> dict[str, float]:
+        """The method's own learning rates by option name, for the divergence message."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name.endswith("_lr")}
+
+
+def default_chunk_size(
+    dataset: str, meta_batch: int, examples_per_task: int, device: str = "cpu"
+) -> int:
+    """Tasks per vectorised pass of a gradient-based method when the user does not say.
+
+    The whole meta-batch for the small sinusoid MLP and on a GPU (fastest there). For images on
+    a CPU, as many tasks as fit in `CPU_IMAGES_PER_PASS` support and query images: vectorising
+    pays off where tasks are small, much less where they are large (docs/performance.md).
+    """
+    if dataset == "sinusoid" or not device.startswith("cpu"):
+        return meta_batch
+    return max(1, min(meta_batch, CPU_IMAGES_PER_PASS // examples_per_task))
+
+
+@dataclass
+class InnerLoopSettings(Settings):
+    """Settings of every method with a gradient-based inner loop."""
+
+    inner_lr: float | None = setting(None, "Inner (adaptation) step size alpha.")
+    inner_steps: int | None = setting(None, "Inner steps per task in meta-training.")
+    eval_inner_steps: int | None = setting(
+        None, "Inner steps when adapting a trained model (evaluation, prediction)."
+    )
+    vectorize: bool | None = setting(
+        True,
+        "Run the tasks of a meta-batch together under torch.func.vmap, or one at a time for "
+        "models vmap cannot trace.",
+    )
+    chunk_size: int | None = setting(
+        None,
+        "Tasks per vectorised pass, each back-propagated before the next; memory grows with "
+        "it. Default: the whole meta-batch for sinusoid and on a GPU; for images on a CPU as "
+        f"many tasks as fit in {CPU_IMAGES_PER_PASS} images.",
+    )
+
+    def resolve(self, run, device: str) -> InnerLoopSettings:
+        values = dataclasses.asdict(self)
+        if values["inner_steps"] is None:
+            values["inner_steps"] = 1
+        if values["eval_inner_steps"] is None:
+            values["eval_inner_steps"] = values["inner_steps"]
+        if values["vectorize"] is None:  # "auto" in config files of earlier versions
+            values["vectorize"] = True
+        if values["chunk_size"] is None:
+            examples = run.train_ways * (run.shots + run.train_queries)
+            values["chunk_size"] = default_chunk_size(run.dataset, run.meta_batch, examples, device)
+        return type(self)(**values)
+
+    def learner_arguments(self, problem: Problem) -> dict[str, Any]:
+        """Keyword arguments of `GradientLearner` that come straight from these settings."""
+        return dict(
+            inner_steps=self.inner_steps,
+            eval_inner_steps=self.eval_inner_steps,
+            loss=problem.loss,
+            vectorize=self.vectorize,
+            chunk_size=self.chunk_size,
+            batch_norm=self.batch_norm,
+        )
+
+    def check(self, run) -> None:
+        super().check(run)
+        require_positive(
+            inner_lr=self.inner_lr, inner_steps=self.inner_steps, chunk_size=self.chunk_size
+        )
+        if self.eval_inner_steps < 0:
+            raise ConfigError(f"eval_inner_steps must be >= 0, got {self.eval_inner_steps}.")
+        if run.train_ways != run.ways:
+            raise ConfigError("this method's output layer has --ways outputs; drop --train-ways.")
+
+
+@dataclass
+class GradientSettings(InnerLoopSettings):
+    """Settings of the methods that back-propagate through the inner loop."""
+
+    first_order: bool | None = setting(
+        False, "Treat inner gradients as constants (no second-order term)."
+    )
+
+    def learner_arguments(self, problem: Problem) -> dict[str, Any]:
+        return {**super().learner_arguments(problem), "first_order": self.first_order}
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method.
+
+    `defaults` maps a dataset ("sinusoid", "omniglot") to the paper's values of run options
+    (shots, meta_batch, iterations, ...) and of the method's settings; "omniglot" also serves
+    image folders. A dataset absent from it is one the method does not handle. `batch_norm` is
+    the batch-norm policy its paper evaluated with.
+    """
+
+    name: str
+    algorithm: type[Algorithm]
+    settings: type[Settings]
+    paper: str
+    build: Callable[[Any, Problem], Algorithm]
+    defaults: dict[str, dict[str, Any]]
+    batch_norm: str
+
+    def defaults_for(self, dataset: str) -> dict[str, Any]:
+        key = "omniglot" if dataset == "folder" else dataset
+        if key not in self.defaults:
+            handled = ", ".join(self.defaults)
+            raise ConfigError(
+                f"{self.name} does not handle --dataset {dataset}; use --dataset {handled}"
+                + (" or folder." if "omniglot" in self.defaults else ".")
+            )
+        return self.defaults[key]
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in METHODS:
+        raise ValueError(f"a method named {method.name!r} is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ConfigError(f"unknown algorithm {name!r}; choose one of {', '.join(METHODS)}.")
+    return METHODS[name]

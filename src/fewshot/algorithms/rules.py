@@ -1,0 +1,113 @@
+"""Inner update rules: how one adaptation step turns gradients into new parameters.
+
+A rule maps the adapted parameters phi_s, their support-loss gradients g_s and its own state to
+phi_{s+1}. Every tensor has a leading task dimension (one copy per task); a rule's own
+parameters (learned step sizes, say) have none and broadcast over tasks, so they are
+meta-learned by the outer optimizer like the model's. Rules are `nn.Module`s: what they learn is
+in the algorithm's `parameters()` and `state_dict()`.
+
+A gradient that is None (a parameter the loss did not use) leaves its parameter unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fewshot.errors import require_positive
+
+Params = dict[str, torch.Tensor]
+
+
+class InnerRule(nn.Module):
+    """Base class: `init_state` once per adaptation, then `forward` once per inner step."""
+
+    def init_state(self, params: Params) -> Any:
+        """The rule's state before the first step (e.g. Adam's moments); None if stateless."""
+        return None
+
+    def forward(self, params: Params, grads: Params, state: Any, step: int) -> tuple[Params, Any]:
+        """phi_{s+1} and the next state from phi_s = `params`, g_s = `grads` at step s = `step`."""
+        raise NotImplementedError
+
+
+class SGD(InnerRule):
+    """phi_{s+1} = phi_s - alpha * g_s, one fixed step size alpha (MAML, ANIL, FOMAML)."""
+
+    def __init__(self, lr: float) -> None:
+        super().__init__()
+        require_positive(inner_lr=lr)
+        self.lr = lr
+
+    def forward(self, params, grads, state, step):
+        return {
+            n: p if grads[n] is None else p - self.lr * grads[n] for n, p in params.items()
+        }, state
+
+
+def _key(name: str) -> str:
+    # nn.ParameterDict keys may not contain dots; parameter names do.
+    return name.replace(".", "__")
+
+
+class PerCoordinateSGD(InnerRule):
+    """phi_{s+1} = phi_s - alpha ⊙ g_s with a learned step size for every coordinate (Meta-SGD).
+
+    Args:
+        params: the adapted parameters (name -> tensor, without task dimension): one step size
+            of the same shape for each.
+        lr: the initial value of every step size.
+    """
+
+    def __init__(self, params: Params, lr: float) -> None:
+        super().__init__()
+        require_positive(inner_lr=lr)
+        self.rates = nn.ParameterDict(
+            {_key(n): nn.Parameter(torch.full_like(p.detach(), lr)) for n, p in params.items()}
+        )
+
+    def rate(self, name: str) -> torch.Tensor:
+        return self.rates[_key(name)]
+
+    def forward(self, params, grads, state, step):
+        return {
+            n: p if grads[n] is None else p - self.rate(n) * grads[n] for n, p in params.items()
+        }, state
+
+
+class Adam(InnerRule):
+    """Adam (Kingma & Ba 2015) as the inner optimizer, with fresh moments for every task:
+
+        m = b1 m + (1 - b1) g,  v = b2 v + (1 - b2) g^2,
+        phi <- phi - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps),  t = s + 1.
+
+    Reptile (Nichol et al. 2018) adapts with it, with b1 = 0.
+    """
+
+    def __init__(
+        self, lr: float, betas: tuple[float, float] = (0.0, 0.999), eps: float = 1e-8
+    ) -> None:
+        super().__init__()
+        require_positive(inner_lr=lr)
+        self.lr, self.betas, self.eps = lr, betas, eps
+
+    def init_state(self, params):
+        zeros = {n: torch.zeros_like(p) for n, p in params.items()}
+        return zeros, dict(zeros)
+
+    def forward(self, params, grads, state, step):
+        (b1, b2), t = self.betas, step + 1
+        first, second = dict(state[0]), dict(state[1])
+        new = {}
+        for n, p in params.items():
+            g = grads[n]
+            if g is None:
+                new[n] = p
+                continue
+            first[n] = b1 * first[n] + (1 - b1) * g
+            second[n] = b2 * second[n] + (1 - b2) * g * g
+            denominator = (second[n] / (1 - b2**t)).sqrt() + self.eps
+            new[n] = p - self.lr * (first[n] / (1 - b1**t)) / denominator
+        return new, (first, second)
