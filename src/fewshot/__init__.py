@@ -1,6 +1,16 @@
 """fewshot: meta-learning for PyTorch."""
 
-from fewshot.algorithms import MAML, Algorithm, ProtoNet
+from fewshot.algorithms import (
+    ANIL,
+    MAML,
+    Algorithm,
+    GradientLearner,
+    MetaSGD,
+    MetricLearner,
+    Predictor,
+    ProtoNet,
+    Reptile,
+)
 from fewshot.datasets import SinusoidTasks, load_omniglot, omniglot_split
 from fewshot.models import Conv4, SinusoidMLP
 from fewshot.tasks import Task, TaskSampler
@@ -8,10 +18,16 @@ from fewshot.tasks import Task, TaskSampler
 __version__ = "0.1.0"
 
 __all__ = [
+    "ANIL",
     "MAML",
     "Algorithm",
     "Conv4",
+    "GradientLearner",
+    "MetaSGD",
+    "MetricLearner",
+    "Predictor",
     "ProtoNet",
+    "Reptile",
     "SinusoidMLP",
     "SinusoidTasks",
     "Task",

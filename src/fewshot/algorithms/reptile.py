@@ -145,7 +145,9 @@ def build(settings: ReptileSettings, problem: Problem) -> Reptile:
 # Nichol et al.'s Omniglot command (supervised-reptile README, 5-way 1-shot): --train-shots 10
 # (here 1 shot + 9 queries per class), --inner-batch 10 --inner-iters 5 --learning-rate 0.001,
 # --meta-step 1 --meta-step-final 0 --meta-batch 5 --meta-iters 100000, --eval-iters 50 with
-# --eval-batch 5 (the whole 5-way 1-shot support set), --transductive.
+# --eval-batch 5 (the whole 5-way 1-shot support set), --transductive. Sinusoid: the sine-wave
+# demo published with the paper (50 points a task in mini-batches of 10, one epoch of SGD at
+# 0.02, epsilon 0.1 annealed to 0 over 30,000 tasks, 32 steps on 10 points at test).
 register(
     Method(
         name="reptile",
@@ -156,6 +158,20 @@ register(
         build=build,
         batch_norm="transductive",
         defaults={
+            "sinusoid": dict(
+                shots=10,
+                queries=10,
+                train_queries=40,
+                meta_batch=1,
+                inner_optimizer="sgd",
+                inner_lr=0.02,
+                inner_steps=5,
+                inner_batch=10,
+                eval_inner_steps=32,
+                outer_lr=0.1,
+                iterations=30000,
+                val_every=2000,
+            ),
             "omniglot": dict(
                 shots=1,
                 queries=15,

@@ -32,8 +32,8 @@ def build_sources(
     if config.dataset == "sinusoid":
         # Sinusoid tasks are continuous: "held out" means never drawn in training, which the
         # separate random streams of training and evaluation (`stream_generator`) ensure.
-        train = SinusoidTasks(config.shots, config.queries)
-        return TaskSources(train, train, train)
+        held_out = SinusoidTasks(config.shots, config.queries)
+        return TaskSources(SinusoidTasks(config.shots, config.train_queries), held_out, held_out)
     samplers = {}
     for part, (images, labels) in zip(parts, labelled_parts(config, data_root, download, parts)):
         train = part == "train"

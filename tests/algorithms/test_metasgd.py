@@ -1,0 +1,60 @@
+"""Meta-SGD: the meta-gradient of theta and of the learned step sizes, against float64 finite
+differences, and the learned rates used coordinate by coordinate."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fewshot import MetaSGD
+from tests.algorithms.test_maml import finite_difference_gradient, small_mlp, sinusoid_like_tasks
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def meta_sgd_with_distinct_rates(steps: int, vectorize: bool) -> MetaSGD:
+    learner = MetaSGD(
+        small_mlp(), inner_lr=0.1, inner_steps=steps, loss=F.mse_loss, vectorize=vectorize
+    )
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # rates that differ per coordinate, so a mix-up would show
+        for rate in learner.rule.rates.values():
+            rate.copy_(0.02 + 0.1 * torch.rand(rate.shape, generator=g))
+    return learner
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_meta_gradient_of_weights_and_step_sizes_matches_finite_differences(steps, vectorize):
+    learner = meta_sgd_with_distinct_rates(steps, vectorize)
+    tasks = sinusoid_like_tasks()
+    learner.meta_loss(tasks).backward()
+    params = list(learner.parameters())
+    assert len(params) == 2 * len(list(learner.model.parameters()))  # theta and alpha
+    with torch.no_grad():
+        expected = finite_difference_gradient(lambda: learner.meta_loss(tasks), params)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-6, atol=1e-8)
+
+
+def test_one_step_uses_each_coordinates_own_rate():
+    learner = meta_sgd_with_distinct_rates(1, True)
+    tasks = sinusoid_like_tasks()[:1]
+    adapted = learner.adapt(tasks.support_x, tasks.support_y).params
+    theta = dict(learner.model.named_parameters())
+    grads = torch.autograd.grad(
+        F.mse_loss(learner.model(tasks.support_x[0]), tasks.support_y[0]), list(theta.values())
+    )
+    for (name, p), g in zip(theta.items(), grads):
+        torch.testing.assert_close(adapted[name][0], p - learner.rule.rate(name) * g)
+
+
+def test_first_order_still_learns_the_step_sizes():
+    learner = MetaSGD(small_mlp(), inner_lr=0.1, first_order=True, loss=F.mse_loss)
+    learner.meta_loss(sinusoid_like_tasks()).backward()
+    assert all(r.grad is not None and r.grad.abs().sum() > 0 for r in learner.rule.rates.values())

@@ -1,0 +1,166 @@
+"""What every method shares: the user's model left alone, both execution paths and chunking
+equal, evaluation step counts, batch-norm policies, the step index seen by the forward pass."""
+
+import pytest
+import torch
+from torch import nn
+
+from fewshot import ANIL, MAML, MetaSGD, ProtoNet, Reptile, Task
+from fewshot.algorithms import current_inner_step
+from fewshot.models import Conv4, body_and_head
+from tests.algorithms.test_maml import conv_tasks
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+GRADIENT_METHODS = {
+    "maml": lambda model, **kw: MAML(model, inner_lr=0.4, **kw),
+    "meta-sgd": lambda model, **kw: MetaSGD(model, inner_lr=0.4, **kw),
+    "anil": lambda model, **kw: ANIL(*body_and_head(model), inner_lr=0.4, **kw),
+    "reptile": lambda model, **kw: Reptile(model, inner_lr=0.01, inner_batch=None, **kw),
+}
+
+
+def tiny_conv4(seed=0, **kw):
+    torch.manual_seed(seed)
+    return Conv4(out_features=3, hidden=8, image_size=16, **kw)
+
+
+def gradients_after_one_training_step(method, **kw):
+    learner = GRADIENT_METHODS[method](tiny_conv4(), inner_steps=2, **kw)
+    metrics = learner.training_step(conv_tasks(num_tasks=3))
+    return learner, metrics, [p.grad.clone() for p in learner.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("method", list(GRADIENT_METHODS) + ["protonet"])
+def test_wrapping_and_training_leave_the_users_model_unchanged(method):
+    model = tiny_conv4(track_running_stats=True)
+    model(torch.randn(4, 1, 16, 16))  # running statistics that differ from their initial values
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    if method == "protonet":
+        learner = ProtoNet(model)
+    else:
+        learner = GRADIENT_METHODS[method](model)
+    learner.training_step(conv_tasks())
+    learner.predict(conv_tasks())
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert all(m.track_running_stats for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", GRADIENT_METHODS)
+def test_vectorised_and_one_task_at_a_time_paths_agree(method):
+    results = [gradients_after_one_training_step(method, vectorize=v) for v in (True, False)]
+    (vec, vec_metrics, vec_grads), (loop, loop_metrics, loop_grads) = results
+    assert vec_metrics == pytest.approx(loop_metrics, rel=1e-6)
+    assert len(vec_grads) == len(loop_grads) > 0
+    for a, b in zip(vec_grads, loop_grads):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8)
+    tasks = conv_tasks(num_tasks=3, seed=1)
+    torch.testing.assert_close(vec.predict(tasks), loop.predict(tasks), rtol=1e-7, atol=1e-8)
+
+
+@pytest.mark.parametrize("method", GRADIENT_METHODS)
+def test_chunked_training_step_accumulates_the_whole_meta_batch_gradient(method):
+    _, whole_metrics, whole = gradients_after_one_training_step(method, chunk_size=None)
+    _, chunk_metrics, chunked = gradients_after_one_training_step(method, chunk_size=2)
+    assert whole_metrics == pytest.approx(chunk_metrics, rel=1e-6)
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8)
+
+
+@pytest.mark.parametrize("method", GRADIENT_METHODS)
+def test_predictions_use_the_evaluation_step_count_by_default(method):
+    learner = GRADIENT_METHODS[method](tiny_conv4(), inner_steps=1, eval_inner_steps=3)
+    tasks = conv_tasks()
+    default = learner.predict(tasks)
+    torch.testing.assert_close(default, learner.predict(tasks, inner_steps=3))
+    assert not torch.allclose(default, learner.predict(tasks, inner_steps=1))
+
+
+def queries_with_others_changed(tasks: Task) -> Task:
+    """The same episodes with every query but the first replaced by other images."""
+    g = torch.Generator().manual_seed(7)
+    query_x = tasks.query_x.clone()
+    query_x[:, 1:] = torch.randn(query_x[:, 1:].shape, generator=g) * 3 + 1
+    return Task(tasks.support_x, tasks.support_y, query_x, tasks.query_y)
+
+
+def first_query_prediction(learner, tasks):
+    return learner.predict(tasks)[:, 0]
+
+
+def trained_protonet(batch_norm):
+    learner = ProtoNet(
+        Conv4(out_features=None, hidden=8, image_size=16, track_running_stats=True),
+        batch_norm=batch_norm,
+    )
+    learner.training_step(conv_tasks())  # running statistics away from their initial values
+    return learner.eval()
+
+
+LEARNERS_BY_POLICY = {
+    "maml": lambda policy: MAML(tiny_conv4(), batch_norm=policy),
+    "reptile": lambda policy: Reptile(tiny_conv4(), inner_batch=None, batch_norm=policy),
+    "anil": lambda policy: ANIL(*body_and_head(tiny_conv4()), batch_norm=policy),
+    "protonet": trained_protonet,
+}
+
+
+@pytest.mark.parametrize("method", LEARNERS_BY_POLICY)
+def test_inductive_batch_norm_keeps_each_query_independent_of_the_others(method):
+    tasks = conv_tasks()
+    learner = LEARNERS_BY_POLICY[method]("inductive")
+    alone = first_query_prediction(learner, tasks)
+    torch.testing.assert_close(
+        alone, first_query_prediction(learner, queries_with_others_changed(tasks))
+    )
+    transductive = LEARNERS_BY_POLICY[method]("transductive")
+    assert not torch.allclose(
+        first_query_prediction(transductive, tasks),
+        first_query_prediction(transductive, queries_with_others_changed(tasks)),
+    )
+
+
+def test_inductive_prediction_normalises_with_the_support_set_plus_the_query():
+    """Nichol et al.'s non-transductive protocol, computed by hand for one query."""
+    maml = MAML(tiny_conv4(), batch_norm="inductive")
+    tasks = conv_tasks(num_tasks=1)
+    params = maml.adapt(tasks.support_x, tasks.support_y).params
+    batch = torch.cat([tasks.support_x[0], tasks.query_x[0, 2:3]])
+    one = {n: p[0] for n, p in params.items()}
+    by_hand = torch.func.functional_call(maml.model, one, (batch,))[-1]
+    torch.testing.assert_close(maml.predict(tasks)[0, 2], by_hand)
+
+
+class StepRecorder(nn.Module):
+    """A linear model that records the inner step index at each call."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        self.seen: list[int] = []
+
+    def forward(self, x):
+        self.seen.append(current_inner_step())
+        return self.linear(x)
+
+
+def test_the_forward_pass_sees_the_inner_step_index():
+    maml = MAML(StepRecorder(), inner_lr=0.1, inner_steps=3, vectorize=False)
+    tasks = Task(
+        torch.randn(1, 4, 2),
+        torch.tensor([[0, 1, 0, 1]]),
+        torch.randn(1, 2, 2),
+        torch.tensor([[0, 1]]),
+    )
+    maml.meta_loss(tasks)
+    assert maml.model.seen == [0, 1, 2, 2]  # three support passes, then the query pass
