@@ -210,3 +210,43 @@ def test_time_limit_stops_with_a_validated_checkpoint_and_resume_continues(tmp_p
     assert result.exit_code == 0, result.output
     later = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert later[-1]["iteration"] > stopped_at  # the limit counts per invocation
+
+
+@pytest.mark.parametrize("method", ["meta-sgd", "anil", "reptile"])
+def test_every_gradient_method_trains_and_evaluates_from_the_command_line(tmp_path, method):
+    out = tmp_path / method
+    result = run("train", "--algorithm", method, *QUICK, "--out", out)
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["algorithm"] == method and config["batch_norm"] == "transductive"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    training = [r for r in records if "split" not in r]
+    assert training and all("loss" in r for r in training)
+    if method != "reptile":  # the query loss after adaptation, and the support loss before
+        assert all("inner_loss" in r for r in training)
+    evaluated = run("eval", out, "--episodes", "10")
+    assert evaluated.exit_code == 0 and f"{method}, batch norm: transductive" in evaluated.output
+    inductive = json.loads(
+        run("eval", out, "--episodes", "10", "--batch-norm", "inductive", "--json").output
+    )
+    assert inductive["batch_norm"] == "inductive"
+
+
+def test_methods_lists_every_registered_method_with_its_paper_and_settings():
+    from fewshot.algorithms import METHODS
+
+    listing = json.loads(run("methods", "--json").output)
+    assert set(listing) == set(METHODS) >= {"maml", "protonet", "reptile", "meta-sgd", "anil"}
+    assert listing["reptile"]["class"] == "Reptile" and "Nichol" in listing["reptile"]["paper"]
+    assert listing["protonet"]["batch_norm"] == "inductive"
+    assert "inner_optimizer" in listing["reptile"]["settings"]
+    assert listing["maml"]["defaults"]["omniglot"]["inner_lr"] == 0.4
+    text = run("methods").output
+    assert all(f"{name}  (fewshot." in text for name in METHODS)
+
+
+def test_settings_of_another_method_are_refused_by_name(tmp_path):
+    result = run(
+        "train", *QUICK, "--algorithm", "maml", "--inner-optimizer", "sgd", "--out", tmp_path / "r"
+    )
+    assert result.exit_code == 2 and "inner_optimizer is not a setting of maml" in result.output

@@ -15,6 +15,7 @@ import click
 import torch
 
 from fewshot.algorithms import METHODS
+from fewshot.algorithms.base import BATCH_NORM_POLICIES
 from fewshot.errors import ConfigError, FewshotError
 from fewshot.training.checkpoint import read_config
 from fewshot.training.config import DATASETS, TrainConfig
@@ -304,17 +305,25 @@ def read_config_file(path: Path) -> dict:
     "--inner-steps",
     default=None,
     type=click.IntRange(min=0),
-    help="MAML adaptation steps [default: the run's --eval-inner-steps].",
+    help="Adaptation steps of gradient-based methods [default: the run's --eval-inner-steps].",
+)
+@click.option(
+    "--batch-norm",
+    default=None,
+    type=click.Choice(BATCH_NORM_POLICIES),
+    help="Batch-norm policy at prediction [default: the run's, which is its method's paper's].",
 )
 @click.option("--seed", default=TEST_SEED, type=int, help="Episode seed; same seed, same episodes.")
 @click.option("--device", default="cpu", help="torch device.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @friendly_errors
-def eval_command(run_dir, data_root, download, episodes, inner_steps, seed, device, as_json):
+def eval_command(
+    run_dir, data_root, download, episodes, inner_steps, batch_norm, seed, device, as_json
+):
     """Meta-test accuracy (or MSE) ± 95% CI of RUN_DIR's best checkpoint on held-out classes."""
     if episodes <= 0:
         raise click.BadParameter("must be positive", param_hint="--episodes")
-    config, algorithm, sources = load_run(run_dir, data_root, download, device)
+    config, algorithm, sources = load_run(run_dir, data_root, download, device, batch_norm)
     set_threads(config.dataset, None)
     report = test_report(algorithm, config, sources.test, episodes, seed, inner_steps, device)
     lines = report.pop("lines")

@@ -80,5 +80,5 @@ def body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     if isinstance(model, Conv4):
         return model.features, model.head
     if isinstance(model, nn.Sequential) and len(model) > 1:
-        return model[:-1], model[-1]
+        return nn.Sequential(*list(model)[:-1]), model[-1]
     raise TypeError(f"cannot tell the head of a {type(model).__name__}; pass body and head.")

@@ -194,3 +194,43 @@ def test_too_high_inner_rate_gets_one_line_from_the_command_line(tmp_path):
         result.stderr.strip().splitlines()[-1].startswith("error: training diverged at iteration")
     )
     assert "Traceback" not in result.stderr
+
+
+REPTILE_ARGS = [
+    "--algorithm",
+    "reptile",
+    "--iterations",
+    "2000",
+    "--val-every",
+    "500",
+    "--val-episodes",
+    "10",
+    "--checkpoint-every",
+    "100000",
+    "--test-episodes",
+    "0",
+]
+
+
+def test_a_resumed_reptile_run_continues_its_annealed_outer_rate_exactly(tmp_path):
+    """Reptile's epsilon is a schedule: the checkpoint must hold its state, or the resumed run
+    would restart the annealing and end elsewhere."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run_to_end("train", *REPTILE_ARGS, "--out", straight).returncode == 0
+    process = subprocess.Popen(
+        fewshot_cli("train", *REPTILE_ARGS, "--out", stopped),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for_iteration(stopped, 300, process)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    interrupted = load_state(stopped / STATE_FILE)
+    assert 0 < interrupted.iteration < 2000 and interrupted.scheduler is not None
+    assert run_to_end("train", "--resume", stopped).returncode == 0
+    final_a, final_b = load_state(straight / STATE_FILE), load_state(stopped / STATE_FILE)
+    assert final_a.iteration == final_b.iteration == 2000
+    for name, tensor in final_a.algorithm.items():
+        assert torch.equal(tensor, final_b.algorithm[name]), name
+    assert final_a.scheduler == final_b.scheduler
+    assert metrics(straight) == metrics(stopped)

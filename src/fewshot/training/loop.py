@@ -8,6 +8,7 @@ every random-generator state and the best result so far, and the metrics log is 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -289,10 +290,21 @@ def train(
     return run.algorithm, sources, run.best
 
 
-def load_run(run_dir: Path, data_root=None, download: bool = False, device: str = "cpu"):
-    """The configuration, best weights and test-episode sampler of a finished run."""
+def load_run(
+    run_dir: Path,
+    data_root=None,
+    download: bool = False,
+    device: str = "cpu",
+    batch_norm: str | None = None,
+):
+    """The configuration, best weights and test-episode sampler of a finished run.
+
+    `batch_norm` overrides the run's batch-norm policy at prediction (to measure its effect).
+    """
     run_dir = Path(run_dir)
     config = checkpoint.read_config(run_dir)
+    if batch_norm is not None:
+        config.settings = dataclasses.replace(config.settings, batch_norm=batch_norm)
     algorithm = build_algorithm(config)
     checkpoint.load_weights(algorithm, run_dir / checkpoint.BEST_WEIGHTS)
     sources = build_sources(config, data_root, download, parts=("test",))
