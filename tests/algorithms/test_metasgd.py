@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from fewshot import MetaSGD
-from tests.algorithms.test_maml import finite_difference_gradient, small_mlp, sinusoid_like_tasks
+from tests.algorithms.test_maml import finite_difference_gradient, sinusoid_like_tasks, small_mlp
 
 
 @pytest.fixture(autouse=True, scope="module")

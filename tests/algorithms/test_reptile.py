@@ -9,7 +9,7 @@ from torch import nn
 
 from fewshot import Reptile
 from fewshot.training.loop import meta_step
-from tests.algorithms.test_maml import linear_tasks, small_mlp, sinusoid_like_tasks
+from tests.algorithms.test_maml import linear_tasks, sinusoid_like_tasks, small_mlp
 
 
 @pytest.fixture(autouse=True, scope="module")

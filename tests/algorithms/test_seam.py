@@ -43,10 +43,7 @@ def test_wrapping_and_training_leave_the_users_model_unchanged(method):
     model = tiny_conv4(track_running_stats=True)
     model(torch.randn(4, 1, 16, 16))  # running statistics that differ from their initial values
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    if method == "protonet":
-        learner = ProtoNet(model)
-    else:
-        learner = GRADIENT_METHODS[method](model)
+    learner = ProtoNet(model) if method == "protonet" else GRADIENT_METHODS[method](model)
     learner.training_step(conv_tasks())
     learner.predict(conv_tasks())
     after = model.state_dict()

@@ -2,8 +2,8 @@
 
 import pytest
 
-from fewshot.errors import ConfigError
 from fewshot.algorithms.registry import default_chunk_size
+from fewshot.errors import ConfigError
 from fewshot.training.config import TrainConfig
 
 
