@@ -100,3 +100,12 @@ def test_adapting_a_trained_reptile_uses_the_support_set_only():
     changed = tasks.query_y + 100.0
     altered = type(tasks)(tasks.support_x, tasks.support_y, tasks.query_x, changed)
     torch.testing.assert_close(reptile.predict(tasks), reptile.predict(altered))
+
+
+def test_adaptation_uses_the_whole_support_set_unless_an_eval_batch_is_given():
+    tasks = sinusoid_like_tasks()
+    kwargs = dict(inner_optimizer="sgd", inner_lr=0.01, loss=F.mse_loss, eval_inner_steps=3)
+    whole = Reptile(small_mlp(), inner_batch=None, **kwargs).predict(tasks)
+    torch.testing.assert_close(Reptile(small_mlp(), inner_batch=2, **kwargs).predict(tasks), whole)
+    batched = Reptile(small_mlp(), inner_batch=None, eval_inner_batch=2, **kwargs).predict(tasks)
+    assert not torch.allclose(batched, whole)

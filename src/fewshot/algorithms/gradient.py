@@ -204,7 +204,9 @@ class GradientLearner(Algorithm):
         """Each task's query loss after `inner_steps` steps, differentiable with respect to theta
         (and the rule's parameters). Methods with other query losses (after every step, say)
         override this."""
-        path = self.trajectory(tasks.support_x, tasks.support_y, self.inner_steps)
+        path = self.trajectory(
+            tasks.support_x, tasks.support_y, self.inner_steps, batch=self.inner_batch
+        )
         outputs = self.query_outputs(path.params[-1], tasks.query_x, self.inner_steps)
         losses = self.per_task_loss(outputs, tasks.query_y)
         return QueryResult(losses, _accuracy(outputs, tasks.query_y), _last(path.support_losses))
@@ -224,11 +226,10 @@ class GradientLearner(Algorithm):
         `differentiable` (default: whether gradients are enabled) keeps the graph from theta
         to the trajectory, through the inner gradients too unless `first_order`. Otherwise
         each step starts from detached parameters, so memory does not grow with the steps.
-        `batch` (default `inner_batch`) is the mini-batch size of each step.
+        `batch` is the mini-batch size of each step (None: the whole support set).
         """
         differentiable = torch.is_grad_enabled() if differentiable is None else differentiable
         create_graph = differentiable and not self.first_order
-        batch = self.inner_batch if batch is None else batch
         theta = dict(self.model.named_parameters())
         names = [n for n in self.adapted_names if theta[n].requires_grad]
         with torch.enable_grad():

@@ -95,7 +95,7 @@ class Reptile(GradientLearner):
             chunk = tasks[start : start + size]
             x = torch.cat([chunk.support_x, chunk.query_x], dim=1)
             y = torch.cat([chunk.support_y, chunk.query_y], dim=1)
-            path = self.trajectory(x, y, self.inner_steps, differentiable=False)
+            path = self.trajectory(x, y, self.inner_steps, False, self.inner_batch)
             for name, p in theta.items():
                 difference = (p.detach() - path.params[-1][name]).sum(0) / len(tasks)
                 p.grad = difference if p.grad is None else p.grad + difference
