@@ -9,14 +9,6 @@ from fewshot import ANIL
 from tests.algorithms.test_maml import sinusoid_like_tasks
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def body_and_head(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh()), nn.Linear(8, 1)

@@ -9,14 +9,6 @@ from fewshot import MAML, Task
 from fewshot.models import Conv4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def linear_tasks(num_tasks=3, dim=4, shots=6, queries=5, seed=0) -> Task:
     g = torch.Generator().manual_seed(seed)
     sx = torch.randn(num_tasks, shots, dim, generator=g)

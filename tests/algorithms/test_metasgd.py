@@ -9,14 +9,6 @@ from fewshot import MetaSGD
 from tests.algorithms.test_maml import finite_difference_gradient, sinusoid_like_tasks, small_mlp
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def meta_sgd_with_distinct_rates(steps: int, vectorize: bool) -> MetaSGD:
     learner = MetaSGD(
         small_mlp(), inner_lr=0.1, inner_steps=steps, loss=F.mse_loss, vectorize=vectorize

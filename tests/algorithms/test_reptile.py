@@ -12,14 +12,6 @@ from fewshot.training.loop import meta_step
 from tests.algorithms.test_maml import linear_tasks, sinusoid_like_tasks, small_mlp
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def independent_reptile_update(model, tasks, epsilon, steps, make_optimizer):
     """theta + epsilon * mean_i(phi_i - theta), each phi_i from `steps` full-batch steps of a
     fresh torch optimizer on all of task i's examples (support and query)."""

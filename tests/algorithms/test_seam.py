@@ -10,15 +10,6 @@ from fewshot.algorithms import current_inner_step
 from fewshot.models import Conv4, body_and_head
 from tests.algorithms.test_maml import conv_tasks
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 GRADIENT_METHODS = {
     "maml": lambda model, **kw: MAML(model, inner_lr=0.4, **kw),
     "meta-sgd": lambda model, **kw: MetaSGD(model, inner_lr=0.4, **kw),

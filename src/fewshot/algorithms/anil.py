@@ -13,11 +13,11 @@ unless `first_order`). The shared inner loop (`GradientLearner`) with the body a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-import torch.nn.functional as F
 from torch import nn
 
-from fewshot.algorithms.gradient import GradientLearner, LossFn
+from fewshot.algorithms.gradient import GradientLearner
 from fewshot.algorithms.maml import MAML  # noqa: F401  (registers maml, whose defaults we take)
 from fewshot.algorithms.registry import GradientSettings, Method, Problem, get_method, register
 from fewshot.algorithms.rules import SGD
@@ -31,34 +31,14 @@ class ANIL(GradientLearner):
         body: the feature extractor, meta-learned only (a copy is trained, as `anil.encoder`).
         head: the final layer(s), adapted in the inner loop (`anil.model`).
         inner_lr: alpha, the inner step size of the head.
-        The other arguments are `GradientLearner`'s.
+        options: `GradientLearner`'s keyword arguments (inner_steps, eval_inner_steps,
+            first_order, loss, vectorize, chunk_size, batch_norm).
     """
 
     def __init__(
-        self,
-        body: nn.Module,
-        head: nn.Module,
-        inner_lr: float = 0.4,
-        inner_steps: int = 1,
-        eval_inner_steps: int | None = None,
-        first_order: bool = False,
-        loss: LossFn = F.cross_entropy,
-        vectorize: bool = True,
-        chunk_size: int | None = None,
-        batch_norm: str = "transductive",
+        self, body: nn.Module, head: nn.Module, inner_lr: float = 0.4, **options: Any
     ) -> None:
-        super().__init__(
-            head,
-            SGD(inner_lr),
-            encoder=body,
-            inner_steps=inner_steps,
-            eval_inner_steps=eval_inner_steps,
-            first_order=first_order,
-            loss=loss,
-            vectorize=vectorize,
-            chunk_size=chunk_size,
-            batch_norm=batch_norm,
-        )
+        super().__init__(head, SGD(inner_lr), encoder=body, **options)
         self.inner_lr = inner_lr
 
 

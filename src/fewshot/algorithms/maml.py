@@ -14,11 +14,11 @@ fixed step size (`rules.SGD`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-import torch.nn.functional as F
 from torch import nn
 
-from fewshot.algorithms.gradient import GradientLearner, LossFn, Selection
+from fewshot.algorithms.gradient import GradientLearner
 from fewshot.algorithms.registry import GradientSettings, Method, Problem, register
 from fewshot.algorithms.rules import SGD
 from fewshot.models import default_model
@@ -31,34 +31,12 @@ class MAML(GradientLearner):
         model: the network; its parameters are the meta-learned initialisation theta. MAML
             trains a copy (`maml.model`); the module passed in is left as it was.
         inner_lr: alpha, the step size of the inner (adaptation) updates.
-        The other arguments are `GradientLearner`'s.
+        options: `GradientLearner`'s keyword arguments (inner_steps, eval_inner_steps,
+            first_order, loss, adapt, vectorize, chunk_size, batch_norm).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        inner_lr: float = 0.4,
-        inner_steps: int = 1,
-        eval_inner_steps: int | None = None,
-        first_order: bool = False,
-        loss: LossFn = F.cross_entropy,
-        adapt: Selection = None,
-        vectorize: bool = True,
-        chunk_size: int | None = None,
-        batch_norm: str = "transductive",
-    ) -> None:
-        super().__init__(
-            model,
-            SGD(inner_lr),
-            inner_steps=inner_steps,
-            eval_inner_steps=eval_inner_steps,
-            first_order=first_order,
-            loss=loss,
-            adapt=adapt,
-            vectorize=vectorize,
-            chunk_size=chunk_size,
-            batch_norm=batch_norm,
-        )
+    def __init__(self, model: nn.Module, inner_lr: float = 0.4, **options: Any) -> None:
+        super().__init__(model, SGD(inner_lr), **options)
         self.inner_lr = inner_lr
 
 

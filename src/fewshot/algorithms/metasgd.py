@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
-import torch.nn.functional as F
 from torch import nn
 
-from fewshot.algorithms.gradient import GradientLearner, LossFn, Selection
+from fewshot.algorithms.gradient import GradientLearner
 from fewshot.algorithms.maml import MAML  # noqa: F401  (registers maml, whose defaults we take)
 from fewshot.algorithms.registry import (
     GradientSettings,
@@ -35,34 +35,12 @@ class MetaSGD(GradientLearner):
     Args:
         model: the network (a copy is trained; the module passed in is left as it was).
         inner_lr: the initial value of every coordinate's step size (`meta_sgd.rule.rates`).
-        The other arguments are `GradientLearner`'s.
+        options: `GradientLearner`'s keyword arguments (inner_steps, eval_inner_steps,
+            first_order, loss, adapt, vectorize, chunk_size, batch_norm).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        inner_lr: float = 0.4,
-        inner_steps: int = 1,
-        eval_inner_steps: int | None = None,
-        first_order: bool = False,
-        loss: LossFn = F.cross_entropy,
-        adapt: Selection = None,
-        vectorize: bool = True,
-        chunk_size: int | None = None,
-        batch_norm: str = "transductive",
-    ) -> None:
-        super().__init__(
-            model,
-            partial(PerCoordinateSGD, lr=inner_lr),
-            inner_steps=inner_steps,
-            eval_inner_steps=eval_inner_steps,
-            first_order=first_order,
-            loss=loss,
-            adapt=adapt,
-            vectorize=vectorize,
-            chunk_size=chunk_size,
-            batch_norm=batch_norm,
-        )
+    def __init__(self, model: nn.Module, inner_lr: float = 0.4, **options: Any) -> None:
+        super().__init__(model, partial(PerCoordinateSGD, lr=inner_lr), **options)
 
 
 @dataclass

@@ -17,12 +17,12 @@ In meta-training a task's support and query examples are all training data for t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fewshot.algorithms.gradient import GradientLearner, LossFn
+from fewshot.algorithms.gradient import GradientLearner
 from fewshot.algorithms.registry import InnerLoopSettings, Method, Problem, register, setting
 from fewshot.algorithms.rules import SGD, Adam
 from fewshot.errors import ConfigError
@@ -39,9 +39,10 @@ class Reptile(GradientLearner):
         inner_lr: the inner optimizer's learning rate.
         inner_optimizer: "adam" (with beta1 = 0, as the paper) or "sgd"; Adam's moments start
             from zero for every task.
-        inner_batch, eval_inner_batch: examples per inner step (None: all of the task's).
+        inner_batch: examples per inner step in meta-training (None: all of the task's).
         final_outer_lr: the value epsilon is annealed to, linearly, by the last iteration.
-        The other arguments are `GradientLearner`'s.
+        options: `GradientLearner`'s other keyword arguments (eval_inner_batch, loss, adapt,
+            vectorize, chunk_size, batch_norm).
     """
 
     def __init__(
@@ -52,12 +53,8 @@ class Reptile(GradientLearner):
         eval_inner_steps: int | None = 50,
         inner_optimizer: str = "adam",
         inner_batch: int | None = 10,
-        eval_inner_batch: int | None = None,
         final_outer_lr: float = 0.0,
-        loss: LossFn = F.cross_entropy,
-        vectorize: bool = True,
-        chunk_size: int | None = None,
-        batch_norm: str = "transductive",
+        **options: Any,
     ) -> None:
         if inner_optimizer not in INNER_OPTIMIZERS:
             raise ConfigError(
@@ -73,12 +70,8 @@ class Reptile(GradientLearner):
             inner_steps=inner_steps,
             eval_inner_steps=eval_inner_steps,
             first_order=True,
-            loss=loss,
             inner_batch=inner_batch,
-            eval_inner_batch=eval_inner_batch,
-            vectorize=vectorize,
-            chunk_size=chunk_size,
-            batch_norm=batch_norm,
+            **options,
         )
         self.final_outer_lr = final_outer_lr
 
