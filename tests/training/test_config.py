@@ -54,3 +54,23 @@ def test_a_gpu_takes_the_whole_meta_batch_in_one_pass():
 def test_non_positive_chunk_size_is_refused():
     with pytest.raises(ConfigError, match="chunk_size must be positive"):
         TrainConfig(dataset="omniglot", settings={"chunk_size": 0}).resolved()
+
+
+def test_run_folders_of_format_1_still_load_with_their_original_batch_norm():
+    """The zoo's config.json files list every method's settings in one flat list (format 1)."""
+    from fewshot.training.checkpoint import read_config
+    from tests.conftest import REPO
+
+    protonet = read_config(REPO / "zoo" / "protonet-omniglot-5w1s")
+    assert protonet.algorithm == "protonet" and protonet.settings.batch_norm == "inductive"
+    assert protonet.train_ways == 60
+    maml = read_config(REPO / "zoo" / "maml-omniglot-5w1s-cpu")
+    assert maml.settings.batch_norm == "transductive" and maml.settings.vectorize is False
+    assert (maml.settings.inner_lr, maml.settings.eval_inner_steps) == (0.4, 3)
+
+
+def test_config_round_trips_through_its_flat_dict():
+    config = TrainConfig(algorithm="reptile", dataset="omniglot").resolved()
+    flat = config.to_dict()
+    assert flat["inner_optimizer"] == "adam" and flat["outer_lr"] == 1.0
+    assert TrainConfig.from_dict(flat).resolved() == config
