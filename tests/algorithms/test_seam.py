@@ -152,3 +152,26 @@ def test_the_forward_pass_sees_the_inner_step_index():
     )
     maml.meta_loss(tasks)
     assert maml.model.seen == [0, 1, 2, 2]  # three support passes, then the query pass
+
+
+@pytest.mark.parametrize("adapt", ["head", ["head.weight", "head.bias"], lambda n: "head" in n])
+def test_a_named_set_adapts_while_every_parameter_is_meta_learned(adapt):
+    maml = MAML(tiny_conv4(), inner_lr=0.4, adapt=adapt)
+    tasks = conv_tasks()
+    adapted = maml.trajectory(tasks.support_x, tasks.support_y, steps=2).params[-1]
+    for name, theta in maml.model.named_parameters():
+        moved = not torch.equal(adapted[name], theta.expand_as(adapted[name]))
+        assert moved == name.startswith("head."), name
+    maml.meta_loss(tasks).backward()
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0
+        for p in maml.model.parameters()
+        if p.dim() > 1
+    )  # conv and linear weights (conv biases cancel in batch norm)
+
+
+def test_an_unknown_parameter_name_is_refused():
+    from fewshot.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="does not have: classifier.weight"):
+        MAML(tiny_conv4(), adapt=["classifier.weight"])
