@@ -16,6 +16,7 @@ import torch
 
 from fewshot.algorithms import METHODS
 from fewshot.algorithms.base import BATCH_NORM_POLICIES
+from fewshot.algorithms.registry import default_text
 from fewshot.errors import ConfigError, FewshotError
 from fewshot.training.checkpoint import read_config
 from fewshot.training.config import DATASETS, TrainConfig
@@ -64,9 +65,10 @@ def method_options(command):
         f, hint = first[name]
         kind = next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
         flag = "--" + name.replace("_", "-")
-        methods = "" if len(owners[name]) == len(METHODS) else f" ({', '.join(owners[name])})"
-        default = PAPER if f.default is None else f"[default: {f.default}]"
-        help_text = f"{f.metadata['help']}{methods} {default}"
+        methods = (
+            "" if len(owners[name]) == len(METHODS) else f" Methods: {', '.join(owners[name])}."
+        )
+        help_text = f"{f.metadata['help']}{methods} {default_text(f)}"
         if kind is bool:
             option = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
         else:

@@ -72,18 +72,20 @@ def test_epsilon_is_annealed_linearly_to_its_final_value():
     assert rates == pytest.approx(expected, rel=1e-12)
 
 
-def test_mini_batched_inner_steps_cycle_through_each_tasks_examples():
-    """With batches of half a task, two consecutive steps see each of its examples once."""
+def test_mini_batches_visit_every_example_once_per_epoch_in_a_new_order_each_epoch():
+    """As the paper's code: batches of 3 from 6 examples, each pass over a task's examples in a
+    fresh random order."""
     from fewshot.algorithms.gradient import _mini_batch, _random_order
 
+    torch.manual_seed(0)
     x = torch.arange(2 * 6, dtype=torch.float64).view(2, 6, 1)
     y = x.squeeze(-1).clone()
-    order = _random_order(x, batch=3)
-    first, second = (_mini_batch(x, y, order, 3, step)[1] for step in (0, 1))
-    for task in range(2):
-        seen = torch.cat([first[task], second[task]]).sort().values
-        assert torch.equal(seen, y[task])
-    assert torch.equal(_mini_batch(x, y, order, 3, 2)[1], first)  # the next epoch starts over
+    order = _random_order(x, batch=3, steps=20)
+    batches = [_mini_batch(x, y, order, 3, step)[1] for step in range(20)]
+    epochs = [torch.cat(batches[i : i + 2], dim=1) for i in range(0, 20, 2)]
+    for epoch in epochs:
+        assert torch.equal(epoch.sort(dim=1).values, y)  # every example exactly once
+    assert len({tuple(epoch[0].tolist()) for epoch in epochs}) > 1  # reshuffled
 
 
 def test_adapting_a_trained_reptile_uses_the_support_set_only():

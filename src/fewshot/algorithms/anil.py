@@ -18,8 +18,8 @@ from typing import Any
 from torch import nn
 
 from fewshot.algorithms.gradient import GradientLearner
-from fewshot.algorithms.maml import MAML  # noqa: F401  (registers maml, whose defaults we take)
-from fewshot.algorithms.registry import GradientSettings, Method, Problem, get_method, register
+from fewshot.algorithms.maml import MAML_DEFAULTS
+from fewshot.algorithms.registry import GradientSettings, Method, Problem, register
 from fewshot.algorithms.rules import SGD
 from fewshot.models import body_and_head, default_model
 
@@ -66,6 +66,6 @@ register(
         "Understanding the Effectiveness of MAML (ICLR)",
         build=build,
         batch_norm="transductive",
-        defaults=get_method("maml").defaults,
+        defaults=MAML_DEFAULTS,
     )
 )

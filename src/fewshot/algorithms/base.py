@@ -87,9 +87,8 @@ class Algorithm(nn.Module):
 
     def predict(self, tasks: Task, inner_steps: int | None = None) -> torch.Tensor:
         """Query outputs (logits or regression values), shaped (tasks, queries, ...)."""
-        predictor = self.adapt(tasks.support_x, tasks.support_y, inner_steps)
         with torch.no_grad():
-            return predictor(tasks.query_x)
+            return self.adapt(tasks.support_x, tasks.support_y, inner_steps)(tasks.query_x)
 
     def configure_optimizers(
         self, lr: float, iterations: int
@@ -109,5 +108,8 @@ def check_batch_norm_policy(policy: str) -> str:
     return policy
 
 
+BATCH_NORM_LAYERS = nn.modules.batchnorm._BatchNorm
+
+
 def has_batch_norm(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+    return any(isinstance(m, BATCH_NORM_LAYERS) for m in module.modules())

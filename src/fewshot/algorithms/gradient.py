@@ -98,9 +98,12 @@ class GradientLearner(Algorithm):
         eval_inner_steps: inner updates when adapting a trained learner; default `inner_steps`.
         first_order: treat inner gradients as constants (no second-order term).
         loss: loss(outputs, targets) with mean reduction; cross-entropy by default.
-        adapt: which parameters of `model` adapt in the inner loop: None for all, or names,
-            or a predicate on names, or a name prefix (e.g. "head"). The rest keep theta in
-            every task and are still meta-learned.
+        adapted: which parameters of `model` adapt in the inner loop: None for all that
+            require gradients, or names, or a predicate on names, or a name prefix (e.g.
+            "head"). The rest keep theta in every task.
+        meta_learned: which parameters the outer loop learns, chosen the same way (None: all
+            that require gradients). A parameter that adapts but is not meta-learned starts
+            every task from its fixed value (e.g. task-specific context parameters at zero).
         encoder: an optional network applied to the inputs once per task, before the inner loop
             (it does not adapt; its parameters are meta-learned through the adapted outputs).
         inner_batch: examples per inner step, drawn as mini-batches from each task's support
@@ -113,7 +116,7 @@ class GradientLearner(Algorithm):
             al.'s code) or "inductive" (each query with the support set plus itself, as in
             Nichol et al.'s non-transductive evaluation).
 
-    Parameters with `requires_grad=False` stay fixed: neither adapted nor meta-learned.
+    Parameters with `requires_grad=False` stay fixed unless named in `adapted`.
     """
 
     def __init__(
@@ -125,7 +128,8 @@ class GradientLearner(Algorithm):
         eval_inner_steps: int | None = None,
         first_order: bool = False,
         loss: LossFn = F.cross_entropy,
-        adapt: Selection = None,
+        adapted: Selection = None,
+        meta_learned: Selection = None,
         encoder: nn.Module | None = None,
         inner_batch: int | None = None,
         eval_inner_batch: int | None = None,
@@ -146,12 +150,13 @@ class GradientLearner(Algorithm):
             raise ConfigError(f"eval_inner_steps must be >= 0, got {eval_inner_steps}.")
         self.model = _with_batch_statistics(copy.deepcopy(model))
         self.encoder = None if encoder is None else _with_batch_statistics(copy.deepcopy(encoder))
-        self.adapted_names = _select(self.model, adapt)
+        self.adapted_names = _select(self.model, adapted)
+        self.meta_learned_names = _select(self.model, meta_learned)
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(name in self.meta_learned_names)
         if not isinstance(rule, InnerRule):
             parameters = dict(self.model.named_parameters())
-            rule = rule(
-                {n: p for n, p in parameters.items() if n in self.adapted_names and p.requires_grad}
-            )
+            rule = rule({n: parameters[n] for n in self.adapted_names})
         self.rule = rule
         self.inner_steps = inner_steps
         self.eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
@@ -161,13 +166,22 @@ class GradientLearner(Algorithm):
         self.vectorize = vectorize
         self.chunk_size = chunk_size
         self.batch_norm = check_batch_norm_policy(batch_norm)
-        self._needs_one_query_at_a_time = batch_norm == "inductive" and (
-            has_batch_norm(self.model) or (encoder is not None and has_batch_norm(self.encoder))
-        )
+
+    @property
+    def predicts_one_query_at_a_time(self) -> bool:
+        """Inductive batch norm in a network that has batch norm: each query is predicted with
+        its task's support set plus itself."""
+        networks = [self.model] + ([self.encoder] if self.encoder is not None else [])
+        return self.batch_norm == "inductive" and any(map(has_batch_norm, networks))
 
     # -- using a trained learner ------------------------------------------------------------
 
     def adapt(self, support_x, support_y, inner_steps=None) -> Predictor:
+        if torch.is_inference_mode_enabled():
+            raise ConfigError(
+                "gradient-based methods adapt with gradients, which inference mode forbids; "
+                "use torch.no_grad() instead of torch.inference_mode()."
+            )
         steps = self.eval_inner_steps if inner_steps is None else inner_steps
         with torch.enable_grad():
             path = self.trajectory(
@@ -184,10 +198,9 @@ class GradientLearner(Algorithm):
         """Back-propagate the meta-loss `chunk_size` tasks at a time (one at a time without
         `vectorize`): the same gradient as `meta_loss(tasks).backward()`, with only one chunk's
         graph alive."""
-        size = (self.chunk_size or len(tasks)) if self.vectorize else 1
         sums: dict[str, float] = {}
-        for start in range(0, len(tasks), size):
-            result = self.query_result(tasks[start : start + size])
+        for chunk in self.chunks(tasks):
+            result = self.query_result(chunk)
             loss = result.losses.sum() / len(tasks)
             if torch.isfinite(loss):
                 loss.backward()
@@ -199,6 +212,12 @@ class GradientLearner(Algorithm):
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0.0) + value.item()
         return sums
+
+    def chunks(self, tasks: Task) -> Iterator[Task]:
+        """The meta-batch in passes of `chunk_size` tasks (one task without `vectorize`)."""
+        size = (self.chunk_size or len(tasks)) if self.vectorize else 1
+        for start in range(0, len(tasks), size):
+            yield tasks[start : start + size]
 
     def query_result(self, tasks: Task) -> QueryResult:
         """Each task's query loss after `inner_steps` steps, differentiable with respect to theta
@@ -220,29 +239,29 @@ class GradientLearner(Algorithm):
         steps: int,
         differentiable: bool | None = None,
         batch: int | None = None,
+        keep_all_steps: bool = False,
     ) -> Trajectory:
-        """phi_0 .. phi_steps for every task of (x, y) at once, each with a leading task dim.
+        """The adapted parameters of every task of (x, y) at once, each with a leading task dim:
+        phi_0 .. phi_steps with `keep_all_steps` (for losses after every step), else phi_steps.
 
         `differentiable` (default: whether gradients are enabled) keeps the graph from theta
-        to the trajectory, through the inner gradients too unless `first_order`. Otherwise
-        each step starts from detached parameters, so memory does not grow with the steps.
-        `batch` is the mini-batch size of each step (None: the whole support set).
+        (and the rule's parameters) to the result, through the inner gradients too unless
+        `first_order`. Otherwise every step starts from detached parameters, so memory does
+        not grow with the steps, and the result is a snapshot: later changes to theta do not
+        change it. `batch` is the mini-batch size of each step (None: the whole support set).
         """
         differentiable = torch.is_grad_enabled() if differentiable is None else differentiable
         create_graph = differentiable and not self.first_order
-        theta = dict(self.model.named_parameters())
-        names = [n for n in self.adapted_names if theta[n].requires_grad]
+        names = self.adapted_names
+        with torch.set_grad_enabled(differentiable):
+            features = self._encode(x)
+        params = self._initial_params(len(x), differentiable)
+        order = _random_order(x, batch, steps)
+        path, losses = [params], []
         with torch.enable_grad():
-            features = self._encode(x) if differentiable else self._encode(x).detach()
-            params = {n: p.expand(len(x), *p.shape) for n, p in theta.items()}
-            if not differentiable:
-                params = {n: p.detach() for n, p in params.items()}
-            path, losses = [params], []
             state = self.rule.init_state({n: params[n] for n in names})
-            order = _random_order(x, batch)
             for step in range(steps if names else 0):
-                if not differentiable:
-                    params = {n: p.requires_grad_(n in names) for n, p in params.items()}
+                params = _with_gradients(params, names)
                 xs, ys = _mini_batch(features, y, order, batch, step)
                 with inner_step(step):
                     support_losses = self.per_task_loss(self._call_model(params, xs), ys)
@@ -254,21 +273,39 @@ class GradientLearner(Algorithm):
                     allow_unused=True,
                 )
                 updated, state = self.rule(
-                    {n: params[n] for n in names}, dict(zip(names, grads)), state, step
+                    {n: params[n] for n in names},
+                    dict(zip(names, grads)),
+                    support_losses if differentiable else support_losses.detach(),
+                    state,
+                    step,
                 )
                 params = {**params, **updated}
                 if not differentiable:
                     params = {n: p.detach() for n, p in params.items()}
                     state = _detached(state)
-                path.append(params)
+                path = [*path, params] if keep_all_steps else [params]
                 losses.append(support_losses.detach())
         return Trajectory(path, losses)
 
-    def query_outputs(self, params: Params, query_x: torch.Tensor, steps: int) -> torch.Tensor:
+    def _initial_params(self, tasks: int, differentiable: bool) -> Params:
+        """phi_0 = theta for every task: differentiable views of the meta-learned parameters, or
+        detached copies (a snapshot) when nothing is differentiated."""
+        params = {}
+        for name, theta in self.model.named_parameters():
+            if not differentiable:
+                theta = theta.detach().clone()
+            elif name not in self.meta_learned_names:
+                theta = theta.detach()
+            params[name] = theta.expand(tasks, *theta.shape)
+        return params
+
+    def query_outputs(
+        self, params: Params, query_x: torch.Tensor, steps: int, encoder: Params | None = None
+    ) -> torch.Tensor:
         """Outputs of the adapted parameters on the query sets, in the training-time batch-norm
-        mode (the query set of a task as one batch)."""
+        mode (the query set of a task as one batch); `encoder` overrides the encoder's weights."""
         with inner_step(max(steps - 1, 0)):
-            return self._call_model(params, self._encode(query_x))
+            return self._call_model(params, self._encode(query_x, encoder))
 
     def per_task_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Each task's loss, shape (tasks,)."""
@@ -291,16 +328,17 @@ class GradientLearner(Algorithm):
             ]
         )
 
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        """The encoder's features of every task's inputs (the inputs themselves without one)."""
+    def _encode(self, x: torch.Tensor, params: Params | None = None) -> torch.Tensor:
+        """The encoder's features of every task's inputs (the inputs themselves without one),
+        with the encoder's weights or `params`."""
         if self.encoder is None:
             return x
-        params = dict(self.encoder.named_parameters())
+        params = dict(self.encoder.named_parameters()) if params is None else params
         buffers = dict(self.encoder.named_buffers())
         if self._vmapped(x):
             batched = vmap(_call, in_dims=(None, None, None, 0), randomness="different")
             return batched(self.encoder, params, buffers, x)
-        return torch.stack([self.encoder(task_x) for task_x in x])
+        return torch.stack([_call(self.encoder, params, buffers, task_x) for task_x in x])
 
     def _vmapped(self, x: torch.Tensor) -> bool:
         # A single task runs faster as a plain call (Conv4 on CPU; docs/performance.md).
@@ -311,7 +349,8 @@ class GradientPredictor(Predictor):
     """Predictions of adapted parameters, in the learner's batch-norm mode.
 
     `params` holds the adapted parameters (leading task dimension), for
-    `torch.func.functional_call(learner.model, ...)` on one task's slice.
+    `torch.func.functional_call(learner.model, ...)` on one task's slice. The predictor is a
+    snapshot: training the learner further does not change its predictions.
     """
 
     def __init__(
@@ -319,11 +358,17 @@ class GradientPredictor(Predictor):
     ):
         super().__init__(self._outputs)
         self.learner, self.params, self.support_x, self.steps = learner, params, support_x, steps
+        encoder = learner.encoder
+        self.encoder_params = (
+            None
+            if encoder is None
+            else {n: p.detach().clone() for n, p in encoder.named_parameters()}
+        )
 
     def _outputs(self, query_x: torch.Tensor) -> torch.Tensor:
         learner = self.learner
-        if not learner._needs_one_query_at_a_time:
-            return learner.query_outputs(self.params, query_x, self.steps)
+        if not learner.predicts_one_query_at_a_time:
+            return learner.query_outputs(self.params, query_x, self.steps, self.encoder_params)
         # Inductive batch norm: each query is normalised with its task's support set plus
         # itself, so no query sees another (Nichol et al. 2018). Task by task, all queries
         # of a task at once: (queries, support + 1, ...) with the task's parameters repeated.
@@ -333,7 +378,8 @@ class GradientPredictor(Predictor):
             support = self.support_x[i].expand(len(queries), *self.support_x.shape[1:])
             batches = torch.cat([support, queries.unsqueeze(1)], dim=1)
             params = {n: p[i].expand(len(queries), *p.shape[1:]) for n, p in self.params.items()}
-            outputs.append(learner.query_outputs(params, batches, self.steps)[:, -1])
+            out = learner.query_outputs(params, batches, self.steps, self.encoder_params)
+            outputs.append(out[:, -1])
         return torch.stack(outputs)
 
 
@@ -348,42 +394,55 @@ def _with_batch_statistics(model: nn.Module) -> nn.Module:
     return model
 
 
-def _select(model: nn.Module, adapt: Selection) -> list[str]:
+def _select(model: nn.Module, selection: Selection) -> list[str]:
+    """The parameter names a selection picks; None picks those that require gradients."""
     names = [n for n, _ in model.named_parameters()]
-    if adapt is None:
-        return names
-    if isinstance(adapt, str):
-        chosen = [n for n in names if n == adapt or n.startswith(adapt + ".")]
-    elif callable(adapt):
-        chosen = [n for n in names if adapt(n)]
+    if selection is None:
+        return [n for n, p in model.named_parameters() if p.requires_grad]
+    if isinstance(selection, str):
+        chosen = [n for n in names if n == selection or n.startswith(selection + ".")]
+    elif callable(selection):
+        chosen = [n for n in names if selection(n)]
     else:
-        wanted = set(adapt)
+        wanted = set(selection)
         unknown = sorted(wanted - set(names))
         if unknown:
             raise ConfigError(
-                f"adapt names parameters the model does not have: {', '.join(unknown)}."
+                f"the model has no parameters named {', '.join(unknown)}; its parameters are "
+                f"{', '.join(names)}."
             )
         chosen = [n for n in names if n in wanted]
     if not chosen:
-        raise ConfigError(f"adapt={adapt!r} selects none of the model's parameters.")
+        raise ConfigError(f"{selection!r} selects none of the model's parameters.")
     return chosen
 
 
-def _random_order(x: torch.Tensor, batch: int | None) -> torch.Tensor | None:
-    """A random order of each task's support examples for mini-batched inner steps."""
-    if batch is None or batch >= x.shape[1]:
+def _with_gradients(params: Params, names: list[str]) -> Params:
+    """`params` with the adapted ones made leaves that require gradients where they are not
+    already part of a graph (detached copies, parameters that are not meta-learned)."""
+    return {
+        n: p.requires_grad_() if n in names and not p.requires_grad else p
+        for n, p in params.items()
+    }
+
+
+def _random_order(x: torch.Tensor, batch: int | None, steps: int) -> torch.Tensor | None:
+    """For mini-batched inner steps: each task's examples in a new random order for every
+    pass over them (an epoch), the passes concatenated, as many as `steps` batches need.
+    Drawn from torch's global generator, which the resumable checkpoint holds."""
+    n = x.shape[1]
+    if batch is None or batch >= n:
         return None
-    return torch.rand(x.shape[0], x.shape[1], device=x.device).argsort(dim=1)
+    epochs = -(-steps * batch // n)
+    keys = torch.rand(x.shape[0], epochs, n, device=x.device)
+    return keys.argsort(dim=2).flatten(1)
 
 
 def _mini_batch(x, y, order, batch, step):
-    """Step `step`'s mini-batch: the next `batch` examples of each task's random order,
-    cycling through it."""
+    """Step `step`'s mini-batch: the next `batch` examples of each task's order."""
     if order is None:
         return x, y
-    n = order.shape[1]
-    positions = (torch.arange(batch, device=order.device) + step * batch) % n
-    index = order[:, positions]
+    index = order[:, step * batch : (step + 1) * batch]
     rows = torch.arange(len(order), device=order.device).unsqueeze(1)
     return x[rows, index], y[rows, index]
 

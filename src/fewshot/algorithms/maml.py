@@ -32,7 +32,7 @@ class MAML(GradientLearner):
             trains a copy (`maml.model`); the module passed in is left as it was.
         inner_lr: alpha, the step size of the inner (adaptation) updates.
         options: `GradientLearner`'s keyword arguments (inner_steps, eval_inner_steps,
-            first_order, loss, adapt, vectorize, chunk_size, batch_norm).
+            first_order, loss, adapted, meta_learned, vectorize, chunk_size, batch_norm).
     """
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.4, **options: Any) -> None:
@@ -55,6 +55,31 @@ def build(settings: MAMLSettings, problem: Problem) -> MAML:
 
 # Finn et al. 2017, sec. 5 and their code: sinusoid K = 10, 25 tasks, alpha = 0.01, 10 steps
 # at test; Omniglot 5-way, 32 tasks, alpha = 0.4, 1 step in training and 3 at test.
+MAML_DEFAULTS = {
+    "sinusoid": dict(
+        shots=10,
+        queries=10,
+        meta_batch=25,
+        inner_lr=0.01,
+        inner_steps=1,
+        eval_inner_steps=10,
+        outer_lr=1e-3,
+        iterations=8000,
+        val_every=2000,
+    ),
+    "omniglot": dict(
+        shots=1,
+        queries=15,
+        meta_batch=32,
+        inner_lr=0.4,
+        inner_steps=1,
+        eval_inner_steps=3,
+        outer_lr=1e-3,
+        iterations=60000,
+        val_every=500,
+    ),
+}
+
 register(
     Method(
         name="maml",
@@ -64,29 +89,6 @@ register(
         "Deep Networks (ICML)",
         build=build,
         batch_norm="transductive",
-        defaults={
-            "sinusoid": dict(
-                shots=10,
-                queries=10,
-                meta_batch=25,
-                inner_lr=0.01,
-                inner_steps=1,
-                eval_inner_steps=10,
-                outer_lr=1e-3,
-                iterations=8000,
-                val_every=2000,
-            ),
-            "omniglot": dict(
-                shots=1,
-                queries=15,
-                meta_batch=32,
-                inner_lr=0.4,
-                inner_steps=1,
-                eval_inner_steps=3,
-                outer_lr=1e-3,
-                iterations=60000,
-                val_every=500,
-            ),
-        },
+        defaults=MAML_DEFAULTS,
     )
 )

@@ -16,14 +16,12 @@ from typing import Any
 from torch import nn
 
 from fewshot.algorithms.gradient import GradientLearner
-from fewshot.algorithms.maml import MAML  # noqa: F401  (registers maml, whose defaults we take)
+from fewshot.algorithms.maml import MAML_DEFAULTS
 from fewshot.algorithms.registry import (
     GradientSettings,
     Method,
     Problem,
-    get_method,
     register,
-    setting,
 )
 from fewshot.algorithms.rules import PerCoordinateSGD
 from fewshot.models import default_model
@@ -36,7 +34,7 @@ class MetaSGD(GradientLearner):
         model: the network (a copy is trained; the module passed in is left as it was).
         inner_lr: the initial value of every coordinate's step size (`meta_sgd.rule.rates`).
         options: `GradientLearner`'s keyword arguments (inner_steps, eval_inner_steps,
-            first_order, loss, adapt, vectorize, chunk_size, batch_norm).
+            first_order, loss, adapted, meta_learned, vectorize, chunk_size, batch_norm).
     """
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.4, **options: Any) -> None:
@@ -45,9 +43,7 @@ class MetaSGD(GradientLearner):
 
 @dataclass
 class MetaSGDSettings(GradientSettings):
-    inner_lr: float | None = setting(
-        None, "Inner step size alpha; Meta-SGD: the initial value of every learned step size."
-    )
+    pass
 
 
 def build(settings: MetaSGDSettings, problem: Problem) -> MetaSGD:
@@ -70,8 +66,7 @@ register(
         build=build,
         batch_norm="transductive",
         defaults={
-            dataset: {**values, **_ONE_STEP[dataset]}
-            for dataset, values in get_method("maml").defaults.items()
+            dataset: {**values, **_ONE_STEP[dataset]} for dataset, values in MAML_DEFAULTS.items()
         },
     )
 )

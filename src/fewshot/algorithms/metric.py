@@ -7,14 +7,21 @@ encoder's shape (feature maps stay unflattened, for Relation Networks' relation 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from fewshot.algorithms.base import Algorithm, Predictor, check_batch_norm_policy
+from fewshot.algorithms.base import (
+    BATCH_NORM_LAYERS,
+    Algorithm,
+    Predictor,
+    check_batch_norm_policy,
+)
 from fewshot.errors import ConfigError
 from fewshot.tasks import Task
 
@@ -48,18 +55,25 @@ class MetricLearner(Algorithm):
         raise NotImplementedError
 
     def meta_loss(self, tasks: Task) -> torch.Tensor:
-        support_z, query_z = self.embed_together(tasks.support_x, tasks.query_x)
-        logits = self.score(support_z, tasks.support_y, query_z)
-        return F.cross_entropy(logits.flatten(0, 1), tasks.query_y.flatten())
+        return self._loss_and_logits(tasks)[0]
 
     def training_step(self, tasks: Task) -> dict[str, float]:
-        support_z, query_z = self.embed_together(tasks.support_x, tasks.query_x)
-        logits = self.score(support_z, tasks.support_y, query_z)
-        loss = F.cross_entropy(logits.flatten(0, 1), tasks.query_y.flatten())
+        loss, logits = self._loss_and_logits(tasks)
         if torch.isfinite(loss):
             loss.backward()
         accuracy = (logits.detach().argmax(-1) == tasks.query_y).float().mean()
         return {"loss": loss.item(), "accuracy": accuracy.item()}
+
+    def _loss_and_logits(self, tasks: Task) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query cross-entropy and logits, each task's support and queries embedded together."""
+        embeddings = [
+            self.embed_together(tasks.support_x[i : i + 1], tasks.query_x[i : i + 1])
+            for i in range(len(tasks))
+        ]
+        support_z = torch.cat([support for support, _ in embeddings])
+        query_z = torch.cat([query for _, query in embeddings])
+        logits = self.score(support_z, tasks.support_y, query_z)
+        return F.cross_entropy(logits.flatten(0, 1), tasks.query_y.flatten()), logits
 
     def adapt(self, support_x, support_y, inner_steps=None) -> Predictor:
         if self.is_transductive:
@@ -98,32 +112,28 @@ class MetricLearner(Algorithm):
 
     def embed_together(self, support_x, query_x, keep_stats: bool = False):
         """Support and query embeddings from one pass, so that batch norm in training mode
-        normalises a task's support and queries together."""
+        normalises them together (call it with one task: a pass mixes all tasks given)."""
         n_support = support_x.shape[1]
         z = self.embed(torch.cat([support_x, query_x], dim=1), keep_stats)
         return z[:, :n_support], z[:, n_support:]
 
 
-class _batch_norm_mode:
+@contextlib.contextmanager
+def _batch_norm_mode(module: nn.Module, training: bool) -> Iterator[None]:
     """Put the module's batch-norm layers, and nothing else, in training mode (batch
     statistics) or eval mode (running statistics) for the duration."""
-
-    def __init__(self, module: nn.Module, training: bool) -> None:
-        self.layers = [m for m in module.modules() if isinstance(m, _BATCH_NORM)]
-        self.training = training
-
-    def __enter__(self):
-        self.modes = [m.training for m in self.layers]
-        for m in self.layers:
-            m.train(self.training)
-
-    def __exit__(self, *exc):
-        for m, mode in zip(self.layers, self.modes):
+    layers = [m for m in module.modules() if isinstance(m, BATCH_NORM_LAYERS)]
+    modes = [m.training for m in layers]
+    for m in layers:
+        m.train(training)
+    try:
+        yield
+    finally:
+        for m, mode in zip(layers, modes):
             m.train(mode)
 
 
-_BATCH_NORM = nn.modules.batchnorm._BatchNorm
-
-
 def _has_batch_norm_without_running_stats(module: nn.Module) -> bool:
-    return any(isinstance(m, _BATCH_NORM) and not m.track_running_stats for m in module.modules())
+    return any(
+        isinstance(m, BATCH_NORM_LAYERS) and not m.track_running_stats for m in module.modules()
+    )

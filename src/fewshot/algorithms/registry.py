@@ -20,10 +20,27 @@ from fewshot.errors import ConfigError, require_positive
 CPU_IMAGES_PER_PASS = 40  # support + query images one vectorised pass takes on a CPU
 
 
-def setting(default: Any = None, help: str = "", choices: tuple[str, ...] | None = None):
-    """A field of a method's settings; None as default means "the paper's value for the
-    dataset" (the method's `defaults`) or a rule of `Settings.resolve`."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def setting(
+    help: str,
+    fallback: Any = None,
+    choices: tuple[str, ...] | None = None,
+    default_text: str | None = None,
+):
+    """A field of a method's settings. Its value comes from, in order: the user; the paper's
+    value for the dataset (the method's `defaults`); `fallback`; a rule of `Settings.resolve`.
+    `default_text` describes the default in help text where a rule makes it."""
+    metadata = {"help": help, "fallback": fallback, "choices": choices}
+    return field(default=None, metadata={**metadata, "default_text": default_text})
+
+
+def default_text(f) -> str:
+    """How the command line describes a setting's default."""
+    if f.metadata["default_text"]:
+        return f"[default: {f.metadata['default_text']}]"
+    fallback = f.metadata["fallback"]
+    if fallback is None:
+        return "[default: the paper's, per dataset]"
+    return f"[default: the paper's, per dataset, else {fallback}]"
 
 
 @dataclass(frozen=True)
@@ -51,10 +68,10 @@ class Settings:
     run's, in `TrainConfig`)."""
 
     batch_norm: str | None = setting(
-        None,
         "Batch-norm statistics at prediction: transductive (the batch of queries) or inductive "
         "(no query sees another).",
-        BATCH_NORM_POLICIES,
+        choices=BATCH_NORM_POLICIES,
+        default_text="the method's paper's",
     )
 
     def resolve(self, run, device: str) -> Settings:
@@ -66,8 +83,13 @@ class Settings:
         check_batch_norm_policy(self.batch_norm)
 
     def learning_rates(self) -> dict[str, float]:
-        """The method's own learning rates by option name, for the divergence message."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name.endswith("_lr")}
+        """The method's own learning rates by option name, for the divergence message (not the
+        final values of schedules, which cannot cause a divergence early on)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name.endswith("_lr") and not f.name.startswith("final_")
+        }
 
 
 def default_chunk_size(
@@ -88,31 +110,30 @@ def default_chunk_size(
 class InnerLoopSettings(Settings):
     """Settings of every method with a gradient-based inner loop."""
 
-    inner_lr: float | None = setting(None, "Inner (adaptation) step size alpha.")
-    inner_steps: int | None = setting(None, "Inner steps per task in meta-training.")
+    inner_lr: float | None = setting(
+        "Inner (adaptation) step size alpha; Meta-SGD: the initial value of every learned "
+        "step size; Reptile: the inner optimizer's learning rate."
+    )
+    inner_steps: int | None = setting("Inner steps per task in meta-training.", fallback=1)
     eval_inner_steps: int | None = setting(
-        None, "Inner steps when adapting a trained model (evaluation, prediction)."
+        "Inner steps when adapting a trained model (evaluation, prediction).",
+        default_text="the paper's, per dataset, else --inner-steps",
     )
     vectorize: bool | None = setting(
-        True,
         "Run the tasks of a meta-batch together under torch.func.vmap, or one at a time for "
         "models vmap cannot trace.",
+        fallback=True,
     )
     chunk_size: int | None = setting(
-        None,
-        "Tasks per vectorised pass, each back-propagated before the next; memory grows with "
-        "it. Default: the whole meta-batch for sinusoid and on a GPU; for images on a CPU as "
-        f"many tasks as fit in {CPU_IMAGES_PER_PASS} images.",
+        "Tasks per vectorised pass, each back-propagated before the next; memory grows with it.",
+        default_text="the whole meta-batch for sinusoid and on a GPU; for images on a CPU as "
+        f"many tasks as fit in {CPU_IMAGES_PER_PASS} images",
     )
 
     def resolve(self, run, device: str) -> InnerLoopSettings:
         values = dataclasses.asdict(self)
-        if values["inner_steps"] is None:
-            values["inner_steps"] = 1
         if values["eval_inner_steps"] is None:
             values["eval_inner_steps"] = values["inner_steps"]
-        if values["vectorize"] is None:  # "auto" in config files of earlier versions
-            values["vectorize"] = True
         if values["chunk_size"] is None:
             examples = run.train_ways * (run.shots + run.train_queries)
             values["chunk_size"] = default_chunk_size(run.dataset, run.meta_batch, examples, device)
@@ -145,7 +166,7 @@ class GradientSettings(InnerLoopSettings):
     """Settings of the methods that back-propagate through the inner loop."""
 
     first_order: bool | None = setting(
-        False, "Treat inner gradients as constants (no second-order term)."
+        "Treat inner gradients as constants (no second-order term).", fallback=False
     )
 
     def learner_arguments(self, problem: Problem) -> dict[str, Any]:

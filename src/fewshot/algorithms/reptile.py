@@ -41,7 +41,7 @@ class Reptile(GradientLearner):
             from zero for every task.
         inner_batch: examples per inner step in meta-training (None: all of the task's).
         final_outer_lr: the value epsilon is annealed to, linearly, by the last iteration.
-        options: `GradientLearner`'s other keyword arguments (eval_inner_batch, loss, adapt,
+        options: `GradientLearner`'s other keyword arguments (eval_inner_batch, loss, adapted,
             vectorize, chunk_size, batch_norm).
     """
 
@@ -81,15 +81,14 @@ class Reptile(GradientLearner):
     def training_step(self, tasks: Task) -> dict[str, float]:
         """Accumulate theta - mean_i(phi_i) into `.grad` (chunk by chunk) and return the mean
         support loss of the last inner step."""
-        theta = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        size = (self.chunk_size or len(tasks)) if self.vectorize else 1
+        theta = dict(self.model.named_parameters())
         loss = 0.0
-        for start in range(0, len(tasks), size):
-            chunk = tasks[start : start + size]
+        for chunk in self.chunks(tasks):
             x = torch.cat([chunk.support_x, chunk.query_x], dim=1)
             y = torch.cat([chunk.support_y, chunk.query_y], dim=1)
             path = self.trajectory(x, y, self.inner_steps, False, self.inner_batch)
-            for name, p in theta.items():
+            for name in self.meta_learned_names:
+                p = theta[name]
                 difference = (p.detach() - path.params[-1][name]).sum(0) / len(tasks)
                 p.grad = difference if p.grad is None else p.grad + difference
             loss += path.support_losses[-1].sum().item() / len(tasks)
@@ -110,16 +109,19 @@ class Reptile(GradientLearner):
 @dataclass
 class ReptileSettings(InnerLoopSettings):
     inner_optimizer: str | None = setting(
-        "adam", "Reptile's inner optimizer (Adam with beta1 = 0, or SGD).", INNER_OPTIMIZERS
+        "Reptile's inner optimizer: Adam with beta1 = 0, or SGD.",
+        fallback="adam",
+        choices=INNER_OPTIMIZERS,
     )
     inner_batch: int | None = setting(
-        None, "Reptile: examples per inner step in meta-training (0: all of the task's)."
+        "Examples per inner step in meta-training (0: all of the task's).", fallback=0
     )
     eval_inner_batch: int | None = setting(
-        0, "Reptile: examples per inner step when adapting a trained model (0: all)."
+        "Examples per inner step when adapting a trained model (0: all).", fallback=0
     )
     final_outer_lr: float | None = setting(
-        0.0, "Reptile: epsilon (--outer-lr) is annealed linearly to this by the last iteration."
+        "The value epsilon (--outer-lr) is annealed to, linearly, by the last iteration.",
+        fallback=0.0,
     )
 
 

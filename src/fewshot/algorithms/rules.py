@@ -1,6 +1,7 @@
 """Inner update rules: how one adaptation step turns gradients into new parameters.
 
-A rule maps the adapted parameters phi_s, their support-loss gradients g_s and its own state to
+A rule maps the adapted parameters phi_s, their support-loss gradients g_s, the support losses
+L_s (one per task, for rules that read them, such as an LSTM meta-learner) and its own state to
 phi_{s+1}. Every tensor has a leading task dimension (one copy per task); a rule's own
 parameters (learned step sizes, say) have none and broadcast over tasks, so they are
 meta-learned by the outer optimizer like the model's. Rules are `nn.Module`s: what they learn is
@@ -28,8 +29,11 @@ class InnerRule(nn.Module):
         """The rule's state before the first step (e.g. Adam's moments); None if stateless."""
         return None
 
-    def forward(self, params: Params, grads: Params, state: Any, step: int) -> tuple[Params, Any]:
-        """phi_{s+1} and the next state from phi_s = `params`, g_s = `grads` at step s = `step`."""
+    def forward(
+        self, params: Params, grads: Params, losses: torch.Tensor, state: Any, step: int
+    ) -> tuple[Params, Any]:
+        """phi_{s+1} and the next state from phi_s = `params`, g_s = `grads` and the support
+        losses L_s = `losses` (shape (tasks,)) at step s = `step`."""
         raise NotImplementedError
 
 
@@ -41,7 +45,7 @@ class SGD(InnerRule):
         require_positive(inner_lr=lr)
         self.lr = lr
 
-    def forward(self, params, grads, state, step):
+    def forward(self, params, grads, losses, state, step):
         return {
             n: p if grads[n] is None else p - self.lr * grads[n] for n, p in params.items()
         }, state
@@ -50,6 +54,14 @@ class SGD(InnerRule):
 def _key(name: str) -> str:
     # nn.ParameterDict keys may not contain dots; parameter names do.
     return name.replace(".", "__")
+
+
+def _rates(params: Params, make) -> nn.ParameterDict:
+    """One learned tensor `make(p)` per parameter, keyed by its name."""
+    keys = {_key(n) for n in params}
+    if len(keys) < len(params):
+        raise ValueError("parameter names collide once dots become '__'; rename a parameter")
+    return nn.ParameterDict({_key(n): nn.Parameter(make(p.detach())) for n, p in params.items()})
 
 
 class PerCoordinateSGD(InnerRule):
@@ -64,16 +76,41 @@ class PerCoordinateSGD(InnerRule):
     def __init__(self, params: Params, lr: float) -> None:
         super().__init__()
         require_positive(inner_lr=lr)
-        self.rates = nn.ParameterDict(
-            {_key(n): nn.Parameter(torch.full_like(p.detach(), lr)) for n, p in params.items()}
-        )
+        self.rates = _rates(params, lambda p: torch.full_like(p, lr))
 
     def rate(self, name: str) -> torch.Tensor:
         return self.rates[_key(name)]
 
-    def forward(self, params, grads, state, step):
+    def forward(self, params, grads, losses, state, step):
         return {
             n: p if grads[n] is None else p - self.rate(n) * grads[n] for n, p in params.items()
+        }, state
+
+
+class PerLayerPerStepSGD(InnerRule):
+    """phi_{s+1} = phi_s - alpha_{l,s} * g_s with a learned step size for every parameter
+    tensor l and every step s (MAML++'s LSLR, Antoniou et al. 2019). Steps past `steps`
+    (adapting with more steps than in training) reuse the last step's sizes.
+
+    Args:
+        params: the adapted parameters (name -> tensor, without task dimension).
+        steps: the number of inner steps with their own step sizes.
+        lr: the initial value of every step size.
+    """
+
+    def __init__(self, params: Params, steps: int, lr: float) -> None:
+        super().__init__()
+        require_positive(inner_lr=lr, inner_steps=steps)
+        self.steps = steps
+        self.rates = _rates(params, lambda p: torch.full((steps,), lr, dtype=p.dtype))
+
+    def rate(self, name: str, step: int) -> torch.Tensor:
+        return self.rates[_key(name)][min(step, self.steps - 1)]
+
+    def forward(self, params, grads, losses, state, step):
+        return {
+            n: p if grads[n] is None else p - self.rate(n, step) * grads[n]
+            for n, p in params.items()
         }, state
 
 
@@ -97,7 +134,7 @@ class Adam(InnerRule):
         zeros = {n: torch.zeros_like(p) for n, p in params.items()}
         return zeros, dict(zeros)
 
-    def forward(self, params, grads, state, step):
+    def forward(self, params, grads, losses, state, step):
         (b1, b2), t = self.betas, step + 1
         first, second = dict(state[0]), dict(state[1])
         new = {}
@@ -108,6 +145,17 @@ class Adam(InnerRule):
                 continue
             first[n] = b1 * first[n] + (1 - b1) * g
             second[n] = b2 * second[n] + (1 - b2) * g * g
-            denominator = (second[n] / (1 - b2**t)).sqrt() + self.eps
+            denominator = _sqrt_with_zero_gradient_at_zero(second[n] / (1 - b2**t)) + self.eps
             new[n] = p - self.lr * (first[n] / (1 - b1**t)) / denominator
         return new, (first, second)
+
+
+def _sqrt_with_zero_gradient_at_zero(v: torch.Tensor) -> torch.Tensor:
+    """sqrt(v) for v >= 0 whose derivative at v = 0 is 0 instead of infinite.
+
+    Where a coordinate's inner gradient is exactly zero (a dead ReLU), sqrt's infinite slope
+    times the zero that reaches it would give NaN in a second-order meta-gradient; there the
+    update does not depend on v, so 0 is the right derivative.
+    """
+    positive = v > 0
+    return torch.where(positive, torch.where(positive, v, torch.ones_like(v)).sqrt(), 0.0)

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from fewshot.algorithms.registry import Problem, Settings, get_method
+from fewshot.algorithms.registry import Method, Problem, Settings, get_method
 from fewshot.errors import ConfigError, require_positive
 
 DATASETS = ("sinusoid", "omniglot", "folder")
@@ -59,6 +59,7 @@ class TrainConfig:
         """A copy with every `None` replaced by its default for training on `device`, checked
         for consistency."""
         method = get_method(self.algorithm)
+        check_registration(method)
         if self.dataset not in DATASETS:
             raise ConfigError(
                 f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}."
@@ -71,9 +72,9 @@ class TrainConfig:
         values["train_ways"] = values["train_ways"] or values["ways"]
         values["train_queries"] = values["train_queries"] or values["queries"]
         settings = dataclasses.asdict(self.settings)
-        for name, value in settings.items():
-            if value is None and name in defaults:
-                settings[name] = defaults[name]
+        for f in fields(self.settings):
+            if settings[f.name] is None:
+                settings[f.name] = defaults.get(f.name, f.metadata["fallback"])
         if settings["batch_norm"] is None:
             settings["batch_norm"] = method.batch_norm
         run = TrainConfig(**values, settings=method.settings(**settings))
@@ -120,6 +121,19 @@ class TrainConfig:
         run_keys = {f.name for f in fields(cls)} - {"settings"}
         run = {k: v for k, v in values.items() if k in run_keys}
         return cls(**run, settings={k: v for k, v in values.items() if k not in run_keys})
+
+
+def check_registration(method: Method) -> None:
+    """A method's declaration must name only real settings (a developer error otherwise)."""
+    run, own = set(run_setting_names()), {f.name for f in fields(method.settings)}
+    if run & own:
+        raise ValueError(f"{method.name}'s settings reuse run setting names: {sorted(run & own)}")
+    for dataset, values in method.defaults.items():
+        unknown = set(values) - run - own
+        if unknown:
+            raise ValueError(
+                f"{method.name}'s {dataset} defaults name no setting: {sorted(unknown)}"
+            )
 
 
 def run_setting_names() -> list[str]:

@@ -22,7 +22,7 @@ import torch
 from tqdm import trange
 
 from fewshot.algorithms.base import Algorithm
-from fewshot.errors import ConfigError, DivergenceError, RunStopped
+from fewshot.errors import CheckpointError, ConfigError, DivergenceError, RunStopped
 from fewshot.files import atomic_write
 from fewshot.tasks import Task, stream_generator
 from fewshot.training import checkpoint
@@ -155,7 +155,12 @@ class Run:
     def restore(self, state: TrainingState) -> None:
         self.algorithm.load_state_dict(state.algorithm)
         self.optimizer.load_state_dict(state.optimizer)
-        if self.scheduler is not None and state.scheduler is not None:
+        if (self.scheduler is None) != (state.scheduler is None):
+            raise CheckpointError(
+                f"the checkpoint in {self.run_dir} does not fit {self.config.algorithm}'s "
+                "learning-rate schedule; it was written by another version of the method."
+            )
+        if self.scheduler is not None:
             self.scheduler.load_state_dict(state.scheduler)
         self.generator.set_state(state.sampler_rng)
         restore_global_rngs(state)
