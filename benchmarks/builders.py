@@ -25,8 +25,9 @@ from torch import nn
 from workloads import Workload
 
 import fewshot
+from fewshot.algorithms.registry import default_chunk_size
+from fewshot.models import body_and_head
 from fewshot.tasks import Task
-from fewshot.training.config import default_chunk_size
 from fewshot.training.loop import meta_step
 
 SEED = 0
@@ -46,7 +47,8 @@ class Bench:
 
     `check` holds the first meta-gradient's loss and norm (empty where nothing is comparable);
     `flops_per_step` is set where the FLOPs are known analytically (the matmul), and
-    `reference_flops` counts one step's FLOPs the same way whatever the library (MAML only).
+    `reference_flops` counts one step's FLOPs the same way whatever the library (gradient-based
+    methods only).
     """
 
     step: Callable[[int], object]
@@ -110,16 +112,19 @@ def per_task(tasks: Task) -> PerTask:
     return tuple(tasks[i].tensors() for i in range(len(tasks)))
 
 
-# --- MAML ------------------------------------------------------------------------------------
+# --- MAML, Meta-SGD, ANIL ----------------------------------------------------------------------
 
 
 def build_maml(
     workload: Workload, library: str, device: torch.device, chunk_size: int | None = None
 ) -> Bench:
-    """MAML (sinusoid MLP or Omniglot Conv4) with an Adam outer step, in one of three libraries.
+    """A gradient-based method (`workload.method`: MAML, Meta-SGD or ANIL) on the sinusoid MLP
+    or Omniglot Conv4, with an Adam outer step, in one of three libraries.
 
     The network is built from the same seed in every library, so all start from the same
     initialisation; the peers get fewshot's own Conv4 class, so the network is identical.
+    fewshot's methods train a copy of it, so their parameters and gradients are read from the
+    algorithm, never from `model`.
     """
     model, loss_fn, inner_lr = maml_setting(workload)
     model = model.to(device)
@@ -132,32 +137,51 @@ def build_maml(
             dataset = "sinusoid" if workload.kind == "sinusoid" else "omniglot"
             examples = workload.ways * (workload.shots + workload.queries)
             chunk_size = default_chunk_size(dataset, workload.meta_batch, examples, device.type)
-        maml = fewshot.MAML(
-            model,
-            inner_lr=inner_lr,
-            inner_steps=workload.inner_steps,
-            first_order=workload.first_order,
-            loss=loss_fn,
-            vectorize=library == "fewshot",
-            chunk_size=chunk_size,
+        learner = fewshot_learner(
+            workload, model, loss_fn, inner_lr, library == "fewshot", chunk_size
         )
-        optimizer = torch.optim.Adam(maml.parameters(), lr=OUTER_LR)
-        # backward_meta_loss is what meta_step runs: one chunk's graph at a time.
+        optimizer = torch.optim.Adam(learner.parameters(), lr=OUTER_LR)
+        # training_step is what meta_step runs: one chunk's graph at a time.
         check = first_meta_gradient(
-            list(maml.parameters()), lambda: maml.backward_meta_loss(batches[0])
+            list(learner.parameters()), lambda: learner.training_step(batches[0])["loss"]
         )
         return Bench(
-            lambda i: meta_step(maml, optimizer, batches[i % len(batches)]),
+            lambda i: meta_step(learner, optimizer, batches[i % len(batches)]),
             workload.meta_batch,
             check,
             reference_flops=lambda: per_task_flops(workload, batches[0]),
         )
     peers = {"learn2learn": learn2learn_maml, "higher": higher_maml}
+    if workload.method == "anil":
+        peers = {"learn2learn": learn2learn_anil}
     meta_grad, params = peers[library](model, loss_fn, inner_lr, workload)
     split = [per_task(tasks) for tasks in batches]
     optimizer = torch.optim.Adam(params, lr=OUTER_LR)
     check = first_meta_gradient(params, lambda: meta_grad(split[0]))
     return Bench(outer_step(meta_grad, optimizer, split), workload.meta_batch, check)
+
+
+def fewshot_learner(
+    workload: Workload,
+    model: nn.Module,
+    loss_fn: LossFn,
+    inner_lr: float,
+    vectorize: bool,
+    chunk_size: int | None,
+) -> fewshot.GradientLearner:
+    """fewshot's `workload.method` around `model` (ANIL: around Conv4's body and head)."""
+    settings = dict(
+        inner_lr=inner_lr,
+        inner_steps=workload.inner_steps,
+        first_order=workload.first_order,
+        loss=loss_fn,
+        vectorize=vectorize,
+        chunk_size=chunk_size,
+    )
+    if workload.method == "anil":
+        return fewshot.ANIL(*body_and_head(model), **settings)
+    methods = {"maml": fewshot.MAML, "meta-sgd": fewshot.MetaSGD}
+    return methods[workload.method](model, **settings)
 
 
 def backward(loss: torch.Tensor) -> torch.Tensor:
@@ -184,26 +208,24 @@ def per_task_flops(workload: Workload, tasks: Task) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     model, loss_fn, inner_lr = maml_setting(workload)
-    maml = fewshot.MAML(
-        model.to(tasks.support_x.device),
-        inner_lr=inner_lr,
-        inner_steps=workload.inner_steps,
-        first_order=workload.first_order,
-        loss=loss_fn,
-        vectorize=False,
+    learner = fewshot_learner(
+        workload, model.to(tasks.support_x.device), loss_fn, inner_lr, False, None
     )
     with FlopCounterMode(display=False) as counter:
-        maml.meta_loss(tasks).backward()
+        learner.meta_loss(tasks).backward()
     return int(counter.get_total_flops())
 
 
 def learn2learn_maml(
     model: nn.Module, loss_fn: LossFn, inner_lr: float, workload: Workload
 ) -> tuple[MetaGrad, list[nn.Parameter]]:
-    """learn2learn's MAML as its examples use it: clone, adapt, query loss, backward, per task."""
+    """learn2learn's MAML (or MetaSGD) as its examples use it: clone, adapt, query loss,
+    backward, per task. MetaSGD's learned step sizes start at `inner_lr` and are among the
+    parameters the outer step updates."""
     import learn2learn as l2l
 
-    maml = l2l.algorithms.MAML(model, lr=inner_lr, first_order=workload.first_order)
+    wrappers = {"maml": l2l.algorithms.MAML, "meta-sgd": l2l.algorithms.MetaSGD}
+    maml = wrappers[workload.method](model, lr=inner_lr, first_order=workload.first_order)
 
     def meta_grad(tasks: PerTask) -> torch.Tensor:
         total = None
@@ -217,6 +239,38 @@ def learn2learn_maml(
         return total
 
     return meta_grad, list(maml.parameters())
+
+
+def learn2learn_anil(
+    model: nn.Module, loss_fn: LossFn, inner_lr: float, workload: Workload
+) -> tuple[MetaGrad, list[nn.Parameter]]:
+    """learn2learn's ANIL recipe (its anil examples): the body's features computed once per
+    task, before the inner loop, and `l2l.algorithms.MAML` around the head only; per task
+    `clone()`, `adapt()` on the support features, query loss, backward. The Adam outer step
+    covers body and head.
+
+    Support and query sets go through the body separately, each as one batch, which is how
+    fewshot's ANIL (and every MAML row here) normalises them; learn2learn's example passes a
+    task's support and queries through as one batch, whose batch-norm statistics would differ.
+    """
+    import learn2learn as l2l
+
+    body, head_module = body_and_head(model)
+    head = l2l.algorithms.MAML(head_module, lr=inner_lr, first_order=workload.first_order)
+
+    def meta_grad(tasks: PerTask) -> torch.Tensor:
+        total = None
+        for support_x, support_y, query_x, query_y in tasks:
+            support_features, query_features = body(support_x), body(query_x)
+            learner = head.clone()
+            for _ in range(workload.inner_steps):
+                learner.adapt(loss_fn(learner(support_features), support_y))
+            loss = loss_fn(learner(query_features), query_y) / len(tasks)
+            loss.backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        return total
+
+    return meta_grad, [*body.parameters(), *head.parameters()]
 
 
 def higher_maml(

@@ -1,9 +1,10 @@
 """Where a Conv4 second-order MAML meta-step spends its time: torch.profiler's operator table.
 
-Profiles fewshot's `backward_meta_loss` on one meta-batch shaped like the benchmark's
-`omniglot-maml` workload (32 tasks, 5-way 1-shot, 1 query per class, 28x28 images; random
-pixels, since the time does not depend on them), after two warm-up steps, and prints each
-operator's share of the profiled CPU time. Run it like the benchmark:
+Profiles fewshot's `training_step` (the meta-gradient, back-propagated chunk by chunk into
+`.grad`) on one meta-batch shaped like the benchmark's `omniglot-maml` workload (32 tasks,
+5-way 1-shot, 1 query per class, 28x28 images; random pixels, since the time does not depend
+on them), after two warm-up steps, and prints each operator's share of the profiled CPU time.
+Run it like the benchmark:
 
     PYTHONPATH=src python benchmarks/profile_maml.py [--chunk-size 4] [--steps 3]
 
@@ -18,7 +19,7 @@ import torch
 from torch.profiler import profile
 
 import fewshot
-from fewshot.training.config import default_chunk_size
+from fewshot.algorithms.registry import default_chunk_size
 
 
 def main() -> None:
@@ -36,10 +37,10 @@ def main() -> None:
         torch.rand(tasks, ways, 1, 28, 28), labels, torch.rand(tasks, ways, 1, 28, 28), labels
     )
     for _ in range(2):
-        maml.backward_meta_loss(batch)
+        maml.training_step(batch)
     with profile() as prof:
         for _ in range(args.steps):
-            maml.backward_meta_loss(batch)
+            maml.training_step(batch)
     events = prof.key_averages()
     total = sum(event.self_cpu_time_total for event in events)
     print(

@@ -326,7 +326,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--chunk-size",
         type=int,
-        help="tasks per vectorised pass for fewshot's MAML rows, instead of the command line's",
+        help="tasks per vectorised pass for fewshot's MAML, Meta-SGD and ANIL rows, instead of "
+        "the command line's",
     )
     parser.add_argument(
         "--queries",

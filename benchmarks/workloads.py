@@ -15,6 +15,8 @@ class Workload:
 
     `kind` selects the builder; `unit` names what throughput counts; each timed repeat runs
     `steps_per_repeat` steps after `warmup` untimed ones, and the median repeat is reported.
+    `method` is the gradient-based method of the "sinusoid" and "omniglot-maml" kinds: "maml",
+    "meta-sgd" or "anil".
     """
 
     name: str
@@ -32,6 +34,7 @@ class Workload:
     inner_steps: int = 1
     first_order: bool = False
     count_flops: bool = False
+    method: str = "maml"
 
 
 # Finn et al.'s code draws 2K examples per class for Omniglot, K for the inner update and K for
@@ -39,6 +42,8 @@ class Workload:
 FINN_OMNIGLOT_QUERIES = 1
 MAML_LIBRARIES = ("fewshot", "learn2learn", "higher")
 CONV_MAML_LIBRARIES = ("fewshot", "fewshot-per-task", "learn2learn", "higher")
+# Meta-SGD and ANIL: learn2learn has both (MetaSGD; ANIL as its MAML wrapper around the head).
+OTHER_METHOD_LIBRARIES = ("fewshot", "learn2learn")
 # Workloads 1 and 2 of the issue; their variants below differ only where named.
 SINUSOID_MAML = Workload(
     "sinusoid-maml-1step",
@@ -101,6 +106,20 @@ WORKLOADS: dict[str, Workload] = {
             title="Omniglot 5-way 1-shot 1-query MAML, 2nd order, 5 steps, 32 tasks",
             steps_per_repeat=1,
             inner_steps=5,
+        ),
+        replace(
+            OMNIGLOT_MAML,
+            name="omniglot-metasgd",
+            title="Omniglot 5-way 1-shot 1-query Meta-SGD, 2nd order, 1 step, 32 tasks",
+            libraries=OTHER_METHOD_LIBRARIES,
+            method="meta-sgd",
+        ),
+        replace(
+            OMNIGLOT_MAML,
+            name="omniglot-anil",
+            title="Omniglot 5-way 1-shot 1-query ANIL, 2nd order, 1 step, 32 tasks",
+            libraries=OTHER_METHOD_LIBRARIES,
+            method="anil",
         ),
         Workload(
             "omniglot-protonet",

@@ -4,7 +4,9 @@ Run with that venv's python. ``--imports-only`` is the cheap probe setup_peers.s
 to decide whether a rebuild is needed; the full check also proves that the pieces the
 benchmarks compare against compute what they should: learn2learn's second-order MAML
 and higher's differentiable inner loop must both reproduce a hand-written second-order
-meta-gradient, and learn2learn's Cython task sampler must yield valid N-way K-shot tasks.
+meta-gradient, learn2learn's MetaSGD (step sizes initialised to MAML's) must give the same
+meta-gradient and the exact one of its step sizes, and learn2learn's Cython task sampler must
+yield valid N-way K-shot tasks.
 """
 
 import argparse
@@ -18,7 +20,7 @@ def check_imports():
     import higher
     import learn2learn
     import torchvision
-    from learn2learn.algorithms import MAML
+    from learn2learn.algorithms import MAML, MetaSGD
     from learn2learn.data import MetaDataset, TaskDataset
     from learn2learn.data.transforms import (
         ConsecutiveLabels,
@@ -32,7 +34,8 @@ def check_imports():
     assert importlib.metadata.version("higher") == "0.2.1"  # higher has no __version__
     assert callable(higher.innerloop_ctx)
     assert getattr(torchvision, "IS_FEWSHOT_STUB", False), "expected the torchvision stub"
-    del MAML, MetaDataset, TaskDataset, ConsecutiveLabels, KShots, LoadData, NWays, RemapLabels
+    del MAML, MetaSGD, MetaDataset, TaskDataset
+    del ConsecutiveLabels, KShots, LoadData, NWays, RemapLabels
     return learn2learn, higher
 
 
@@ -70,6 +73,37 @@ def check_learn2learn_maml(l2l, model, batch, lr, reference):
     query.backward()
     assert_grads_match("learn2learn MAML", [p.grad for p in maml.parameters()], reference)
     return query.item()
+
+
+def check_learn2learn_metasgd(l2l, model, batch, lr, reference):
+    # With every step size at lr, Meta-SGD's first step is MAML's: the same meta-gradient for
+    # the weights. A step size's gradient is exact: phi = theta - alpha * g with g independent
+    # of alpha, so dL_query/dalpha = -g * dL_query/dphi.
+    xs, ys, xq, yq = batch
+    mse = torch.nn.functional.mse_loss
+    params = list(model.parameters())
+    support_grads = torch.autograd.grad(mse(model(xs), ys), params)
+    adapted = {
+        name: (p - lr * g).detach().requires_grad_()
+        for (name, p), g in zip(model.named_parameters(), support_grads, strict=True)
+    }
+    query = mse(torch.func.functional_call(model, adapted, (xq,)), yq)
+    query_grads = torch.autograd.grad(query, list(adapted.values()))
+    rate_reference = [-g * q for g, q in zip(support_grads, query_grads, strict=True)]
+
+    meta_sgd = l2l.algorithms.MetaSGD(model, lr=lr, first_order=False)
+    learner = meta_sgd.clone()
+    learner.adapt(mse(learner(xs), ys))
+    loss = mse(learner(xq), yq)
+    meta_sgd.zero_grad()
+    loss.backward()
+    assert_grads_match(
+        "learn2learn MetaSGD weights", [p.grad for p in meta_sgd.module.parameters()], reference
+    )
+    assert_grads_match(
+        "learn2learn MetaSGD step sizes", [r.grad for r in meta_sgd.lrs], rate_reference
+    )
+    return loss.item()
 
 
 def check_higher(higher, model, batch, lr, reference):
@@ -143,6 +177,7 @@ def main():
     reference_loss, reference = reference_meta_grads(model, *batch, lr)
 
     l2l_loss = check_learn2learn_maml(l2l, model, batch, lr, reference)
+    metasgd_loss = check_learn2learn_metasgd(l2l, model, batch, lr, reference)
     higher_loss = check_higher(higher, model, batch, lr, reference)
     check_task_sampling(l2l)
 
@@ -155,7 +190,8 @@ def main():
     print(
         "smoke check passed: second-order MAML step on a 1-40-40-1 MLP "
         f"(query loss {reference_loss.item():.6f}; learn2learn {l2l_loss:.6f}, "
-        f"higher {higher_loss:.6f}; meta-gradients match the reference), "
+        f"learn2learn MetaSGD {metasgd_loss:.6f}, higher {higher_loss:.6f}; meta-gradients "
+        "match the reference), "
         "learn2learn 3-way 2-shot task sampling OK"
     )
     return 0
