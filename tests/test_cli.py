@@ -250,3 +250,23 @@ def test_settings_of_another_method_are_refused_by_name(tmp_path):
         "train", *QUICK, "--algorithm", "maml", "--inner-optimizer", "sgd", "--out", tmp_path / "r"
     )
     assert result.exit_code == 2 and "inner_optimizer is not a setting of maml" in result.output
+
+
+def test_generated_flags_and_choices_parse(tmp_path):
+    out = tmp_path / "r"
+    result = run(
+        "train",
+        *QUICK,
+        "--no-vectorize",
+        "--first-order",
+        "--batch-norm",
+        "inductive",
+        "--out",
+        out,
+    )
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["vectorize"] is False and config["first_order"] is True
+    assert config["batch_norm"] == "inductive"
+    bad = run("train", *QUICK, "--batch-norm", "sometimes", "--out", tmp_path / "s")
+    assert bad.exit_code == 2 and "'sometimes' is not one of" in bad.output

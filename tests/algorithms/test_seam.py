@@ -119,14 +119,70 @@ def test_inductive_batch_norm_keeps_each_query_independent_of_the_others(method)
 
 
 def test_inductive_prediction_normalises_with_the_support_set_plus_the_query():
-    """Nichol et al.'s non-transductive protocol, computed by hand for one query."""
-    maml = MAML(tiny_conv4(), batch_norm="inductive")
+    """Nichol et al.'s non-transductive protocol, computed by hand for one query: one inner
+    step on the support set (its own batch statistics), then the support set plus the query
+    through the adapted network, of which the query's output is kept."""
+    maml = MAML(tiny_conv4(), inner_lr=0.4, inner_steps=1, batch_norm="inductive")
     tasks = conv_tasks(num_tasks=1)
-    params = maml.adapt(tasks.support_x, tasks.support_y).params
+    names = [n for n, _ in maml.model.named_parameters()]
+    theta = list(maml.model.parameters())
+    support_loss = torch.nn.functional.cross_entropy(
+        maml.model(tasks.support_x[0]), tasks.support_y[0]
+    )
+    phi = [t - 0.4 * g for t, g in zip(theta, torch.autograd.grad(support_loss, theta))]
     batch = torch.cat([tasks.support_x[0], tasks.query_x[0, 2:3]])
-    one = {n: p[0] for n, p in params.items()}
-    by_hand = torch.func.functional_call(maml.model, one, (batch,))[-1]
-    torch.testing.assert_close(maml.predict(tasks)[0, 2], by_hand)
+    by_hand = torch.func.functional_call(maml.model, dict(zip(names, phi)), (batch,))[-1]
+    torch.testing.assert_close(maml.predict(tasks)[0, 2], by_hand.detach())
+
+
+def test_a_parameter_can_adapt_without_being_meta_learned():
+    """A task-specific context vector: zero at the start of every task, adapted in the inner
+    loop, never learned by the outer loop; the rest is meta-learned through it."""
+
+    class WithContext(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.context = nn.Parameter(torch.zeros(4))
+            self.linear = nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.linear(x + self.context)
+
+    torch.manual_seed(0)
+    maml = MAML(
+        WithContext(),
+        inner_lr=0.1,
+        adapted=["context"],
+        meta_learned=["linear.weight", "linear.bias"],
+        loss=torch.nn.functional.mse_loss,
+    )
+    tasks = Task(
+        torch.randn(2, 5, 4), torch.randn(2, 5, 1), torch.randn(2, 3, 4), torch.randn(2, 3, 1)
+    )
+    adapted = maml.trajectory(tasks.support_x, tasks.support_y, steps=1).params[-1]
+    assert not torch.equal(adapted["context"], torch.zeros(2, 4))
+    assert torch.equal(adapted["linear.weight"], maml.model.linear.weight.expand(2, 1, 4))
+    maml.meta_loss(tasks).backward()
+    assert maml.model.context.grad is None
+    assert maml.model.linear.weight.grad.abs().sum() > 0
+
+
+def test_a_predictor_is_a_snapshot_of_its_adaptation():
+    anil = ANIL(*body_and_head(tiny_conv4()), inner_steps=1)
+    tasks = conv_tasks()
+    predictor = anil.adapt(tasks.support_x, tasks.support_y)
+    before = predictor(tasks.query_x)
+    with torch.no_grad():
+        for p in anil.parameters():
+            p.add_(0.5)
+    torch.testing.assert_close(predictor(tasks.query_x), before)
+
+
+def test_inference_mode_gets_one_clear_error():
+    from fewshot.errors import ConfigError
+
+    with torch.inference_mode(), pytest.raises(ConfigError, match="use torch.no_grad"):
+        MAML(tiny_conv4()).predict(conv_tasks())
 
 
 class StepRecorder(nn.Module):
@@ -142,8 +198,9 @@ class StepRecorder(nn.Module):
         return self.linear(x)
 
 
-def test_the_forward_pass_sees_the_inner_step_index():
-    maml = MAML(StepRecorder(), inner_lr=0.1, inner_steps=3, vectorize=False)
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_the_forward_pass_sees_the_inner_step_index(vectorize):
+    maml = MAML(StepRecorder(), inner_lr=0.1, inner_steps=3, vectorize=vectorize)
     tasks = Task(
         torch.randn(1, 4, 2),
         torch.tensor([[0, 1, 0, 1]]),

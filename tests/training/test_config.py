@@ -74,3 +74,27 @@ def test_config_round_trips_through_its_flat_dict():
     flat = config.to_dict()
     assert flat["inner_optimizer"] == "adam" and flat["outer_lr"] == 1.0
     assert TrainConfig.from_dict(flat).resolved() == config
+
+
+def every_method_and_dataset():
+    from fewshot.algorithms import METHODS
+
+    return [(name, dataset) for name, m in METHODS.items() for dataset in m.defaults]
+
+
+@pytest.mark.parametrize(("method", "dataset"), every_method_and_dataset())
+def test_each_method_resolves_to_its_papers_defaults_on_each_dataset(method, dataset):
+    from fewshot.algorithms import get_method
+
+    config = TrainConfig(algorithm=method, dataset=dataset).resolved().to_dict()
+    declared = get_method(method).defaults[dataset]
+    assert {k: config[k] for k in declared} == declared
+    assert config["batch_norm"] == get_method(method).batch_norm
+    assert None not in (config[k] for k in config if k not in ("time_limit",))
+
+
+def test_a_null_in_a_config_file_means_the_default():
+    config = TrainConfig.from_dict(
+        {"algorithm": "reptile", "dataset": "omniglot", "final_outer_lr": None, "inner_batch": None}
+    ).resolved()
+    assert config.settings.final_outer_lr == 0.0 and config.settings.inner_batch == 10
