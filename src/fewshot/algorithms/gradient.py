@@ -6,10 +6,11 @@ update rule (`fewshot.algorithms.rules`) takes a step:
     phi_{s+1} = rule(phi_s, grad_phi L_support(phi_s), state_s, s),   s = 0 .. S-1.
 
 The pieces are swappable: the rule (one step size, learned step sizes, Adam, ...), which
-parameters adapt (all, the head, a named set; the others stay at theta and are still
-meta-learned), and an optional `encoder` run once per task before the inner loop (ANIL's body).
-The whole trajectory phi_0 .. phi_S is kept, for losses after every step, and the forward pass
-can read the step index with `current_inner_step()` (for per-step batch-norm parameters).
+parameters adapt (all, the head, a named set) and, separately, which are meta-learned, and an
+optional `encoder` run once per task before the inner loop (ANIL's body). The whole trajectory
+phi_0 .. phi_S is available (`trajectory(..., keep_all_steps=True)`), for losses after every
+step, and the forward pass can read the step index with `current_inner_step()` (for per-step
+batch-norm parameters).
 
 How tasks run: theta is expanded into one copy per task and the forward pass is vmapped over
 tasks (`torch.func.vmap`); plain `torch.autograd.grad` of the summed support losses gives each
