@@ -21,7 +21,7 @@ from fewshot.algorithms.gradient import GradientLearner
 from fewshot.algorithms.maml import MAML_DEFAULTS
 from fewshot.algorithms.registry import GradientSettings, Method, Problem, register
 from fewshot.algorithms.rules import SGD
-from fewshot.models import body_and_head, default_model
+from fewshot.models import body_and_head
 
 
 class ANIL(GradientLearner):
@@ -48,7 +48,7 @@ class ANILSettings(GradientSettings):
 
 
 def build(settings: ANILSettings, problem: Problem) -> ANIL:
-    model = default_model(problem.dataset, problem.ways, problem.channels, problem.image_size)
+    model = problem.network()
     return ANIL(
         *body_and_head(model),
         inner_lr=settings.inner_lr,

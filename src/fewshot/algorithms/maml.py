@@ -21,7 +21,6 @@ from torch import nn
 from fewshot.algorithms.gradient import GradientLearner
 from fewshot.algorithms.registry import GradientSettings, Method, Problem, register
 from fewshot.algorithms.rules import SGD
-from fewshot.models import default_model
 
 
 class MAML(GradientLearner):
@@ -47,7 +46,7 @@ class MAMLSettings(GradientSettings):
 
 def build(settings: MAMLSettings, problem: Problem) -> MAML:
     return MAML(
-        default_model(problem.dataset, problem.ways, problem.channels, problem.image_size),
+        problem.network(),
         inner_lr=settings.inner_lr,
         **settings.learner_arguments(problem),
     )

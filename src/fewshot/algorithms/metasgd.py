@@ -24,7 +24,6 @@ from fewshot.algorithms.registry import (
     register,
 )
 from fewshot.algorithms.rules import PerCoordinateSGD
-from fewshot.models import default_model
 
 
 class MetaSGD(GradientLearner):
@@ -48,7 +47,7 @@ class MetaSGDSettings(GradientSettings):
 
 def build(settings: MetaSGDSettings, problem: Problem) -> MetaSGD:
     return MetaSGD(
-        default_model(problem.dataset, problem.ways, problem.channels, problem.image_size),
+        problem.network(),
         inner_lr=settings.inner_lr,
         **settings.learner_arguments(problem),
     )

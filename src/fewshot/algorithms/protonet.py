@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from fewshot.algorithms.metric import MetricLearner
 from fewshot.algorithms.registry import Method, Problem, Settings, register
-from fewshot.models import default_model
 
 
 class ProtoNet(MetricLearner):
@@ -43,9 +42,7 @@ class ProtoNetSettings(Settings):
 
 
 def build(settings: ProtoNetSettings, problem: Problem) -> ProtoNet:
-    encoder = default_model(
-        problem.dataset, None, problem.channels, problem.image_size, track_running_stats=True
-    )
+    encoder = problem.network(head=False, track_running_stats=True)
     return ProtoNet(encoder, batch_norm=settings.batch_norm)
 
 

@@ -13,9 +13,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch.nn.functional as F
+from torch import nn
 
 from fewshot.algorithms.base import BATCH_NORM_POLICIES, Algorithm, check_batch_norm_policy
 from fewshot.errors import ConfigError, require_positive
+from fewshot.models import default_model
 
 CPU_IMAGES_PER_PASS = 40  # support + query images one vectorised pass takes on a CPU
 
@@ -55,6 +57,14 @@ class Problem:
     @property
     def regression(self) -> bool:
         return self.dataset == "sinusoid"
+
+    def network(self, head: bool = True, track_running_stats: bool = False) -> nn.Module:
+        """The literature's network for this problem (`models.default_model`): with a
+        `ways`-way head, or without one (an embedding network)."""
+        ways = self.ways if head else None
+        return default_model(
+            self.dataset, ways, self.channels, self.image_size, track_running_stats
+        )
 
     @property
     def loss(self) -> Callable:

@@ -26,7 +26,6 @@ from fewshot.algorithms.gradient import GradientLearner
 from fewshot.algorithms.registry import InnerLoopSettings, Method, Problem, register, setting
 from fewshot.algorithms.rules import SGD, Adam
 from fewshot.errors import ConfigError
-from fewshot.models import default_model
 from fewshot.tasks import Task
 
 INNER_OPTIMIZERS = ("adam", "sgd")
@@ -127,7 +126,7 @@ class ReptileSettings(InnerLoopSettings):
 
 def build(settings: ReptileSettings, problem: Problem) -> Reptile:
     return Reptile(
-        default_model(problem.dataset, problem.ways, problem.channels, problem.image_size),
+        problem.network(),
         inner_lr=settings.inner_lr,
         inner_optimizer=settings.inner_optimizer,
         inner_batch=settings.inner_batch or None,
