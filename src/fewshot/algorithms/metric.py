@@ -66,12 +66,7 @@ class MetricLearner(Algorithm):
 
     def _loss_and_logits(self, tasks: Task) -> tuple[torch.Tensor, torch.Tensor]:
         """Query cross-entropy and logits, each task's support and queries embedded together."""
-        embeddings = [
-            self.embed_together(tasks.support_x[i : i + 1], tasks.query_x[i : i + 1])
-            for i in range(len(tasks))
-        ]
-        support_z = torch.cat([support for support, _ in embeddings])
-        query_z = torch.cat([query for _, query in embeddings])
+        support_z, query_z = self.embed_each_task(tasks.support_x, tasks.query_x)
         logits = self.score(support_z, tasks.support_y, query_z)
         return F.cross_entropy(logits.flatten(0, 1), tasks.query_y.flatten()), logits
 
@@ -79,16 +74,9 @@ class MetricLearner(Algorithm):
         if self.is_transductive:
 
             def transductive(query_x):
-                # Task by task: each episode's support and queries are one batch of their own.
-                logits = []
                 with _batch_norm_mode(self.encoder, training=True):
-                    for i in range(len(query_x)):
-                        task = slice(i, i + 1)
-                        support_z, query_z = self.embed_together(
-                            support_x[task], query_x[task], keep_stats=True
-                        )
-                        logits.append(self.score(support_z, support_y[task], query_z))
-                return torch.cat(logits)
+                    support_z, query_z = self.embed_each_task(support_x, query_x, keep_stats=True)
+                return self.score(support_z, support_y, query_z)
 
             return Predictor(transductive)
         with _batch_norm_mode(self.encoder, training=False):
@@ -110,11 +98,17 @@ class MetricLearner(Algorithm):
             z = self.encoder(flat)
         return z.unflatten(0, x.shape[:2])
 
-    def embed_together(self, support_x, query_x, keep_stats: bool = False):
-        """Support and query embeddings from one pass, so that batch norm in training mode
-        normalises them together (call it with one task: a pass mixes all tasks given)."""
+    def embed_each_task(self, support_x, query_x, keep_stats: bool = False):
+        """Support and query embeddings, each task's support and queries in one pass of their
+        own, so that batch norm in training mode normalises them together and apart from the
+        other tasks."""
         n_support = support_x.shape[1]
-        z = self.embed(torch.cat([support_x, query_x], dim=1), keep_stats)
+        z = torch.cat(
+            [
+                self.embed(torch.cat([support_x[i : i + 1], query_x[i : i + 1]], dim=1), keep_stats)
+                for i in range(len(support_x))
+            ]
+        )
         return z[:, :n_support], z[:, n_support:]
 
 
