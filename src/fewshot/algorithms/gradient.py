@@ -318,16 +318,7 @@ class GradientLearner(Algorithm):
 
     def _call_model(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         """The model on every task: task i's inputs x[i] with parameters params[name][i]."""
-        buffers = dict(self.model.named_buffers())
-        if self._vmapped(x):
-            batched = vmap(_call, in_dims=(None, 0, None, 0), randomness="different")
-            return batched(self.model, params, buffers, x)
-        return torch.stack(
-            [
-                _call(self.model, {n: p[i] for n, p in params.items()}, buffers, x[i])
-                for i in range(len(x))
-            ]
-        )
+        return self._on_every_task(self.model, params, x, params_per_task=True)
 
     def _encode(self, x: torch.Tensor, params: Params | None = None) -> torch.Tensor:
         """The encoder's features of every task's inputs (the inputs themselves without one),
@@ -335,11 +326,28 @@ class GradientLearner(Algorithm):
         if self.encoder is None:
             return x
         params = dict(self.encoder.named_parameters()) if params is None else params
-        buffers = dict(self.encoder.named_buffers())
+        return self._on_every_task(self.encoder, params, x, params_per_task=False)
+
+    def _on_every_task(
+        self, module: nn.Module, params: Params, x: torch.Tensor, params_per_task: bool
+    ) -> torch.Tensor:
+        """`module` called on each task's inputs x[i], vectorised over tasks or one by one, with
+        task i's slice of `params` (`params_per_task`) or the same `params` for all."""
+        buffers = dict(module.named_buffers())
         if self._vmapped(x):
-            batched = vmap(_call, in_dims=(None, None, None, 0), randomness="different")
-            return batched(self.encoder, params, buffers, x)
-        return torch.stack([_call(self.encoder, params, buffers, task_x) for task_x in x])
+            dims = (None, 0 if params_per_task else None, None, 0)
+            return vmap(_call, in_dims=dims, randomness="different")(module, params, buffers, x)
+        return torch.stack(
+            [
+                _call(
+                    module,
+                    {n: p[i] for n, p in params.items()} if params_per_task else params,
+                    buffers,
+                    x[i],
+                )
+                for i in range(len(x))
+            ]
+        )
 
     def _vmapped(self, x: torch.Tensor) -> bool:
         # A single task runs faster as a plain call (Conv4 on CPU; docs/performance.md).
