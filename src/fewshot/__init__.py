@@ -5,6 +5,7 @@ from fewshot.algorithms import (
     MAML,
     Algorithm,
     GradientLearner,
+    MAMLpp,
     MetaSGD,
     MetricLearner,
     Predictor,
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ANIL",
     "MAML",
+    "MAMLpp",
     "Algorithm",
     "Conv4",
     "GradientLearner",

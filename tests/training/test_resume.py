@@ -234,3 +234,53 @@ def test_a_resumed_reptile_run_continues_its_annealed_outer_rate_exactly(tmp_pat
         assert torch.equal(tensor, final_b.algorithm[name]), name
     assert final_a.scheduler == final_b.scheduler
     assert metrics(straight) == metrics(stopped)
+
+
+MAMLPP_ARGS = [
+    "--algorithm",
+    "maml++",
+    "--iterations",
+    "400",
+    "--iterations-per-epoch",
+    "100",
+    "--da-epochs",
+    "2",
+    "--msl-epochs",
+    "1",
+    "--val-every",
+    "200",
+    "--val-episodes",
+    "10",
+    "--checkpoint-every",
+    "100000",
+    "--test-episodes",
+    "0",
+]
+
+
+def test_a_maml_plus_plus_run_resumed_before_its_derivative_order_switch_is_bitwise_exact(
+    tmp_path,
+):
+    """MAML++ switches from first to second order at iteration 200 (DA), its loss weights at 100
+    (MSL) and anneals its outer rate (CA): a run stopped before the switches and resumed must
+    make them at the same iterations and end bitwise where an uninterrupted run does."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run_to_end("train", *MAMLPP_ARGS, "--out", straight).returncode == 0
+    process = subprocess.Popen(
+        fewshot_cli("train", *MAMLPP_ARGS, "--out", stopped),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for_iteration(stopped, 30, process)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    interrupted = load_state(stopped / STATE_FILE)
+    assert 0 < interrupted.iteration < 100
+    assert run_to_end("train", "--resume", stopped).returncode == 0
+    final_a, final_b = load_state(straight / STATE_FILE), load_state(stopped / STATE_FILE)
+    assert final_a.iteration == final_b.iteration == 400
+    assert int(final_b.algorithm["iterations_done"]) == 400
+    for name, tensor in final_a.algorithm.items():
+        assert torch.equal(tensor, final_b.algorithm[name]), name
+    assert final_a.scheduler == final_b.scheduler
+    assert metrics(straight) == metrics(stopped)

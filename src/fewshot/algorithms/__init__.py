@@ -5,6 +5,7 @@ from fewshot.algorithms.anil import ANIL
 from fewshot.algorithms.base import Algorithm, Predictor
 from fewshot.algorithms.gradient import GradientLearner, current_inner_step
 from fewshot.algorithms.maml import MAML
+from fewshot.algorithms.mamlpp import MAMLpp
 from fewshot.algorithms.metasgd import MetaSGD
 from fewshot.algorithms.metric import MetricLearner
 from fewshot.algorithms.protonet import ProtoNet
@@ -15,6 +16,7 @@ __all__ = [
     "ANIL",
     "METHODS",
     "MAML",
+    "MAMLpp",
     "Algorithm",
     "GradientLearner",
     "Method",

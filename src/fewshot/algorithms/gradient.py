@@ -329,20 +329,36 @@ class GradientLearner(Algorithm):
         return self._on_every_task(self.encoder, params, x, params_per_task=False)
 
     def _on_every_task(
-        self, module: nn.Module, params: Params, x: torch.Tensor, params_per_task: bool
+        self,
+        module: nn.Module,
+        params: Params,
+        x: torch.Tensor,
+        params_per_task: bool,
+        task_buffers: Params | None = None,
     ) -> torch.Tensor:
         """`module` called on each task's inputs x[i], vectorised over tasks or one by one, with
-        task i's slice of `params` (`params_per_task`) or the same `params` for all."""
-        buffers = dict(module.named_buffers())
+        task i's slice of `params` (`params_per_task`) or the same `params` for all, and the
+        module's buffers, or task i's slice of `task_buffers` (each task's own copy, for
+        buffers the forward pass updates in place, such as running statistics)."""
+        buffers = dict(module.named_buffers()) if task_buffers is None else task_buffers
         if self._vmapped(x):
-            dims = (None, 0 if params_per_task else None, None, 0)
+            dims = (
+                None,
+                0 if params_per_task else None,
+                None if task_buffers is None else 0,
+                0,
+            )
             return vmap(_call, in_dims=dims, randomness="different")(module, params, buffers, x)
+
+        def task_slice(values: Params, per_task: bool, i: int) -> Params:
+            return {n: v[i] for n, v in values.items()} if per_task else values
+
         return torch.stack(
             [
                 _call(
                     module,
-                    {n: p[i] for n, p in params.items()} if params_per_task else params,
-                    buffers,
+                    task_slice(params, params_per_task, i),
+                    task_slice(buffers, task_buffers is not None, i),
                     x[i],
                 )
                 for i in range(len(x))

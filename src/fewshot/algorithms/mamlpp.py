@@ -1,0 +1,413 @@
+"""MAML++ (Antoniou, Edwards & Storkey, 2019, "How to train your MAML").
+
+MAML with five fixes that make its training stable and its results better, each a switch named
+as in the paper, all on by default; with every switch off, MAML++ is MAML:
+
+- MSL, multi-step loss: the meta-loss is sum_s w_s L_query(phi_s) over the inner steps
+  s = 1..S, with the weights annealed towards the last step over the first `msl_epochs`
+  epochs (`msl_weights`), and the last step's loss alone after them;
+- DA, derivative-order annealing: first-order meta-gradients for the first `da_epochs` epochs,
+  second order after them;
+- BNWB, per-step batch-norm weights and biases, and BNRS, per-step batch-norm running
+  statistics (`PerStepBatchNorm`): inner step s normalises with row s of each;
+- LSLR, learned inner step sizes per layer and per step (`rules.PerLayerPerStepSGD`);
+- CA, cosine annealing of the outer learning rate to `min_outer_lr` over the run.
+
+An epoch is `iterations_per_epoch` meta-iterations (500 in the paper); the learner counts its
+own meta-iterations (`iterations_done`, saved with its weights), so a resumed run continues the
+schedules where it stopped.
+
+Batch norm: the paper's code normalises with batch statistics at prediction too (its BNRS
+statistics are collected but not read), which is fewshot's "transductive" policy and the
+default here. With `batch_norm="inductive"` and BNRS, a trained learner normalises with step
+s's running statistics instead, so no query sees another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewshot.algorithms.base import BATCH_NORM_LAYERS
+from fewshot.algorithms.gradient import (
+    GradientLearner,
+    QueryResult,
+    _accuracy,
+    _last,
+    current_inner_step,
+)
+from fewshot.algorithms.maml import MAML_DEFAULTS
+from fewshot.algorithms.registry import GradientSettings, Method, Problem, register, setting
+from fewshot.algorithms.rules import SGD, PerLayerPerStepSGD
+from fewshot.errors import ConfigError, require_positive
+from fewshot.tasks import Task
+
+# The paper's floor on the weight of each step but the last: 0.03 / S.
+MSL_FLOOR = 0.03
+
+_META_TRAINING: ContextVar[bool] = ContextVar("fewshot_mamlpp_meta_training", default=False)
+
+
+@contextlib.contextmanager
+def _meta_training() -> Iterator[None]:
+    token = _META_TRAINING.set(True)
+    try:
+        yield
+    finally:
+        _META_TRAINING.reset(token)
+
+
+def msl_weights(steps: int, epoch: int, msl_epochs: int) -> list[float]:
+    """The weights w_1..w_S of the query losses after each inner step at `epoch` (MSL).
+
+    All start at 1/S. Every epoch each weight but the last falls by 1/(S * msl_epochs), down to
+    no less than 0.03/S, and the last rises by what they lose, so they always sum to one. From
+    epoch `msl_epochs` on, the last step's loss alone counts.
+    """
+    if epoch >= msl_epochs:
+        return [0.0] * (steps - 1) + [1.0]
+    decay = 1.0 / steps / msl_epochs
+    floor = MSL_FLOOR / steps
+    earlier = max(1.0 / steps - epoch * decay, floor)
+    last = min(1.0 / steps + epoch * (steps - 1) * decay, 1.0 - (steps - 1) * floor)
+    return [earlier] * (steps - 1) + [last]
+
+
+class PerStepBatchNorm(nn.Module):
+    """Batch norm with one row of affine parameters (BNWB) and of running statistics (BNRS) per
+    inner step; a forward pass uses the row of `current_inner_step()` (the last row for steps
+    past `steps`).
+
+    In meta-training it normalises with the batch's statistics and, with running statistics,
+    moves step s's towards them: r_s <- (1 - momentum) r_s + momentum * batch statistic. Outside
+    meta-training it normalises with the running statistics when `use_running_statistics`,
+    else with the batch's.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        steps: int,
+        per_step_weights: bool = True,
+        running_statistics: bool = True,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.num_features, self.steps, self.eps, self.momentum = num_features, steps, eps, momentum
+        self.per_step_weights = per_step_weights
+        shape = (steps, num_features) if per_step_weights else (num_features,)
+        self.weight = nn.Parameter(torch.ones(shape))
+        self.bias = nn.Parameter(torch.zeros(shape))
+        self.use_running_statistics = False
+        if running_statistics:
+            self.register_buffer("running_mean", torch.zeros(steps, num_features))
+            self.register_buffer("running_var", torch.ones(steps, num_features))
+        else:
+            self.running_mean = self.running_var = None
+
+    @classmethod
+    def replacing(cls, layer: nn.Module, steps: int, **options: Any) -> PerStepBatchNorm:
+        """A per-step layer that starts every step from `layer`'s weights and biases."""
+        new = cls(layer.num_features, steps, eps=layer.eps, **options)
+        with torch.no_grad():
+            if layer.affine:
+                new.weight.copy_(layer.weight.expand_as(new.weight))
+                new.bias.copy_(layer.bias.expand_as(new.bias))
+        if not layer.affine:
+            new.weight.requires_grad_(False)
+            new.bias.requires_grad_(False)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        step = min(current_inner_step(), self.steps - 1)
+        weight = self.weight[step] if self.per_step_weights else self.weight
+        bias = self.bias[step] if self.per_step_weights else self.bias
+        tracked = self.running_mean is not None
+        if tracked and _META_TRAINING.get():
+            self._track(x.detach(), step)
+        elif tracked and self.use_running_statistics:
+            mean, var = self.running_mean[step], self.running_var[step]
+            return F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
+        return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+
+    def _track(self, x: torch.Tensor, step: int) -> None:
+        dims = [0, *range(2, x.dim())]
+        keep = 1 - self.momentum
+        self.running_mean[step].mul_(keep).add_(self.momentum * x.mean(dims))
+        self.running_var[step].mul_(keep).add_(self.momentum * x.var(dims, correction=1))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, steps={self.steps}, per_step_weights={self.per_step_weights}, "
+            f"running_statistics={self.running_mean is not None}"
+        )
+
+
+def per_step_batch_norm_(model: nn.Module, steps: int, **options: Any) -> list[str]:
+    """Replace every batch-norm layer of `model` by a `PerStepBatchNorm` (in place); return the
+    names of the new layers' weights and biases."""
+    names = []
+    for prefix, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, BATCH_NORM_LAYERS):
+                setattr(module, child_name, PerStepBatchNorm.replacing(child, steps, **options))
+                path = f"{prefix}.{child_name}" if prefix else child_name
+                names += [f"{path}.weight", f"{path}.bias"]
+    return names
+
+
+class MAMLpp(GradientLearner):
+    """MAML++ around any `nn.Module`.
+
+    Args:
+        model: the network (a copy is trained, its batch-norm layers made per-step with BNWB or
+            BNRS; the module passed in is left as it was).
+        inner_lr: the inner step size alpha (with LSLR: the initial value of every learned one).
+        inner_steps: S, inner steps per task in meta-training.
+        msl, da, bnwb, bnrs, lslr, ca: the paper's switches (module docstring).
+        msl_epochs: epochs over which MSL anneals its weights.
+        da_epochs: epochs of first-order meta-gradients with DA.
+        min_outer_lr: the outer learning rate that CA anneals to by the last iteration.
+        iterations_per_epoch: meta-iterations per epoch, the unit of the schedules.
+        first_order: first-order meta-gradients throughout (DA then has no effect).
+        options: `GradientLearner`'s other keyword arguments (eval_inner_steps, loss, adapted,
+            meta_learned, vectorize, chunk_size, batch_norm). With BNWB, the batch-norm weights
+            and biases are meta-learned per step but not adapted, as in the paper's code,
+            unless `adapted` says otherwise.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_lr: float = 0.1,
+        inner_steps: int = 5,
+        *,
+        msl: bool = True,
+        msl_epochs: int = 10,
+        da: bool = True,
+        da_epochs: int = 50,
+        bnwb: bool = True,
+        bnrs: bool = True,
+        lslr: bool = True,
+        ca: bool = True,
+        min_outer_lr: float = 1e-5,
+        iterations_per_epoch: int = 500,
+        first_order: bool = False,
+        **options: Any,
+    ) -> None:
+        require_positive(inner_steps=inner_steps, msl_epochs=msl_epochs)
+        require_positive(iterations_per_epoch=iterations_per_epoch)
+        if da_epochs < 0 or min_outer_lr < 0:
+            raise ConfigError("da_epochs and min_outer_lr must be >= 0.")
+        model = copy.deepcopy(model)
+        batch_norm_params = []
+        if bnwb or bnrs:
+            batch_norm_params = per_step_batch_norm_(
+                model, inner_steps, per_step_weights=bnwb, running_statistics=bnrs
+            )
+        if bnwb and batch_norm_params and options.get("adapted") is None:
+            fixed = set(batch_norm_params)
+            options["adapted"] = lambda name: name not in fixed
+        rule = SGD(inner_lr)
+        if lslr:
+            rule = partial(PerLayerPerStepSGD, steps=inner_steps, lr=inner_lr)
+        super().__init__(model, rule, inner_steps=inner_steps, first_order=first_order, **options)
+        self.inner_lr = inner_lr
+        self.msl, self.da, self.bnwb, self.bnrs, self.lslr, self.ca = msl, da, bnwb, bnrs, lslr, ca
+        self.msl_epochs, self.da_epochs = msl_epochs, da_epochs
+        self.min_outer_lr, self.iterations_per_epoch = min_outer_lr, iterations_per_epoch
+        self.always_first_order = first_order
+        self.register_buffer("iterations_done", torch.zeros((), dtype=torch.long))
+        self._task_statistics: dict[str, torch.Tensor] = {}
+        self._chunk = slice(None)
+        for layer in self.model.modules():
+            if isinstance(layer, PerStepBatchNorm):
+                layer.use_running_statistics = self.batch_norm == "inductive"
+
+    @property
+    def epoch(self) -> int:
+        return int(self.iterations_done) // self.iterations_per_epoch
+
+    @property
+    def predicts_one_query_at_a_time(self) -> bool:
+        # With BNRS, inductive prediction reads running statistics: queries can go together.
+        return super().predicts_one_query_at_a_time and not self.bnrs
+
+    def loss_weights(self) -> list[float]:
+        """w_1..w_S at the current epoch: MSL's, or the last step's loss alone without MSL."""
+        steps = self.inner_steps
+        if not self.msl:
+            return [0.0] * (steps - 1) + [1.0]
+        return msl_weights(steps, self.epoch, self.msl_epochs)
+
+    def uses_first_order(self) -> bool:
+        """Whether the current iteration's meta-gradient is first order (DA, or `first_order`)."""
+        return self.always_first_order or (self.da and self.epoch < self.da_epochs)
+
+    def training_step(self, tasks: Task) -> dict[str, float]:
+        self.first_order = self.uses_first_order()
+        own = self._running_statistics()
+        # With BNRS, each task updates its own copy of the running statistics (buffers cannot
+        # be written across tasks under vmap); the copies are averaged at the end, which is the
+        # same as updating with the tasks' mean batch statistics, however the tasks are chunked.
+        self._task_statistics = {n: b.expand(len(tasks), *b.shape).clone() for n, b in own.items()}
+        try:
+            with _meta_training():
+                metrics = super().training_step(tasks)
+        finally:
+            statistics, self._task_statistics = self._task_statistics, {}
+        with torch.no_grad():
+            for name, buffer in own.items():
+                buffer.copy_(statistics[name].mean(0))
+        self.iterations_done += 1
+        return metrics
+
+    def _running_statistics(self) -> dict[str, torch.Tensor]:
+        return {
+            f"{prefix}.{name}" if prefix else name: getattr(layer, name)
+            for prefix, layer in self.model.named_modules()
+            if isinstance(layer, PerStepBatchNorm) and layer.running_mean is not None
+            for name in ("running_mean", "running_var")
+        }
+
+    def chunks(self, tasks: Task) -> Iterator[Task]:
+        start = 0
+        for chunk in super().chunks(tasks):
+            self._chunk = slice(start, start + len(chunk))
+            yield chunk
+            start += len(chunk)
+
+    def query_result(self, tasks: Task) -> QueryResult:
+        """sum_s w_s L_query(phi_s), skipping the steps whose weight is zero."""
+        weights = self.loss_weights()
+        every_step = any(w > 0 for w in weights[:-1])
+        path = self.trajectory(
+            tasks.support_x,
+            tasks.support_y,
+            self.inner_steps,
+            batch=self.inner_batch,
+            keep_all_steps=every_step,
+        )
+        losses = 0
+        for step, weight in enumerate(weights, start=1):
+            if weight > 0:
+                params = path.params[step] if every_step else path.params[-1]
+                outputs = self.query_outputs(params, tasks.query_x, step)
+                losses = losses + weight * self.per_task_loss(outputs, tasks.query_y)
+        # `outputs` are the last step's, whose weight is never zero.
+        return QueryResult(losses, _accuracy(outputs, tasks.query_y), _last(path.support_losses))
+
+    def _call_model(self, params, x):
+        if not self._task_statistics:
+            return super()._call_model(params, x)
+        statistics = {n: c[self._chunk] for n, c in self._task_statistics.items()}
+        return self._on_every_task(self.model, params, x, True, task_buffers=statistics)
+
+    def configure_optimizers(self, lr: float, iterations: int):
+        """Adam; with CA, its learning rate cosine-annealed from `lr` to `min_outer_lr`."""
+        optimizer = torch.optim.Adam(self.parameters(), lr=lr)
+        if not self.ca:
+            return optimizer, None
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=iterations, eta_min=self.min_outer_lr
+        )
+        return optimizer, schedule
+
+
+@dataclass
+class MAMLppSettings(GradientSettings):
+    msl: bool | None = setting(
+        "MSL: the query loss after every inner step, annealed towards the last.", fallback=True
+    )
+    msl_epochs: int | None = setting("Epochs over which MSL anneals its weights.", fallback=10)
+    da: bool | None = setting(
+        "DA: first-order meta-gradients for the first --da-epochs epochs.", fallback=True
+    )
+    da_epochs: int | None = setting("Epochs of first-order meta-gradients with DA.", fallback=50)
+    bnwb: bool | None = setting(
+        "BNWB: batch-norm weights and biases per inner step.", fallback=True
+    )
+    bnrs: bool | None = setting(
+        "BNRS: batch-norm running statistics per inner step.", fallback=True
+    )
+    lslr: bool | None = setting(
+        "LSLR: learned inner step sizes per layer and per step.", fallback=True
+    )
+    ca: bool | None = setting(
+        "CA: cosine annealing of the outer learning rate to --min-outer-lr.", fallback=True
+    )
+    min_outer_lr: float | None = setting(
+        "The outer learning rate CA anneals to by the last iteration.", fallback=1e-5
+    )
+    iterations_per_epoch: int | None = setting(
+        "Meta-iterations per epoch, the unit of the MSL and DA schedules.", fallback=500
+    )
+
+    def check(self, run) -> None:
+        super().check(run)
+        require_positive(msl_epochs=self.msl_epochs, iterations_per_epoch=self.iterations_per_epoch)
+        if self.da_epochs < 0 or self.min_outer_lr < 0:
+            raise ConfigError("--da-epochs and --min-outer-lr must be >= 0.")
+        if self.ca and self.min_outer_lr > run.outer_lr:
+            raise ConfigError(
+                f"--min-outer-lr ({self.min_outer_lr}) is above --outer-lr ({run.outer_lr}); "
+                "lower it, or turn cosine annealing off with --no-ca."
+            )
+
+
+def build(settings: MAMLppSettings, problem: Problem) -> MAMLpp:
+    switches = ("msl", "msl_epochs", "da", "da_epochs", "bnwb", "bnrs", "lslr", "ca")
+    return MAMLpp(
+        problem.network(),
+        inner_lr=settings.inner_lr,
+        min_outer_lr=settings.min_outer_lr,
+        iterations_per_epoch=settings.iterations_per_epoch,
+        **{name: getattr(settings, name) for name in switches},
+        **settings.learner_arguments(problem),
+    )
+
+
+# Antoniou et al.'s Omniglot 5-way 1-shot configuration (omniglot_maml++-omniglot_1_8_0.1_64_5):
+# 8 tasks a batch, 1 target example per class, 5 inner steps at alpha = 0.1 in training and at
+# test, Adam at 1e-3 annealed to 1e-5, 100 epochs of 500 iterations, MSL over 10 epochs; DA's
+# 50 epochs are the paper's text (the released configurations train second order throughout).
+# The paper has no sinusoid experiment: MAML's setting with MAML++'s 5 inner steps.
+register(
+    Method(
+        name="maml++",
+        algorithm=MAMLpp,
+        settings=MAMLppSettings,
+        paper="Antoniou, Edwards & Storkey 2019, How to train your MAML (ICLR)",
+        build=build,
+        batch_norm="transductive",
+        defaults={
+            "sinusoid": {
+                **MAML_DEFAULTS["sinusoid"],
+                "inner_steps": 5,
+                "iterations_per_epoch": 100,
+            },
+            "omniglot": dict(
+                shots=1,
+                queries=15,
+                train_queries=1,
+                meta_batch=8,
+                inner_lr=0.1,
+                inner_steps=5,
+                eval_inner_steps=5,
+                outer_lr=1e-3,
+                iterations=50000,
+                val_every=500,
+            ),
+        },
+    )
+)
