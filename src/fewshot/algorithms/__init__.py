@@ -6,6 +6,7 @@ from fewshot.algorithms.base import Algorithm, Predictor
 from fewshot.algorithms.gradient import GradientLearner, current_inner_step
 from fewshot.algorithms.maml import MAML
 from fewshot.algorithms.mamlpp import MAMLpp
+from fewshot.algorithms.metalstm import MetaLSTM
 from fewshot.algorithms.metasgd import MetaSGD
 from fewshot.algorithms.metric import MetricLearner
 from fewshot.algorithms.protonet import ProtoNet
@@ -20,6 +21,7 @@ __all__ = [
     "Algorithm",
     "GradientLearner",
     "Method",
+    "MetaLSTM",
     "MetaSGD",
     "MetricLearner",
     "Predictor",

@@ -1,0 +1,218 @@
+"""The Meta-LSTM meta-learner (Ravi & Larochelle, 2017, "Optimization as a Model for Few-Shot
+Learning").
+
+An LSTM learns the learner's update rule. Its cell state is the learner's parameters: with the
+gradient g_t and loss L_t of the learner's support loss at theta_{t-1},
+
+    theta_t = c_t = f_t ⊙ c_{t-1} + i_t ⊙ (-g_t),
+    i_t = sigmoid(W_I [h_t, theta_{t-1}, i_{t-1}] + b_I),
+    f_t = sigmoid(W_F [h_t, theta_{t-1}, f_{t-1}] + b_F),
+
+where h_t is the hidden state of a first, ordinary LSTM fed with the preprocessed gradient and
+loss (`preprocess`). i_t is a learned step size and f_t a learned shrinkage, per coordinate.
+Every coordinate has its own hidden and cell state, but all share the LSTMs' weights, so the
+meta-learner's size does not grow with the learner's. The learner's initial parameters theta_0
+are the LSTM's initial cell state c_0, meta-learned with it: here, the wrapped model's
+parameters. As in the paper, gradients and losses enter as constants (no second-order term).
+The shared inner loop (`GradientLearner`) with `MetaLSTMRule`, vectorised over tasks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fewshot.algorithms.gradient import GradientLearner
+from fewshot.algorithms.maml import MAML_DEFAULTS
+from fewshot.algorithms.registry import InnerLoopSettings, Method, Problem, register, setting
+from fewshot.algorithms.rules import InnerRule, Params
+from fewshot.errors import ConfigError, require_positive
+from fewshot.tasks import Task
+
+PREPROCESSING_P = 10.0  # Andrychowicz et al.'s p
+
+
+def preprocess(x: torch.Tensor, p: float = PREPROCESSING_P) -> torch.Tensor:
+    """Andrychowicz et al. (2016)'s scaling of gradients and losses, on a new last dimension:
+
+        x -> (log|x| / p, sign(x))  if |x| >= e^-p,     (-1, e^p x)  otherwise,
+
+    which keeps magnitudes over many orders in a range an LSTM can read.
+    """
+    large = x.abs() >= math.exp(-p)
+    magnitude = torch.where(large, x.abs().clamp_min(math.exp(-p)).log() / p, -1.0)
+    sign = torch.where(large, x.sign(), math.exp(p) * x)
+    return torch.stack([magnitude, sign], dim=-1)
+
+
+class MetaLSTMRule(InnerRule):
+    """The meta-learner's update, one step for every coordinate of every task at once.
+
+    Args:
+        hidden_size: the first LSTM's hidden size (20 in the paper).
+        initial_step_size: the input gate's value at the start of meta-training; its bias starts
+            at logit(initial_step_size) + U(-0.5, 0.5) (the paper's U(-5, -4) is 0.01 this way).
+
+    The forget gate's bias starts in U(4, 6) (f near 1: keep the parameters), the gate weights in
+    U(-0.01, 0.01), as in the paper.
+    """
+
+    def __init__(self, hidden_size: int = 20, initial_step_size: float = 0.01) -> None:
+        super().__init__()
+        require_positive(hidden_size=hidden_size)
+        if not 0 < initial_step_size < 1:
+            raise ConfigError(
+                f"Meta-LSTM's initial step size (--inner-lr) is an input-gate value and must lie "
+                f"in (0, 1), got {initial_step_size}."
+            )
+        self.hidden_size = hidden_size
+        self.lstm = nn.LSTMCell(4, hidden_size)
+        # Inputs of each gate: the first LSTM's h_t, theta_{t-1} and the gate's previous value.
+        self.input_gate = nn.Linear(hidden_size + 2, 1)
+        self.forget_gate = nn.Linear(hidden_size + 2, 1)
+        logit = math.log(initial_step_size / (1 - initial_step_size))
+        with torch.no_grad():
+            for gate in (self.input_gate, self.forget_gate):
+                gate.weight.uniform_(-0.01, 0.01)
+            self.input_gate.bias.uniform_(logit - 0.5, logit + 0.5)
+            self.forget_gate.bias.uniform_(4.0, 6.0)
+
+    def init_state(self, params: Params):
+        """(h, c) of the first LSTM and the previous gates i, f: zeros, one row per coordinate."""
+        tasks = next(iter(params.values())).shape[0]
+        coordinates = sum(p[0].numel() for p in params.values())
+        like = next(iter(params.values()))
+        zeros = like.new_zeros(tasks * coordinates, self.hidden_size)
+        gates = like.new_zeros(tasks * coordinates, 1)
+        return zeros, zeros, gates, gates
+
+    def forward(self, params, grads, losses, state, step):
+        names = list(params)
+        tasks = params[names[0]].shape[0]
+        theta = torch.cat([params[n].reshape(tasks, -1) for n in names], dim=1)
+        gradient = torch.cat(
+            [
+                (torch.zeros_like(params[n]) if grads[n] is None else grads[n].detach()).reshape(
+                    tasks, -1
+                )
+                for n in names
+            ],
+            dim=1,
+        )
+        loss = preprocess(losses.detach()).unsqueeze(1).expand(tasks, theta.shape[1], 2)
+        inputs = torch.cat([preprocess(gradient), loss], dim=-1).reshape(-1, 4)
+        h, c, i_previous, f_previous = state
+        h, c = self.lstm(inputs, (h, c))
+        theta_column = theta.reshape(-1, 1)
+        i = torch.sigmoid(self.input_gate(torch.cat([h, theta_column, i_previous], dim=1)))
+        f = torch.sigmoid(self.forget_gate(torch.cat([h, theta_column, f_previous], dim=1)))
+        new = (f * theta_column - i * gradient.reshape(-1, 1)).reshape(tasks, -1)
+        updated, start = {}, 0
+        for n in names:
+            size = params[n][0].numel()
+            updated[n] = new[:, start : start + size].reshape(params[n].shape)
+            start += size
+        return updated, (h, c, i, f)
+
+
+class MetaLSTM(GradientLearner):
+    """The Meta-LSTM meta-learner around any `nn.Module` (the learner; a copy is trained).
+
+    Args:
+        model: the learner; its parameters are the meta-learned initial cell state c_0.
+        inner_steps: updates T per task in meta-training.
+        hidden_size: the first LSTM's hidden size.
+        initial_step_size: the input gate's initial value (`MetaLSTMRule`).
+        gradient_clip: the meta-gradient's norm is clipped to this (None: no clipping).
+        options: `GradientLearner`'s other keyword arguments (eval_inner_steps, loss, adapted,
+            inner_batch, eval_inner_batch, vectorize, chunk_size, batch_norm).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_steps: int = 12,
+        hidden_size: int = 20,
+        initial_step_size: float = 0.01,
+        gradient_clip: float | None = 0.25,
+        **options: Any,
+    ) -> None:
+        if gradient_clip is not None and gradient_clip <= 0:
+            raise ConfigError(f"gradient_clip must be positive, got {gradient_clip}.")
+        rule = MetaLSTMRule(hidden_size, initial_step_size)
+        super().__init__(model, rule, inner_steps=inner_steps, first_order=True, **options)
+        self.gradient_clip = gradient_clip
+
+    def training_step(self, tasks: Task) -> dict[str, float]:
+        metrics = super().training_step(tasks)
+        if self.gradient_clip is not None:
+            nn.utils.clip_grad_norm_(self.parameters(), self.gradient_clip)
+        return metrics
+
+
+@dataclass
+class MetaLSTMSettings(InnerLoopSettings):
+    hidden_size: int | None = setting("Meta-LSTM: the first LSTM's hidden size.", fallback=20)
+    gradient_clip: float | None = setting(
+        "Meta-LSTM: clip the meta-gradient's norm to this (0: no clipping).", fallback=0.25
+    )
+
+    def check(self, run) -> None:
+        super().check(run)
+        require_positive(hidden_size=self.hidden_size)
+        if not 0 < self.inner_lr < 1:
+            raise ConfigError(
+                f"for meta-lstm, --inner-lr is the input gate's initial value and must lie in "
+                f"(0, 1), got {self.inner_lr}."
+            )
+        if self.gradient_clip < 0:
+            raise ConfigError(f"--gradient-clip must be >= 0, got {self.gradient_clip}.")
+
+
+def build(settings: MetaLSTMSettings, problem: Problem) -> MetaLSTM:
+    return MetaLSTM(
+        problem.network(),
+        hidden_size=settings.hidden_size,
+        initial_step_size=settings.inner_lr,
+        gradient_clip=settings.gradient_clip or None,
+        **settings.learner_arguments(problem),
+    )
+
+
+# Ravi & Larochelle, sec. 4 and their code: one episode per meta-update, T = 12 updates on the
+# whole 5-way 1-shot support set (batch 5), the same at test, Adam at 1e-3, meta-gradient norm
+# clipped to 0.25, input-gate bias in U(-5, -4). They report miniImageNet only; Omniglot and
+# the sinusoid use the same meta-learner with MAML's episode shapes, 10 steps for the sinusoid.
+register(
+    Method(
+        name="meta-lstm",
+        algorithm=MetaLSTM,
+        settings=MetaLSTMSettings,
+        paper="Ravi & Larochelle 2017, Optimization as a Model for Few-Shot Learning (ICLR)",
+        build=build,
+        batch_norm="transductive",
+        defaults={
+            "sinusoid": {
+                **MAML_DEFAULTS["sinusoid"],
+                "inner_lr": 0.01,
+                "inner_steps": 10,
+                "eval_inner_steps": 10,
+            },
+            "omniglot": dict(
+                shots=1,
+                queries=15,
+                meta_batch=1,
+                inner_lr=0.01,
+                inner_steps=12,
+                eval_inner_steps=12,
+                outer_lr=1e-3,
+                iterations=75000,
+                val_every=1000,
+            ),
+        },
+    )
+)

@@ -1,0 +1,153 @@
+"""The Meta-LSTM meta-learner: its preprocessing against the formula, one update against a hand
+computation, and its meta-gradient against float64 finite differences."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewshot import MetaLSTM
+from fewshot.algorithms.metalstm import MetaLSTMRule, preprocess
+from fewshot.algorithms.rules import InnerRule
+from tests.algorithms.test_maml import finite_difference_gradient, sinusoid_like_tasks, small_mlp
+
+
+def test_preprocessing_equals_its_formula_on_both_branches():
+    p = 10.0
+    values = [3.5, -2e-3, 1.0, -70.0, math.exp(-p) * 1.01, 1e-6, -3e-7, 0.0]
+    out = preprocess(torch.tensor(values))
+    for x, (magnitude, sign) in zip(values, out.tolist()):
+        if abs(x) >= math.exp(-p):
+            assert magnitude == pytest.approx(math.log(abs(x)) / p)
+            assert sign == math.copysign(1.0, x)
+        else:  # the small-gradient branch
+            assert magnitude == -1.0
+            assert sign == pytest.approx(math.exp(p) * x)
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_one_update_equals_a_hand_computation_on_a_three_coordinate_learner():
+    torch.manual_seed(0)
+    learner = MetaLSTM(nn.Linear(2, 1), inner_steps=1, hidden_size=3, loss=F.mse_loss)
+    rule = learner.rule
+    with torch.no_grad():  # weights large enough that every term matters
+        for p in rule.parameters():
+            p.copy_(torch.randn(p.shape))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(1, 4, 2, generator=g), torch.randn(1, 4, 1, generator=g)
+    adapted = learner.trajectory(x, y, 1, differentiable=False).params[-1]
+
+    w, b = learner.model.weight.detach(), learner.model.bias.detach()
+    residual = (x[0] @ w.T + b - y[0]).squeeze(1)  # mean squared error and its gradient
+    loss = residual.pow(2).mean().item()
+    grads = [
+        (2 * residual * x[0, :, 0]).mean(),
+        (2 * residual * x[0, :, 1]).mean(),
+        2 * residual.mean(),
+    ]
+    thetas = [w[0, 0].item(), w[0, 1].item(), b[0].item()]
+
+    def prep(v: float) -> list[float]:
+        if abs(v) >= math.exp(-10):
+            return [math.log(abs(v)) / 10, math.copysign(1.0, v)]
+        return [-1.0, math.exp(10) * v]
+
+    lstm = rule.lstm
+    expected = []
+    for theta, grad in zip(thetas, [v.item() for v in grads]):
+        inputs = torch.tensor(prep(grad) + prep(loss))
+        # Zero initial (h, c): the gates are W_ih x + b_ih + b_hh, in the order i, f, g, o.
+        gates = (lstm.weight_ih @ inputs + lstm.bias_ih + lstm.bias_hh).tolist()
+        i1, _, g1, o1 = (gates[k * 3 : (k + 1) * 3] for k in range(4))
+        c = [sigmoid(a) * math.tanh(bb) for a, bb in zip(i1, g1)]
+        h = [sigmoid(a) * math.tanh(cc) for a, cc in zip(o1, c)]
+        features = h + [theta, 0.0]  # h_t, theta_{t-1}, and the previous gate (zero at first)
+        wi, bi = rule.input_gate.weight[0].tolist(), rule.input_gate.bias.item()
+        wf, bf = rule.forget_gate.weight[0].tolist(), rule.forget_gate.bias.item()
+        i_gate = sigmoid(sum(a * bb for a, bb in zip(wi, features)) + bi)
+        f_gate = sigmoid(sum(a * bb for a, bb in zip(wf, features)) + bf)
+        expected.append(f_gate * theta - i_gate * grad)
+    got = adapted["weight"][0, 0].tolist() + adapted["bias"][0].tolist()
+    assert got == pytest.approx(expected, rel=1e-12)
+
+
+class FrozenInputs(InnerRule):
+    """The rule with each step's gradients and losses replaced by recorded ones: the meta-loss
+    as a function in which they are constants, which finite differences can then check."""
+
+    def __init__(self, rule: MetaLSTMRule, grads: list, losses: list) -> None:
+        super().__init__()
+        self.rule, self.grads, self.losses = rule, grads, losses
+
+    def init_state(self, params):
+        return self.rule.init_state(params)
+
+    def forward(self, params, grads, losses, state, step):
+        return self.rule(params, self.grads[step], self.losses[step], state, step)
+
+
+class Recording(InnerRule):
+    def __init__(self, rule: MetaLSTMRule) -> None:
+        super().__init__()
+        self.rule, self.grads, self.losses = rule, [], []
+
+    def init_state(self, params):
+        return self.rule.init_state(params)
+
+    def forward(self, params, grads, losses, state, step):
+        self.grads.append({n: g.detach().clone() for n, g in grads.items()})
+        self.losses.append(losses.detach().clone())
+        return self.rule(params, grads, losses, state, step)
+
+
+def test_meta_gradient_reaches_gates_and_initial_cell_state_and_matches_finite_differences():
+    """Gradients and losses enter the meta-learner as constants (the paper's assumption); with
+    them held at their values, the meta-loss is a function of the LSTMs' weights and c_0 whose
+    finite differences must equal the meta-gradient."""
+    torch.manual_seed(0)
+    learner = MetaLSTM(small_mlp(), inner_steps=2, hidden_size=3, loss=F.mse_loss)
+    tasks = sinusoid_like_tasks()
+    real_rule = learner.rule
+    learner.rule = Recording(real_rule)
+    learner.meta_loss(tasks).backward()
+    params = [p for p in learner.parameters()]
+    names = [n for n, _ in learner.named_parameters()]
+    assert any(n.startswith("model.") for n in names) and any("gate" in n for n in names)
+    for name, p in zip(names, params):  # c_0, the first LSTM and both gates all learn
+        assert p.grad is not None and bool((p.grad != 0).any()), name
+    learner.rule = FrozenInputs(real_rule, learner.rule.grads, learner.rule.losses)
+    with torch.no_grad():
+        expected = finite_difference_gradient(lambda: learner.meta_loss(tasks), params)
+    for name, p, e in zip(names, params, expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-6, atol=1e-9, msg=name)
+
+
+def test_updates_run_for_every_task_at_once_with_each_tasks_own_state():
+    torch.manual_seed(0)
+    learner = MetaLSTM(small_mlp(), inner_steps=3, hidden_size=4, loss=F.mse_loss)
+    tasks = sinusoid_like_tasks()
+    together = learner.trajectory(tasks.support_x, tasks.support_y, 3, False).params[-1]
+    for i in range(len(tasks)):
+        alone = learner.trajectory(
+            tasks.support_x[i : i + 1], tasks.support_y[i : i + 1], 3, False
+        ).params[-1]
+        for name, value in alone.items():
+            torch.testing.assert_close(together[name][i], value[0])
+
+
+def test_training_clips_the_meta_gradient_norm():
+    torch.manual_seed(0)
+    learner = MetaLSTM(small_mlp(), inner_steps=2, loss=F.mse_loss, gradient_clip=1e-3)
+    learner.training_step(sinusoid_like_tasks())
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in learner.parameters()]))
+    assert norm.item() == pytest.approx(1e-3, rel=1e-6)
+
+
+def test_initial_step_size_outside_zero_one_is_refused():
+    with pytest.raises(Exception, match="must lie in"):
+        MetaLSTM(small_mlp(), initial_step_size=1.5)
