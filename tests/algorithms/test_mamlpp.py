@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot import MAML, MAMLpp, Task
+from fewshot.algorithms.batchnorm import PerStepBatchNorm
 from fewshot.algorithms.gradient import inner_step
-from fewshot.algorithms.mamlpp import PerStepBatchNorm, msl_weights
+from fewshot.algorithms.mamlpp import msl_weights
 from tests.algorithms.test_maml import finite_difference_gradient, sinusoid_like_tasks, small_mlp
 
 ALL_OFF = dict(msl=False, da=False, bnwb=False, bnrs=False, lslr=False, ca=False)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot import MetaLSTM
+from fewshot.algorithms.batchnorm import batch_statistics
 from fewshot.algorithms.metalstm import MetaLSTMRule, preprocess
 from fewshot.algorithms.rules import InnerRule
 from tests.algorithms.test_maml import finite_difference_gradient, sinusoid_like_tasks, small_mlp
@@ -151,3 +152,55 @@ def test_training_clips_the_meta_gradient_norm():
 def test_initial_step_size_outside_zero_one_is_refused():
     with pytest.raises(Exception, match="must lie in"):
         MetaLSTM(small_mlp(), initial_step_size=1.5)
+
+
+def batch_norm_learner(policy: str) -> MetaLSTM:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 2))
+    return MetaLSTM(model, inner_steps=3, hidden_size=4, batch_norm=policy)
+
+
+def classification_tasks() -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 10, 3, generator=g)
+    y = torch.arange(2).repeat(2, 5)
+    return x[:, :4], y[:, :4], x[:, 4:]
+
+
+def test_inductive_queries_are_normalised_with_the_support_sets_averages_over_the_steps():
+    """The paper's test-time batch norm: running averages of the support set's statistics over
+    the T adaptation steps, reset for every task, normalise the queries."""
+    learner = batch_norm_learner("inductive")
+    support_x, support_y, query_x = classification_tasks()
+    predictor = learner.adapt(support_x, support_y)
+    with batch_statistics():  # adaptation normalises the support set with its own statistics
+        path = learner.trajectory(support_x, support_y, 3, False, keep_all_steps=True)
+    path.params = [{n: p.detach() for n, p in phi.items()} for phi in path.params]
+    for task in range(2):
+        hidden = [
+            F.linear(support_x[task], phi["0.weight"][task], phi["0.bias"][task])
+            for phi in path.params[:3]  # the support passes of steps 0, 1, 2
+        ]
+        mean = torch.stack([h.mean(0) for h in hidden]).mean(0)
+        var = torch.stack([h.var(0, correction=1) for h in hidden]).mean(0)
+        torch.testing.assert_close(predictor.buffers["1.running_mean"][task, 0], mean)
+        torch.testing.assert_close(predictor.buffers["1.running_var"][task, 0], var)
+        phi = {n: p[task] for n, p in path.params[-1].items()}
+        h = F.linear(query_x[task], phi["0.weight"], phi["0.bias"])
+        h = F.batch_norm(h, mean, var, phi["1.weight"], phi["1.bias"], False, 0.0, 1e-5)
+        expected = F.linear(torch.tanh(h), phi["3.weight"], phi["3.bias"])
+        torch.testing.assert_close(predictor(query_x)[task], expected)
+
+
+@pytest.mark.parametrize("policy", ["inductive", "transductive"])
+def test_only_the_transductive_policy_lets_queries_see_each_other(policy):
+    learner = batch_norm_learner(policy)
+    support_x, support_y, query_x = classification_tasks()
+    with torch.no_grad():
+        predictor = learner.adapt(support_x, support_y)
+        before = predictor(query_x)
+        changed = query_x.clone()
+        changed[:, 0] += 5.0
+        after = predictor(changed)
+    others_unchanged = torch.allclose(before[:, 1:], after[:, 1:], rtol=0, atol=1e-12)
+    assert others_unchanged == (policy == "inductive")

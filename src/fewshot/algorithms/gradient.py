@@ -167,6 +167,8 @@ class GradientLearner(Algorithm):
         self.vectorize = vectorize
         self.chunk_size = chunk_size
         self.batch_norm = check_batch_norm_policy(batch_norm)
+        self._task_buffers: Params | None = None
+        self._chunk = slice(None)
 
     @property
     def predicts_one_query_at_a_time(self) -> bool:
@@ -217,8 +219,24 @@ class GradientLearner(Algorithm):
     def chunks(self, tasks: Task) -> Iterator[Task]:
         """The meta-batch in passes of `chunk_size` tasks (one task without `vectorize`)."""
         size = (self.chunk_size or len(tasks)) if self.vectorize else 1
-        for start in range(0, len(tasks), size):
-            yield tasks[start : start + size]
+        try:
+            for start in range(0, len(tasks), size):
+                self._chunk = slice(start, start + size)  # for `per_task_buffers`
+                yield tasks[start : start + size]
+        finally:
+            self._chunk = slice(None)
+
+    @contextlib.contextmanager
+    def per_task_buffers(self, buffers: Params | None) -> Iterator[None]:
+        """Within, the model's forward passes read and write task i's slice of `buffers` (a
+        leading task dimension) in place of the model's own buffers: each task's own copy of
+        buffers that the forward pass updates, such as running statistics, which vmap cannot
+        write across tasks. Under `chunks`, the slice follows the chunk."""
+        previous, self._task_buffers = self._task_buffers, buffers
+        try:
+            yield
+        finally:
+            self._task_buffers = previous
 
     def query_result(self, tasks: Task) -> QueryResult:
         """Each task's query loss after `inner_steps` steps, differentiable with respect to theta
@@ -317,8 +335,12 @@ class GradientLearner(Algorithm):
     # -- functional calls, vectorised over tasks --------------------------------------------
 
     def _call_model(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        """The model on every task: task i's inputs x[i] with parameters params[name][i]."""
-        return self._on_every_task(self.model, params, x, params_per_task=True)
+        """The model on every task: task i's inputs x[i] with parameters params[name][i] (and
+        buffers, under `per_task_buffers`)."""
+        buffers = self._task_buffers
+        if buffers is not None:
+            buffers = {n: b[self._chunk] for n, b in buffers.items()}
+        return self._on_every_task(self.model, params, x, True, task_buffers=buffers)
 
     def _encode(self, x: torch.Tensor, params: Params | None = None) -> torch.Tensor:
         """The encoder's features of every task's inputs (the inputs themselves without one),
@@ -374,15 +396,22 @@ class GradientPredictor(Predictor):
     """Predictions of adapted parameters, in the learner's batch-norm mode.
 
     `params` holds the adapted parameters (leading task dimension), for
-    `torch.func.functional_call(learner.model, ...)` on one task's slice. The predictor is a
+    `torch.func.functional_call(learner.model, ...)` on one task's slice, and `buffers` the
+    tasks' own buffers where adaptation kept some (`per_task_buffers`). The predictor is a
     snapshot: training the learner further does not change its predictions.
     """
 
     def __init__(
-        self, learner: GradientLearner, params: Params, support_x: torch.Tensor, steps: int
+        self,
+        learner: GradientLearner,
+        params: Params,
+        support_x: torch.Tensor,
+        steps: int,
+        buffers: Params | None = None,
     ):
         super().__init__(self._outputs)
         self.learner, self.params, self.support_x, self.steps = learner, params, support_x, steps
+        self.buffers = buffers
         encoder = learner.encoder
         self.encoder_params = (
             None
@@ -393,7 +422,8 @@ class GradientPredictor(Predictor):
     def _outputs(self, query_x: torch.Tensor) -> torch.Tensor:
         learner = self.learner
         if not learner.predicts_one_query_at_a_time:
-            return learner.query_outputs(self.params, query_x, self.steps, self.encoder_params)
+            with learner.per_task_buffers(self.buffers):
+                return learner.query_outputs(self.params, query_x, self.steps, self.encoder_params)
         # Inductive batch norm: each query is normalised with its task's support set plus
         # itself, so no query sees another (Nichol et al. 2018). Task by task, all queries
         # of a task at once: (queries, support + 1, ...) with the task's parameters repeated.

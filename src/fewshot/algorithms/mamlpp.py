@@ -9,7 +9,7 @@ as in the paper, all on by default; with every switch off, MAML++ is MAML:
 - DA, derivative-order annealing: first-order meta-gradients for the first `da_epochs` epochs,
   second order after them;
 - BNWB, per-step batch-norm weights and biases, and BNRS, per-step batch-norm running
-  statistics (`PerStepBatchNorm`): inner step s normalises with row s of each;
+  statistics (`batchnorm.PerStepBatchNorm`): inner step s normalises with row s of each;
 - LSLR, learned inner step sizes per layer and per step (`rules.PerLayerPerStepSGD`);
 - CA, cosine annealing of the outer learning rate to `min_outer_lr` over the run.
 
@@ -25,26 +25,22 @@ s's running statistics instead, so no query sees another.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator
-from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fewshot.algorithms.base import BATCH_NORM_LAYERS
-from fewshot.algorithms.gradient import (
-    GradientLearner,
-    QueryResult,
-    _accuracy,
-    _last,
-    current_inner_step,
+from fewshot.algorithms.batchnorm import (
+    PerStepBatchNorm,
+    per_step_batch_norm_,
+    per_task_copies,
+    running_statistics,
+    tracking_statistics,
 )
+from fewshot.algorithms.gradient import GradientLearner, QueryResult, _accuracy, _last
 from fewshot.algorithms.maml import MAML_DEFAULTS
 from fewshot.algorithms.registry import GradientSettings, Method, Problem, register, setting
 from fewshot.algorithms.rules import SGD, PerLayerPerStepSGD
@@ -53,17 +49,6 @@ from fewshot.tasks import Task
 
 # The paper's floor on the weight of each step but the last: 0.03 / S.
 MSL_FLOOR = 0.03
-
-_META_TRAINING: ContextVar[bool] = ContextVar("fewshot_mamlpp_meta_training", default=False)
-
-
-@contextlib.contextmanager
-def _meta_training() -> Iterator[None]:
-    token = _META_TRAINING.set(True)
-    try:
-        yield
-    finally:
-        _META_TRAINING.reset(token)
 
 
 def msl_weights(steps: int, epoch: int, msl_epochs: int) -> list[float]:
@@ -80,90 +65,6 @@ def msl_weights(steps: int, epoch: int, msl_epochs: int) -> list[float]:
     earlier = max(1.0 / steps - epoch * decay, floor)
     last = min(1.0 / steps + epoch * (steps - 1) * decay, 1.0 - (steps - 1) * floor)
     return [earlier] * (steps - 1) + [last]
-
-
-class PerStepBatchNorm(nn.Module):
-    """Batch norm with one row of affine parameters (BNWB) and of running statistics (BNRS) per
-    inner step; a forward pass uses the row of `current_inner_step()` (the last row for steps
-    past `steps`).
-
-    In meta-training it normalises with the batch's statistics and, with running statistics,
-    moves step s's towards them: r_s <- (1 - momentum) r_s + momentum * batch statistic. Outside
-    meta-training it normalises with the running statistics when `use_running_statistics`,
-    else with the batch's.
-    """
-
-    def __init__(
-        self,
-        num_features: int,
-        steps: int,
-        per_step_weights: bool = True,
-        running_statistics: bool = True,
-        eps: float = 1e-5,
-        momentum: float = 0.1,
-    ) -> None:
-        super().__init__()
-        self.num_features, self.steps, self.eps, self.momentum = num_features, steps, eps, momentum
-        self.per_step_weights = per_step_weights
-        shape = (steps, num_features) if per_step_weights else (num_features,)
-        self.weight = nn.Parameter(torch.ones(shape))
-        self.bias = nn.Parameter(torch.zeros(shape))
-        self.use_running_statistics = False
-        if running_statistics:
-            self.register_buffer("running_mean", torch.zeros(steps, num_features))
-            self.register_buffer("running_var", torch.ones(steps, num_features))
-        else:
-            self.running_mean = self.running_var = None
-
-    @classmethod
-    def replacing(cls, layer: nn.Module, steps: int, **options: Any) -> PerStepBatchNorm:
-        """A per-step layer that starts every step from `layer`'s weights and biases."""
-        new = cls(layer.num_features, steps, eps=layer.eps, **options)
-        with torch.no_grad():
-            if layer.affine:
-                new.weight.copy_(layer.weight.expand_as(new.weight))
-                new.bias.copy_(layer.bias.expand_as(new.bias))
-        if not layer.affine:
-            new.weight.requires_grad_(False)
-            new.bias.requires_grad_(False)
-        return new
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        step = min(current_inner_step(), self.steps - 1)
-        weight = self.weight[step] if self.per_step_weights else self.weight
-        bias = self.bias[step] if self.per_step_weights else self.bias
-        tracked = self.running_mean is not None
-        if tracked and _META_TRAINING.get():
-            self._track(x.detach(), step)
-        elif tracked and self.use_running_statistics:
-            mean, var = self.running_mean[step], self.running_var[step]
-            return F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
-        return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
-
-    def _track(self, x: torch.Tensor, step: int) -> None:
-        dims = [0, *range(2, x.dim())]
-        keep = 1 - self.momentum
-        self.running_mean[step].mul_(keep).add_(self.momentum * x.mean(dims))
-        self.running_var[step].mul_(keep).add_(self.momentum * x.var(dims, correction=1))
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, steps={self.steps}, per_step_weights={self.per_step_weights}, "
-            f"running_statistics={self.running_mean is not None}"
-        )
-
-
-def per_step_batch_norm_(model: nn.Module, steps: int, **options: Any) -> list[str]:
-    """Replace every batch-norm layer of `model` by a `PerStepBatchNorm` (in place); return the
-    names of the new layers' weights and biases."""
-    names = []
-    for prefix, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, BATCH_NORM_LAYERS):
-                setattr(module, child_name, PerStepBatchNorm.replacing(child, steps, **options))
-                path = f"{prefix}.{child_name}" if prefix else child_name
-                names += [f"{path}.weight", f"{path}.bias"]
-    return names
 
 
 class MAMLpp(GradientLearner):
@@ -213,7 +114,7 @@ class MAMLpp(GradientLearner):
         batch_norm_params = []
         if bnwb or bnrs:
             batch_norm_params = per_step_batch_norm_(
-                model, inner_steps, per_step_weights=bnwb, running_statistics=bnrs
+                model, inner_steps, per_step_weights=bnwb, running_statistics=bnrs, momentum=0.1
             )
         if bnwb and batch_norm_params and options.get("adapted") is None:
             fixed = set(batch_norm_params)
@@ -228,8 +129,6 @@ class MAMLpp(GradientLearner):
         self.min_outer_lr, self.iterations_per_epoch = min_outer_lr, iterations_per_epoch
         self.always_first_order = first_order
         self.register_buffer("iterations_done", torch.zeros((), dtype=torch.long))
-        self._task_statistics: dict[str, torch.Tensor] = {}
-        self._chunk = slice(None)
         for layer in self.model.modules():
             if isinstance(layer, PerStepBatchNorm):
                 layer.use_running_statistics = self.batch_norm == "inductive"
@@ -256,36 +155,18 @@ class MAMLpp(GradientLearner):
 
     def training_step(self, tasks: Task) -> dict[str, float]:
         self.first_order = self.uses_first_order()
-        own = self._running_statistics()
-        # With BNRS, each task updates its own copy of the running statistics (buffers cannot
-        # be written across tasks under vmap); the copies are averaged at the end, which is the
-        # same as updating with the tasks' mean batch statistics, however the tasks are chunked.
-        self._task_statistics = {n: b.expand(len(tasks), *b.shape).clone() for n, b in own.items()}
-        try:
-            with _meta_training():
-                metrics = super().training_step(tasks)
-        finally:
-            statistics, self._task_statistics = self._task_statistics, {}
+        # With BNRS, each task updates its own copy of the running statistics; the copies are
+        # averaged after the meta-batch, the same as updating with the tasks' mean batch
+        # statistics, however the tasks are chunked or vectorised.
+        own = running_statistics(self.model)
+        copies = per_task_copies(own, len(tasks)) if own else None
+        with self.per_task_buffers(copies), tracking_statistics():
+            metrics = super().training_step(tasks)
         with torch.no_grad():
             for name, buffer in own.items():
-                buffer.copy_(statistics[name].mean(0))
+                buffer.copy_(copies[name].mean(0))
         self.iterations_done += 1
         return metrics
-
-    def _running_statistics(self) -> dict[str, torch.Tensor]:
-        return {
-            f"{prefix}.{name}" if prefix else name: getattr(layer, name)
-            for prefix, layer in self.model.named_modules()
-            if isinstance(layer, PerStepBatchNorm) and layer.running_mean is not None
-            for name in ("running_mean", "running_var")
-        }
-
-    def chunks(self, tasks: Task) -> Iterator[Task]:
-        start = 0
-        for chunk in super().chunks(tasks):
-            self._chunk = slice(start, start + len(chunk))
-            yield chunk
-            start += len(chunk)
 
     def query_result(self, tasks: Task) -> QueryResult:
         """sum_s w_s L_query(phi_s), skipping the steps whose weight is zero."""
@@ -306,12 +187,6 @@ class MAMLpp(GradientLearner):
                 losses = losses + weight * self.per_task_loss(outputs, tasks.query_y)
         # `outputs` are the last step's, whose weight is never zero.
         return QueryResult(losses, _accuracy(outputs, tasks.query_y), _last(path.support_losses))
-
-    def _call_model(self, params, x):
-        if not self._task_statistics:
-            return super()._call_model(params, x)
-        statistics = {n: c[self._chunk] for n, c in self._task_statistics.items()}
-        return self._on_every_task(self.model, params, x, True, task_buffers=statistics)
 
     def configure_optimizers(self, lr: float, iterations: int):
         """Adam; with CA, its learning rate cosine-annealed from `lr` to `min_outer_lr`."""

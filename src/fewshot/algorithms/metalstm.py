@@ -15,10 +15,16 @@ meta-learner's size does not grow with the learner's. The learner's initial para
 are the LSTM's initial cell state c_0, meta-learned with it: here, the wrapped model's
 parameters. As in the paper, gradients and losses enter as constants (no second-order term).
 The shared inner loop (`GradientLearner`) with `MetaLSTMRule`, vectorised over tasks.
+
+Batch norm as in the paper: batch statistics for the support and query sets in meta-training;
+at prediction ("inductive", the default) the queries are normalised with running averages of
+the support set's statistics, collected during that task's adaptation and reset for every task,
+so no query sees another. "transductive" normalises the queries as one batch.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +32,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from fewshot.algorithms.batchnorm import (
+    PerStepBatchNorm,
+    batch_statistics,
+    per_step_batch_norm_,
+    per_task_copies,
+    running_statistics,
+    tracking_statistics,
+)
 from fewshot.algorithms.gradient import GradientLearner
 from fewshot.algorithms.maml import MAML_DEFAULTS
 from fewshot.algorithms.registry import InnerLoopSettings, Method, Problem, register, setting
@@ -143,15 +157,41 @@ class MetaLSTM(GradientLearner):
     ) -> None:
         if gradient_clip is not None and gradient_clip <= 0:
             raise ConfigError(f"gradient_clip must be positive, got {gradient_clip}.")
+        model = copy.deepcopy(model)
+        # Whatever the policy, so that a model trained under one loads under the other.
+        per_step_batch_norm_(model, per_step_weights=False, momentum=None)
         rule = MetaLSTMRule(hidden_size, initial_step_size)
+        options.setdefault("batch_norm", "inductive")
         super().__init__(model, rule, inner_steps=inner_steps, first_order=True, **options)
         self.gradient_clip = gradient_clip
+        for layer in self.model.modules():
+            if isinstance(layer, PerStepBatchNorm):
+                layer.use_running_statistics = self.batch_norm == "inductive"
+
+    @property
+    def predicts_one_query_at_a_time(self) -> bool:
+        return False  # inductive queries read the support set's averages, not each other
 
     def training_step(self, tasks: Task) -> dict[str, float]:
-        metrics = super().training_step(tasks)
+        """The meta-gradient of one meta-batch, with the support and query sets normalised by
+        their batch statistics (the paper's meta-training), its norm clipped."""
+        with batch_statistics():
+            metrics = super().training_step(tasks)
         if self.gradient_clip is not None:
             nn.utils.clip_grad_norm_(self.parameters(), self.gradient_clip)
         return metrics
+
+    def adapt(self, support_x, support_y, inner_steps=None):
+        """With the inductive policy, each task keeps running averages of its support set's
+        batch-norm statistics over the inner steps (reset for every task), and the predictor
+        normalises the queries with them: the paper's test-time batch norm."""
+        if self.batch_norm != "inductive":
+            return super().adapt(support_x, support_y, inner_steps)
+        averages = per_task_copies(running_statistics(self.model), len(support_x))
+        with self.per_task_buffers(averages), tracking_statistics():
+            predictor = super().adapt(support_x, support_y, inner_steps)
+        predictor.buffers = averages
+        return predictor
 
 
 @dataclass
@@ -194,7 +234,7 @@ register(
         settings=MetaLSTMSettings,
         paper="Ravi & Larochelle 2017, Optimization as a Model for Few-Shot Learning (ICLR)",
         build=build,
-        batch_norm="transductive",
+        batch_norm="inductive",
         defaults={
             "sinusoid": {
                 **MAML_DEFAULTS["sinusoid"],
