@@ -60,7 +60,7 @@ class Bench:
 
 def package_version(library: str) -> tuple[str, str]:
     """The package a library row runs on and its installed version, for the report."""
-    if library in ("fewshot", "fewshot-batched", "fewshot-per-task"):
+    if library.startswith("fewshot"):
         return "fewshot", fewshot.__version__
     if library in ("reference", "torch"):
         return "torch", torch.__version__
@@ -129,7 +129,7 @@ def build_maml(
     model, loss_fn, inner_lr = maml_setting(workload)
     model = model.to(device)
     batches = draw_tasks(workload, device)
-    if library in ("fewshot", "fewshot-per-task"):
+    if library in ("fewshot", "fewshot-per-task", "fewshot-maml"):
         # "fewshot": vectorised with the chunk size `fewshot train` would use (default_chunk_size:
         # 4 tasks for these Conv4 workloads on a CPU, otherwise the whole meta-batch);
         # "fewshot-per-task": one task at a time.
@@ -137,8 +137,9 @@ def build_maml(
             dataset = "sinusoid" if workload.kind == "sinusoid" else "omniglot"
             examples = workload.ways * (workload.shots + workload.queries)
             chunk_size = default_chunk_size(dataset, workload.meta_batch, examples, device.type)
+        method = "maml" if library == "fewshot-maml" else workload.method
         learner = fewshot_learner(
-            workload, model, loss_fn, inner_lr, library == "fewshot", chunk_size
+            workload, method, model, loss_fn, inner_lr, library != "fewshot-per-task", chunk_size
         )
         optimizer = torch.optim.Adam(learner.parameters(), lr=OUTER_LR)
         # training_step is what meta_step runs: one chunk's graph at a time.
@@ -163,13 +164,15 @@ def build_maml(
 
 def fewshot_learner(
     workload: Workload,
+    method: str,
     model: nn.Module,
     loss_fn: LossFn,
     inner_lr: float,
     vectorize: bool,
     chunk_size: int | None,
 ) -> fewshot.GradientLearner:
-    """fewshot's `workload.method` around `model` (ANIL: around Conv4's body and head)."""
+    """fewshot's `method` around `model` (ANIL: around Conv4's body and head; MAML++ with every
+    fix but DA, whose first-order phase would not compare with second-order MAML)."""
     settings = dict(
         inner_lr=inner_lr,
         inner_steps=workload.inner_steps,
@@ -178,10 +181,12 @@ def fewshot_learner(
         vectorize=vectorize,
         chunk_size=chunk_size,
     )
-    if workload.method == "anil":
+    if method == "anil":
         return fewshot.ANIL(*body_and_head(model), **settings)
+    if method == "maml++":
+        return fewshot.MAMLpp(model, da=False, **settings)
     methods = {"maml": fewshot.MAML, "meta-sgd": fewshot.MetaSGD}
-    return methods[workload.method](model, **settings)
+    return methods[method](model, **settings)
 
 
 def backward(loss: torch.Tensor) -> torch.Tensor:
@@ -209,7 +214,7 @@ def per_task_flops(workload: Workload, tasks: Task) -> int:
 
     model, loss_fn, inner_lr = maml_setting(workload)
     learner = fewshot_learner(
-        workload, model.to(tasks.support_x.device), loss_fn, inner_lr, False, None
+        workload, workload.method, model.to(tasks.support_x.device), loss_fn, inner_lr, False, None
     )
     with FlopCounterMode(display=False) as counter:
         learner.meta_loss(tasks).backward()

@@ -16,7 +16,7 @@ class Workload:
     `kind` selects the builder; `unit` names what throughput counts; each timed repeat runs
     `steps_per_repeat` steps after `warmup` untimed ones, and the median repeat is reported.
     `method` is the gradient-based method of the "sinusoid" and "omniglot-maml" kinds: "maml",
-    "meta-sgd" or "anil".
+    "meta-sgd", "anil" or "maml++".
     """
 
     name: str
@@ -44,6 +44,8 @@ MAML_LIBRARIES = ("fewshot", "learn2learn", "higher")
 CONV_MAML_LIBRARIES = ("fewshot", "fewshot-per-task", "learn2learn", "higher")
 # Meta-SGD and ANIL: learn2learn has both (MetaSGD; ANIL as its MAML wrapper around the head).
 OTHER_METHOD_LIBRARIES = ("fewshot", "learn2learn")
+# No peer library has MAML++: it is timed against fewshot's own MAML on the same episodes.
+MAMLPP_LIBRARIES = ("fewshot", "fewshot-maml")
 # Workloads 1 and 2 of the issue; their variants below differ only where named.
 SINUSOID_MAML = Workload(
     "sinusoid-maml-1step",
@@ -121,6 +123,18 @@ WORKLOADS: dict[str, Workload] = {
             libraries=OTHER_METHOD_LIBRARIES,
             method="anil",
         ),
+        replace(
+            OMNIGLOT_MAML,
+            name="omniglot-mamlpp",
+            title="Omniglot 5-way 1-shot 1-query MAML++ (MSL, BNWB, BNRS, LSLR), 2nd order, "
+            "5 steps, 8 tasks",
+            libraries=MAMLPP_LIBRARIES,
+            method="maml++",
+            meta_batch=8,
+            inner_steps=5,
+            steps_per_repeat=3,
+            count_flops=False,
+        ),
         Workload(
             "omniglot-protonet",
             "Omniglot ProtoNet training episode, 5-way 1-shot 15 queries",
@@ -161,6 +175,7 @@ LIBRARY_LABELS = {
     "fewshot": "fewshot (as `fewshot train` runs it)",
     "fewshot-per-task": "fewshot, vectorize=False (per task)",
     "fewshot-batched": "fewshot, 32 episodes per call",
+    "fewshot-maml": "fewshot's MAML, same episodes and steps (overhead reference)",
     "learn2learn": "learn2learn (per-task loop)",
     "higher": "higher (per-task loop)",
     "reference": "reference (hand-written plain torch)",

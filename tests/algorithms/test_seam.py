@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from fewshot import ANIL, MAML, MetaSGD, ProtoNet, Reptile, Task
+from fewshot import ANIL, MAML, MAMLpp, MetaLSTM, MetaSGD, ProtoNet, Reptile, Task
 from fewshot.algorithms import current_inner_step
 from fewshot.models import Conv4, body_and_head
 from tests.algorithms.test_maml import conv_tasks
@@ -15,6 +15,8 @@ GRADIENT_METHODS = {
     "meta-sgd": lambda model, **kw: MetaSGD(model, inner_lr=0.4, **kw),
     "anil": lambda model, **kw: ANIL(*body_and_head(model), inner_lr=0.4, **kw),
     "reptile": lambda model, **kw: Reptile(model, inner_lr=0.01, inner_batch=None, **kw),
+    "maml++": lambda model, **kw: MAMLpp(model, inner_lr=0.4, da=False, **kw),
+    "meta-lstm": lambda model, **kw: MetaLSTM(model, **kw),
 }
 
 
@@ -99,6 +101,8 @@ LEARNERS_BY_POLICY = {
     "maml": lambda policy: MAML(tiny_conv4(), batch_norm=policy),
     "reptile": lambda policy: Reptile(tiny_conv4(), inner_batch=None, batch_norm=policy),
     "anil": lambda policy: ANIL(*body_and_head(tiny_conv4()), batch_norm=policy),
+    "maml++": lambda policy: MAMLpp(tiny_conv4(), batch_norm=policy),
+    "meta-lstm": lambda policy: MetaLSTM(tiny_conv4(), batch_norm=policy),
     "protonet": trained_protonet,
 }
 

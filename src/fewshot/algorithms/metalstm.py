@@ -226,7 +226,9 @@ def build(settings: MetaLSTMSettings, problem: Problem) -> MetaLSTM:
 # Ravi & Larochelle, sec. 4 and their code: one episode per meta-update, T = 12 updates on the
 # whole 5-way 1-shot support set (batch 5), the same at test, Adam at 1e-3, meta-gradient norm
 # clipped to 0.25, input-gate bias in U(-5, -4). They report miniImageNet only; Omniglot and
-# the sinusoid use the same meta-learner with MAML's episode shapes, 10 steps for the sinusoid.
+# the sinusoid use the same meta-learner with MAML's episode shapes; for the sinusoid 10 steps,
+# and Adam at 3e-4 for 2,000 iterations: at 1e-3 its inner loop diverged after 460 (and an
+# iteration of 25 tasks takes most of a second on one CPU core; docs/methods/meta-lstm.md).
 register(
     Method(
         name="meta-lstm",
@@ -241,6 +243,9 @@ register(
                 "inner_lr": 0.01,
                 "inner_steps": 10,
                 "eval_inner_steps": 10,
+                "outer_lr": 3e-4,
+                "iterations": 2000,
+                "val_every": 500,
             },
             "omniglot": dict(
                 shots=1,

@@ -94,11 +94,11 @@ class Settings:
 
     def learning_rates(self) -> dict[str, float]:
         """The method's own learning rates by option name, for the divergence message (not the
-        final values of schedules, which cannot cause a divergence early on)."""
+        final or minimum values of schedules, which do not cause divergences)."""
         return {
             f.name: getattr(self, f.name)
             for f in fields(self)
-            if f.name.endswith("_lr") and not f.name.startswith("final_")
+            if f.name.endswith("_lr") and not f.name.startswith(("final_", "min_"))
         }
 
 
