@@ -144,14 +144,10 @@ def test_step_s_uses_step_s_batch_norm_weights_and_biases(perturbed):
 
 
 @pytest.mark.parametrize("perturbed", [0, 1, 2])
-def test_inductive_prediction_uses_step_s_running_statistics(perturbed):
-    learner = MAMLpp(
-        small_batch_norm_net(),
-        inner_steps=3,
-        batch_norm="inductive",
-        **{**ALL_OFF, "bnrs": True},
-    )
+def test_a_layer_normalising_with_running_statistics_reads_step_s_row(perturbed):
+    learner = MAMLpp(small_batch_norm_net(), inner_steps=3, **{**ALL_OFF, "bnrs": True})
     layer = learner.model[1]
+    layer.use_running_statistics = True
     x = classification_tasks().support_x
     before = outputs_at_every_step(learner, x)
     with torch.no_grad():

@@ -8,8 +8,9 @@ as in the paper, all on by default; with every switch off, MAML++ is MAML:
   epochs (`msl_weights`), and the last step's loss alone after them;
 - DA, derivative-order annealing: first-order meta-gradients for the first `da_epochs` epochs,
   second order after them;
-- BNWB, per-step batch-norm weights and biases, and BNRS, per-step batch-norm running
-  statistics (`batchnorm.PerStepBatchNorm`): inner step s normalises with row s of each;
+- BNWB, per-step batch-norm weights and biases (inner step s uses row s), and BNRS, per-step
+  batch-norm running statistics, collected from step s's batches in meta-training
+  (`batchnorm.PerStepBatchNorm`);
 - LSLR, learned inner step sizes per layer and per step (`rules.PerLayerPerStepSGD`);
 - CA, cosine annealing of the outer learning rate to `min_outer_lr` over the run.
 
@@ -17,10 +18,12 @@ An epoch is `iterations_per_epoch` meta-iterations (500 in the paper); the learn
 own meta-iterations (`iterations_done`, saved with its weights), so a resumed run continues the
 schedules where it stopped.
 
-Batch norm: the paper's code normalises with batch statistics at prediction too (its BNRS
-statistics are collected but not read), which is fewshot's "transductive" policy and the
-default here. With `batch_norm="inductive"` and BNRS, a trained learner normalises with step
-s's running statistics instead, so no query sees another.
+Batch norm: as in the paper's code, BNRS collects per-step running statistics in
+meta-training, but prediction normalises with batch statistics: the query set as one batch
+("transductive", the paper's code and the default) or the support set plus one query
+("inductive"). Normalising with the collected statistics instead was measured and fails: the
+network and its learned inner rates were meta-trained under batch statistics
+(docs/methods/mamlpp.md).
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ import torch
 from torch import nn
 
 from fewshot.algorithms.batchnorm import (
-    PerStepBatchNorm,
     per_step_batch_norm_,
     per_task_copies,
     running_statistics,
@@ -129,18 +131,10 @@ class MAMLpp(GradientLearner):
         self.min_outer_lr, self.iterations_per_epoch = min_outer_lr, iterations_per_epoch
         self.always_first_order = first_order
         self.register_buffer("iterations_done", torch.zeros((), dtype=torch.long))
-        for layer in self.model.modules():
-            if isinstance(layer, PerStepBatchNorm):
-                layer.use_running_statistics = self.batch_norm == "inductive"
 
     @property
     def epoch(self) -> int:
         return int(self.iterations_done) // self.iterations_per_epoch
-
-    @property
-    def predicts_one_query_at_a_time(self) -> bool:
-        # With BNRS, inductive prediction reads running statistics: queries can go together.
-        return super().predicts_one_query_at_a_time and not self.bnrs
 
     def loss_weights(self) -> list[float]:
         """w_1..w_S at the current epoch: MSL's, or the last step's loss alone without MSL."""
