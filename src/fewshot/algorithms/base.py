@@ -112,4 +112,9 @@ BATCH_NORM_LAYERS = nn.modules.batchnorm._BatchNorm
 
 
 def has_batch_norm(module: nn.Module) -> bool:
-    return any(isinstance(m, BATCH_NORM_LAYERS) for m in module.modules())
+    """Whether `module` has batch-norm layers: torch's, or layers that mark themselves with
+    `is_batch_norm = True` (`batchnorm.PerStepBatchNorm`)."""
+    return any(
+        isinstance(m, BATCH_NORM_LAYERS) or getattr(m, "is_batch_norm", False)
+        for m in module.modules()
+    )

@@ -61,6 +61,8 @@ class PerStepBatchNorm(nn.Module):
     variance is the unbiased one, as in `nn.BatchNorm`.
     """
 
+    is_batch_norm = True  # for `base.has_batch_norm`: its output depends on the batch
+
     def __init__(
         self,
         num_features: int,
