@@ -227,8 +227,8 @@ def build(settings: MetaLSTMSettings, problem: Problem) -> MetaLSTM:
 # whole 5-way 1-shot support set (batch 5), the same at test, Adam at 1e-3, meta-gradient norm
 # clipped to 0.25, input-gate bias in U(-5, -4). They report miniImageNet only; Omniglot and
 # the sinusoid use the same meta-learner with MAML's episode shapes; for the sinusoid 10 steps,
-# and Adam at 3e-4 for 2,000 iterations: at 1e-3 its inner loop diverged after 460 (and an
-# iteration of 25 tasks takes most of a second on one CPU core; docs/methods/meta-lstm.md).
+# and Adam at 3e-4 for 1,000 iterations: at 1e-3 its inner loop diverged at iteration 460, at
+# 3e-4 at 1,453 (docs/methods/meta-lstm.md).
 register(
     Method(
         name="meta-lstm",
@@ -244,7 +244,7 @@ register(
                 "inner_steps": 10,
                 "eval_inner_steps": 10,
                 "outer_lr": 3e-4,
-                "iterations": 2000,
+                "iterations": 1000,
                 "val_every": 500,
             },
             "omniglot": dict(
