@@ -172,7 +172,8 @@ def fewshot_learner(
     chunk_size: int | None,
 ) -> fewshot.GradientLearner:
     """fewshot's `method` around `model` (ANIL: around Conv4's body and head; MAML++ with every
-    fix but DA, whose first-order phase would not compare with second-order MAML)."""
+    fix but DA, whose first-order phase would not compare with second-order MAML, and, for
+    "maml++-last-step", without MSL's per-step query losses, as after its epochs)."""
     settings = dict(
         inner_lr=inner_lr,
         inner_steps=workload.inner_steps,
@@ -183,8 +184,8 @@ def fewshot_learner(
     )
     if method == "anil":
         return fewshot.ANIL(*body_and_head(model), **settings)
-    if method == "maml++":
-        return fewshot.MAMLpp(model, da=False, **settings)
+    if method.startswith("maml++"):
+        return fewshot.MAMLpp(model, da=False, msl=method == "maml++", **settings)
     methods = {"maml": fewshot.MAML, "meta-sgd": fewshot.MetaSGD}
     return methods[method](model, **settings)
 

@@ -16,7 +16,7 @@ class Workload:
     `kind` selects the builder; `unit` names what throughput counts; each timed repeat runs
     `steps_per_repeat` steps after `warmup` untimed ones, and the median repeat is reported.
     `method` is the gradient-based method of the "sinusoid" and "omniglot-maml" kinds: "maml",
-    "meta-sgd", "anil" or "maml++".
+    "meta-sgd", "anil", "maml++" or "maml++-last-step" (MAML++ once MSL's epochs are over).
     """
 
     name: str
@@ -130,6 +130,18 @@ WORKLOADS: dict[str, Workload] = {
             "5 steps, 8 tasks",
             libraries=MAMLPP_LIBRARIES,
             method="maml++",
+            meta_batch=8,
+            inner_steps=5,
+            steps_per_repeat=3,
+            count_flops=False,
+        ),
+        replace(
+            OMNIGLOT_MAML,
+            name="omniglot-mamlpp-last-step",
+            title="Omniglot 5-way 1-shot 1-query MAML++ after MSL's epochs (last-step loss; "
+            "BNWB, BNRS, LSLR), 2nd order, 5 steps, 8 tasks",
+            libraries=MAMLPP_LIBRARIES,
+            method="maml++-last-step",
             meta_batch=8,
             inner_steps=5,
             steps_per_repeat=3,
