@@ -190,7 +190,7 @@ class GradientLearner(Algorithm):
             path = self.trajectory(
                 support_x, support_y, steps, differentiable=False, batch=self.eval_inner_batch
             )
-        return GradientPredictor(self, path.params[-1], support_x, steps)
+        return GradientPredictor(self, path.params[-1], support_x, steps, self._task_buffers)
 
     # -- meta-training ----------------------------------------------------------------------
 
@@ -238,15 +238,30 @@ class GradientLearner(Algorithm):
         finally:
             self._task_buffers = previous
 
+    def query_loss_weights(self) -> list[float]:
+        """w_1..w_S of each task's meta-loss sum_s w_s L_query(phi_s): the query loss after the
+        last step alone (MAML); MAML++'s multi-step loss weights every step."""
+        return [0.0] * (self.inner_steps - 1) + [1.0]
+
     def query_result(self, tasks: Task) -> QueryResult:
-        """Each task's query loss after `inner_steps` steps, differentiable with respect to theta
-        (and the rule's parameters). Methods with other query losses (after every step, say)
-        override this."""
+        """Each task's meta-loss sum_s w_s L_query(phi_s) (`query_loss_weights`), differentiable
+        with respect to theta (and the rule's parameters); steps of weight zero are skipped."""
+        weights = self.query_loss_weights()
+        every_step = any(w > 0 for w in weights[:-1])
         path = self.trajectory(
-            tasks.support_x, tasks.support_y, self.inner_steps, batch=self.inner_batch
+            tasks.support_x,
+            tasks.support_y,
+            self.inner_steps,
+            batch=self.inner_batch,
+            keep_all_steps=every_step,
         )
-        outputs = self.query_outputs(path.params[-1], tasks.query_x, self.inner_steps)
-        losses = self.per_task_loss(outputs, tasks.query_y)
+        losses = 0
+        for step, weight in enumerate(weights, start=1):
+            if weight > 0:
+                params = path.params[step] if every_step else path.params[-1]
+                outputs = self.query_outputs(params, tasks.query_x, step)
+                losses = losses + weight * self.per_task_loss(outputs, tasks.query_y)
+        # `outputs` are the last step's, whose weight is never zero.
         return QueryResult(losses, _accuracy(outputs, tasks.query_y), _last(path.support_losses))
 
     # -- the inner loop ---------------------------------------------------------------------

@@ -42,7 +42,7 @@ from fewshot.algorithms.batchnorm import (
     running_statistics,
     tracking_statistics,
 )
-from fewshot.algorithms.gradient import GradientLearner, QueryResult, _accuracy, _last
+from fewshot.algorithms.gradient import GradientLearner
 from fewshot.algorithms.maml import MAML_DEFAULTS
 from fewshot.algorithms.registry import GradientSettings, Method, Problem, register, setting
 from fewshot.algorithms.rules import SGD, PerLayerPerStepSGD
@@ -129,26 +129,29 @@ class MAMLpp(GradientLearner):
         self.msl, self.da, self.bnwb, self.bnrs, self.lslr, self.ca = msl, da, bnwb, bnrs, lslr, ca
         self.msl_epochs, self.da_epochs = msl_epochs, da_epochs
         self.min_outer_lr, self.iterations_per_epoch = min_outer_lr, iterations_per_epoch
-        self.always_first_order = first_order
         self.register_buffer("iterations_done", torch.zeros((), dtype=torch.long))
 
     @property
     def epoch(self) -> int:
         return int(self.iterations_done) // self.iterations_per_epoch
 
-    def loss_weights(self) -> list[float]:
+    def query_loss_weights(self) -> list[float]:
         """w_1..w_S at the current epoch: MSL's, or the last step's loss alone without MSL."""
-        steps = self.inner_steps
         if not self.msl:
-            return [0.0] * (steps - 1) + [1.0]
-        return msl_weights(steps, self.epoch, self.msl_epochs)
+            return super().query_loss_weights()
+        return msl_weights(self.inner_steps, self.epoch, self.msl_epochs)
 
-    def uses_first_order(self) -> bool:
-        """Whether the current iteration's meta-gradient is first order (DA, or `first_order`)."""
+    @property
+    def first_order(self) -> bool:
+        """Whether the current iteration's meta-gradient is first order: `first_order` as
+        given, or DA's first epochs."""
         return self.always_first_order or (self.da and self.epoch < self.da_epochs)
 
+    @first_order.setter
+    def first_order(self, value: bool) -> None:
+        self.always_first_order = value
+
     def training_step(self, tasks: Task) -> dict[str, float]:
-        self.first_order = self.uses_first_order()
         # With BNRS, each task updates its own copy of the running statistics; the copies are
         # averaged after the meta-batch, the same as updating with the tasks' mean batch
         # statistics, however the tasks are chunked or vectorised.
@@ -161,26 +164,6 @@ class MAMLpp(GradientLearner):
                 buffer.copy_(copies[name].mean(0))
         self.iterations_done += 1
         return metrics
-
-    def query_result(self, tasks: Task) -> QueryResult:
-        """sum_s w_s L_query(phi_s), skipping the steps whose weight is zero."""
-        weights = self.loss_weights()
-        every_step = any(w > 0 for w in weights[:-1])
-        path = self.trajectory(
-            tasks.support_x,
-            tasks.support_y,
-            self.inner_steps,
-            batch=self.inner_batch,
-            keep_all_steps=every_step,
-        )
-        losses = 0
-        for step, weight in enumerate(weights, start=1):
-            if weight > 0:
-                params = path.params[step] if every_step else path.params[-1]
-                outputs = self.query_outputs(params, tasks.query_x, step)
-                losses = losses + weight * self.per_task_loss(outputs, tasks.query_y)
-        # `outputs` are the last step's, whose weight is never zero.
-        return QueryResult(losses, _accuracy(outputs, tasks.query_y), _last(path.support_losses))
 
     def configure_optimizers(self, lr: float, iterations: int):
         """Adam; with CA, its learning rate cosine-annealed from `lr` to `min_outer_lr`."""

@@ -97,11 +97,10 @@ class MetaLSTMRule(InnerRule):
 
     def init_state(self, params: Params):
         """(h, c) of the first LSTM and the previous gates i, f: zeros, one row per coordinate."""
-        tasks = next(iter(params.values())).shape[0]
-        coordinates = sum(p[0].numel() for p in params.values())
         like = next(iter(params.values()))
-        zeros = like.new_zeros(tasks * coordinates, self.hidden_size)
-        gates = like.new_zeros(tasks * coordinates, 1)
+        rows = len(like) * sum(p[0].numel() for p in params.values())  # tasks × coordinates
+        zeros = like.new_zeros(rows, self.hidden_size)
+        gates = like.new_zeros(rows, 1)
         return zeros, zeros, gates, gates
 
     def forward(self, params, grads, losses, state, step):
@@ -189,9 +188,7 @@ class MetaLSTM(GradientLearner):
             return super().adapt(support_x, support_y, inner_steps)
         averages = per_task_copies(running_statistics(self.model), len(support_x))
         with self.per_task_buffers(averages), tracking_statistics():
-            predictor = super().adapt(support_x, support_y, inner_steps)
-        predictor.buffers = averages
-        return predictor
+            return super().adapt(support_x, support_y, inner_steps)
 
 
 @dataclass
