@@ -13,6 +13,7 @@ from fewshot.algorithms.batchnorm import batch_statistics
 from fewshot.algorithms.metalstm import MetaLSTMRule, preprocess
 from fewshot.algorithms.rules import InnerRule
 from tests.algorithms.test_maml import finite_difference_gradient, sinusoid_like_tasks, small_mlp
+from tests.algorithms.test_mamlpp import classification_tasks, small_batch_norm_net
 
 
 def test_preprocessing_equals_its_formula_on_both_branches():
@@ -155,23 +156,19 @@ def test_initial_step_size_outside_zero_one_is_refused():
 
 
 def batch_norm_learner(policy: str) -> MetaLSTM:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 2))
-    return MetaLSTM(model, inner_steps=3, hidden_size=4, batch_norm=policy)
+    return MetaLSTM(small_batch_norm_net(), inner_steps=3, hidden_size=4, batch_norm=policy)
 
 
-def classification_tasks() -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 10, 3, generator=g)
-    y = torch.arange(2).repeat(2, 5)
-    return x[:, :4], y[:, :4], x[:, 4:]
+def classification_episodes() -> tuple[torch.Tensor, ...]:
+    tasks = classification_tasks(num_tasks=2)
+    return tasks.support_x, tasks.support_y, tasks.query_x
 
 
 def test_inductive_queries_are_normalised_with_the_support_sets_averages_over_the_steps():
     """The paper's test-time batch norm: running averages of the support set's statistics over
     the T adaptation steps, reset for every task, normalise the queries."""
     learner = batch_norm_learner("inductive")
-    support_x, support_y, query_x = classification_tasks()
+    support_x, support_y, query_x = classification_episodes()
     predictor = learner.adapt(support_x, support_y)
     with batch_statistics():  # adaptation normalises the support set with its own statistics
         path = learner.trajectory(support_x, support_y, 3, False, keep_all_steps=True)
@@ -195,7 +192,7 @@ def test_inductive_queries_are_normalised_with_the_support_sets_averages_over_th
 @pytest.mark.parametrize("policy", ["inductive", "transductive"])
 def test_only_the_transductive_policy_lets_queries_see_each_other(policy):
     learner = batch_norm_learner(policy)
-    support_x, support_y, query_x = classification_tasks()
+    support_x, support_y, query_x = classification_episodes()
     with torch.no_grad():
         predictor = learner.adapt(support_x, support_y)
         before = predictor(query_x)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from fewshot.errors import DivergenceError
 from fewshot.training import TrainConfig, train
-from fewshot.training.state import STATE_FILE, load_state
+from fewshot.training.state import STATE_FILE, TrainingState, load_state
 
 ARGS = [
     "--iterations",
@@ -196,6 +196,36 @@ def test_too_high_inner_rate_gets_one_line_from_the_command_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def stop_and_resume(
+    args: list[str], stop_after: int, tmp_path: Path
+) -> tuple[Path, Path, TrainingState]:
+    """An uninterrupted run of `args` and one stopped by SIGTERM once `stop_after` iterations are
+    logged, then resumed to the end; returns both folders and where the second was stopped."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run_to_end("train", *args, "--out", straight).returncode == 0
+    process = subprocess.Popen(
+        fewshot_cli("train", *args, "--out", stopped),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for_iteration(stopped, stop_after, process)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    interrupted = load_state(stopped / STATE_FILE)
+    assert run_to_end("train", "--resume", stopped).returncode == 0
+    return straight, stopped, interrupted
+
+
+def assert_same_final_state(straight: Path, stopped: Path, iterations: int) -> None:
+    """Both runs ended at `iterations` with bitwise-equal weights, schedule state and metrics."""
+    final_a, final_b = load_state(straight / STATE_FILE), load_state(stopped / STATE_FILE)
+    assert final_a.iteration == final_b.iteration == iterations
+    for name, tensor in final_a.algorithm.items():
+        assert torch.equal(tensor, final_b.algorithm[name]), name
+    assert final_a.scheduler == final_b.scheduler
+    assert metrics(straight) == metrics(stopped)
+
+
 REPTILE_ARGS = [
     "--algorithm",
     "reptile",
@@ -215,25 +245,9 @@ REPTILE_ARGS = [
 def test_a_resumed_reptile_run_continues_its_annealed_outer_rate_exactly(tmp_path):
     """Reptile's epsilon is a schedule: the checkpoint must hold its state, or the resumed run
     would restart the annealing and end elsewhere."""
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    assert run_to_end("train", *REPTILE_ARGS, "--out", straight).returncode == 0
-    process = subprocess.Popen(
-        fewshot_cli("train", *REPTILE_ARGS, "--out", stopped),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_for_iteration(stopped, 300, process)
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=120)
-    interrupted = load_state(stopped / STATE_FILE)
+    straight, stopped, interrupted = stop_and_resume(REPTILE_ARGS, 300, tmp_path)
     assert 0 < interrupted.iteration < 2000 and interrupted.scheduler is not None
-    assert run_to_end("train", "--resume", stopped).returncode == 0
-    final_a, final_b = load_state(straight / STATE_FILE), load_state(stopped / STATE_FILE)
-    assert final_a.iteration == final_b.iteration == 2000
-    for name, tensor in final_a.algorithm.items():
-        assert torch.equal(tensor, final_b.algorithm[name]), name
-    assert final_a.scheduler == final_b.scheduler
-    assert metrics(straight) == metrics(stopped)
+    assert_same_final_state(straight, stopped, 2000)
 
 
 MAMLPP_ARGS = [
@@ -264,23 +278,7 @@ def test_a_maml_plus_plus_run_resumed_before_its_derivative_order_switch_is_bitw
     """MAML++ switches from first to second order at iteration 200 (DA), its loss weights at 100
     (MSL) and anneals its outer rate (CA): a run stopped before the switches and resumed must
     make them at the same iterations and end bitwise where an uninterrupted run does."""
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    assert run_to_end("train", *MAMLPP_ARGS, "--out", straight).returncode == 0
-    process = subprocess.Popen(
-        fewshot_cli("train", *MAMLPP_ARGS, "--out", stopped),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_for_iteration(stopped, 30, process)
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=120)
-    interrupted = load_state(stopped / STATE_FILE)
+    straight, stopped, interrupted = stop_and_resume(MAMLPP_ARGS, 30, tmp_path)
     assert 0 < interrupted.iteration < 100
-    assert run_to_end("train", "--resume", stopped).returncode == 0
-    final_a, final_b = load_state(straight / STATE_FILE), load_state(stopped / STATE_FILE)
-    assert final_a.iteration == final_b.iteration == 400
-    assert int(final_b.algorithm["iterations_done"]) == 400
-    for name, tensor in final_a.algorithm.items():
-        assert torch.equal(tensor, final_b.algorithm[name]), name
-    assert final_a.scheduler == final_b.scheduler
-    assert metrics(straight) == metrics(stopped)
+    assert_same_final_state(straight, stopped, 400)
+    assert int(load_state(stopped / STATE_FILE).algorithm["iterations_done"]) == 400
