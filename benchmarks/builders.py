@@ -232,19 +232,7 @@ def learn2learn_maml(
 
     wrappers = {"maml": l2l.algorithms.MAML, "meta-sgd": l2l.algorithms.MetaSGD}
     maml = wrappers[workload.method](model, lr=inner_lr, first_order=workload.first_order)
-
-    def meta_grad(tasks: PerTask) -> torch.Tensor:
-        total = None
-        for support_x, support_y, query_x, query_y in tasks:
-            learner = maml.clone()
-            for _ in range(workload.inner_steps):
-                learner.adapt(loss_fn(learner(support_x), support_y))
-            loss = loss_fn(learner(query_x), query_y) / len(tasks)
-            loss.backward()
-            total = loss.detach() if total is None else total + loss.detach()
-        return total
-
-    return meta_grad, list(maml.parameters())
+    return learn2learn_loop(maml, nn.Identity(), loss_fn, workload), list(maml.parameters())
 
 
 def learn2learn_anil(
@@ -263,20 +251,30 @@ def learn2learn_anil(
 
     body, head_module = body_and_head(model)
     head = l2l.algorithms.MAML(head_module, lr=inner_lr, first_order=workload.first_order)
+    meta_grad = learn2learn_loop(head, body, loss_fn, workload)
+    return meta_grad, [*body.parameters(), *head.parameters()]
+
+
+def learn2learn_loop(
+    wrapper: nn.Module, features: nn.Module, loss_fn: LossFn, workload: Workload
+) -> MetaGrad:
+    """learn2learn's per-task recipe around `wrapper` (its MAML or MetaSGD): the support and
+    query sets through `features` (each one batch), then `clone()`, `adapt()` on the support
+    loss for each inner step, query loss divided by the meta-batch, `backward()`."""
 
     def meta_grad(tasks: PerTask) -> torch.Tensor:
         total = None
         for support_x, support_y, query_x, query_y in tasks:
-            support_features, query_features = body(support_x), body(query_x)
-            learner = head.clone()
+            support, query = features(support_x), features(query_x)
+            learner = wrapper.clone()
             for _ in range(workload.inner_steps):
-                learner.adapt(loss_fn(learner(support_features), support_y))
-            loss = loss_fn(learner(query_features), query_y) / len(tasks)
+                learner.adapt(loss_fn(learner(support), support_y))
+            loss = loss_fn(learner(query), query_y) / len(tasks)
             loss.backward()
             total = loss.detach() if total is None else total + loss.detach()
         return total
 
-    return meta_grad, [*body.parameters(), *head.parameters()]
+    return meta_grad
 
 
 def higher_maml(

@@ -73,6 +73,18 @@ OMNIGLOT_MAML = Workload(
     queries=FINN_OMNIGLOT_QUERIES,
     count_flops=True,
 )
+OMNIGLOT_MAMLPP = replace(
+    OMNIGLOT_MAML,
+    name="omniglot-mamlpp",
+    title="Omniglot 5-way 1-shot 1-query MAML++ (MSL, BNWB, BNRS, LSLR), 2nd order, 5 steps, "
+    "8 tasks",
+    libraries=MAMLPP_LIBRARIES,
+    method="maml++",
+    meta_batch=8,
+    inner_steps=5,
+    steps_per_repeat=3,
+    count_flops=False,
+)
 WORKLOADS: dict[str, Workload] = {
     w.name: w
     for w in (
@@ -123,29 +135,13 @@ WORKLOADS: dict[str, Workload] = {
             libraries=OTHER_METHOD_LIBRARIES,
             method="anil",
         ),
+        OMNIGLOT_MAMLPP,
         replace(
-            OMNIGLOT_MAML,
-            name="omniglot-mamlpp",
-            title="Omniglot 5-way 1-shot 1-query MAML++ (MSL, BNWB, BNRS, LSLR), 2nd order, "
-            "5 steps, 8 tasks",
-            libraries=MAMLPP_LIBRARIES,
-            method="maml++",
-            meta_batch=8,
-            inner_steps=5,
-            steps_per_repeat=3,
-            count_flops=False,
-        ),
-        replace(
-            OMNIGLOT_MAML,
+            OMNIGLOT_MAMLPP,
             name="omniglot-mamlpp-last-step",
             title="Omniglot 5-way 1-shot 1-query MAML++ after MSL's epochs (last-step loss; "
             "BNWB, BNRS, LSLR), 2nd order, 5 steps, 8 tasks",
-            libraries=MAMLPP_LIBRARIES,
             method="maml++-last-step",
-            meta_batch=8,
-            inner_steps=5,
-            steps_per_repeat=3,
-            count_flops=False,
         ),
         Workload(
             "omniglot-protonet",
