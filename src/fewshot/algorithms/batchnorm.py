@@ -16,8 +16,6 @@ statistics gives every task its own copy of the buffers (`GradientLearner.per_ta
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any
 
@@ -26,28 +24,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot.algorithms.base import BATCH_NORM_LAYERS
-from fewshot.algorithms.gradient import current_inner_step
+from fewshot.algorithms.gradient import context_value, current_inner_step
 
 _MODE: ContextVar[str | None] = ContextVar("fewshot_batch_norm_statistics", default=None)
 
 
-@contextlib.contextmanager
-def _mode(mode: str) -> Iterator[None]:
-    token = _MODE.set(mode)
-    try:
-        yield
-    finally:
-        _MODE.reset(token)
-
-
 def tracking_statistics():
     """Normalise with batch statistics and update the running statistics from them."""
-    return _mode("track")
+    return context_value(_MODE, "track")
 
 
 def batch_statistics():
     """Normalise with batch statistics, whatever the layers' `use_running_statistics`."""
-    return _mode("batch")
+    return context_value(_MODE, "batch")
 
 
 class PerStepBatchNorm(nn.Module):
@@ -89,13 +78,12 @@ class PerStepBatchNorm(nn.Module):
     def replacing(cls, layer: nn.Module, steps: int = 1, **options: Any) -> PerStepBatchNorm:
         """A per-step layer that starts every step from `layer`'s weights and biases."""
         new = cls(layer.num_features, steps, eps=layer.eps, **options)
-        with torch.no_grad():
+        for mine, theirs in ((new.weight, layer.weight), (new.bias, layer.bias)):
             if layer.affine:
-                new.weight.copy_(layer.weight.expand_as(new.weight))
-                new.bias.copy_(layer.bias.expand_as(new.bias))
-        if not layer.affine:
-            new.weight.requires_grad_(False)
-            new.bias.requires_grad_(False)
+                with torch.no_grad():
+                    mine.copy_(theirs.expand_as(mine))
+            else:  # no affine transform: the identity weights and zero biases stay fixed
+                mine.requires_grad_(False)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -58,12 +58,18 @@ def current_inner_step() -> int:
 
 
 @contextlib.contextmanager
-def inner_step(step: int) -> Iterator[None]:
-    token = _INNER_STEP.set(step)
+def context_value(variable: ContextVar, value: object) -> Iterator[None]:
+    """`variable` holds `value` within the block, its previous value after it."""
+    token = variable.set(value)
     try:
         yield
     finally:
-        _INNER_STEP.reset(token)
+        variable.reset(token)
+
+
+def inner_step(step: int):
+    """The forward passes within belong to inner step `step` (`current_inner_step`)."""
+    return context_value(_INNER_STEP, step)
 
 
 @dataclass
