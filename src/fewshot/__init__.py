@@ -4,18 +4,23 @@ from fewshot.algorithms import (
     ANIL,
     MAML,
     Algorithm,
+    Baseline,
+    BaselinePlusPlus,
+    FineTune,
     GradientLearner,
     MAMLpp,
+    MatchingNet,
     MetaLSTM,
     MetaSGD,
     MetricLearner,
     Predictor,
     ProtoNet,
+    RelationNet,
     Reptile,
 )
 from fewshot.datasets import SinusoidTasks, load_omniglot, omniglot_split
 from fewshot.models import Conv4, SinusoidMLP
-from fewshot.tasks import Task, TaskSampler
+from fewshot.tasks import Batch, ExampleSampler, Task, TaskSampler
 
 __version__ = "0.1.0"
 
@@ -24,13 +29,20 @@ __all__ = [
     "MAML",
     "MAMLpp",
     "Algorithm",
+    "Baseline",
+    "BaselinePlusPlus",
+    "Batch",
     "Conv4",
+    "ExampleSampler",
+    "FineTune",
     "GradientLearner",
+    "MatchingNet",
     "MetaLSTM",
     "MetaSGD",
     "MetricLearner",
     "Predictor",
     "ProtoNet",
+    "RelationNet",
     "Reptile",
     "SinusoidMLP",
     "SinusoidTasks",

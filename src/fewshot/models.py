@@ -5,13 +5,19 @@ from __future__ import annotations
 from torch import nn
 
 
-def conv_block(in_channels: int, out_channels: int, track_running_stats: bool) -> nn.Sequential:
+def conv_block(
+    in_channels: int,
+    out_channels: int,
+    track_running_stats: bool,
+    padding: int = 1,
+    pool: bool = True,
+) -> nn.Sequential:
     """3x3 convolution, batch norm, ReLU, 2x2 max-pool: one stage of Conv4."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=padding),
         nn.BatchNorm2d(out_channels, track_running_stats=track_running_stats),
         nn.ReLU(),
-        nn.MaxPool2d(2),
+        *([nn.MaxPool2d(2)] if pool else []),
     )
 
 
@@ -45,6 +51,22 @@ class Conv4(nn.Module):
 
     def forward(self, x):
         return self.head(self.features(x))
+
+
+class RelationEncoder(nn.Sequential):
+    """Sung et al. 2018's embedding module: four conv blocks of `hidden` filters, the first two
+    unpadded and pooled, the last two padded and not, so it returns feature maps (64 x 5 x 5 for
+    28 x 28 input) for the relation module to compare."""
+
+    def __init__(self, in_channels: int = 1, hidden: int = 64, image_size: int = 28) -> None:
+        super().__init__(
+            conv_block(in_channels, hidden, True, padding=0),
+            conv_block(hidden, hidden, True, padding=0),
+            conv_block(hidden, hidden, True, pool=False),
+            conv_block(hidden, hidden, True, pool=False),
+        )
+        side = ((image_size - 2) // 2 - 2) // 2
+        self.output_shape = (hidden, side, side)
 
 
 class SinusoidMLP(nn.Sequential):

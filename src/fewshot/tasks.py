@@ -140,6 +140,43 @@ class TaskSampler:
         return keys.topk(n, dim=1).indices
 
 
+@dataclass(frozen=True)
+class Batch:
+    """An ordinary mini-batch of examples with their dataset-wide labels (or regression
+    targets), for methods that pretrain without episodes (Baseline, fine-tuning)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(self.x.to(device), self.y.to(device))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+class ExampleSampler:
+    """Draws mini-batches of examples uniformly, with replacement, from all classes of a
+    labelled dataset; labels are the classes' indices 0..num_classes-1 (sorted class ids).
+
+    The non-episodic data source of the training loop: `sample(batch_size, generator)` plays
+    the part of `TaskSampler.sample(num_tasks, generator)`.
+    """
+
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+        if len(inputs) != len(labels):
+            raise DataError(f"got {len(inputs)} inputs but {len(labels)} labels.")
+        if len(inputs) == 0:
+            raise DataError("the training part holds no examples.")
+        classes, self.labels = torch.unique(labels, return_inverse=True)
+        self.inputs = inputs
+        self.num_classes = len(classes)
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> Batch:
+        picks = torch.randint(len(self.inputs), (batch_size,), generator=generator)
+        return Batch(_as_float(self.inputs[picks]), self.labels[picks])
+
+
 def _has_repeat_per_row(values: torch.Tensor) -> bool:
     if len(values) == 1:  # one task: a Python set beats a sort at this size
         return len(set(values[0].tolist())) < values.shape[1]

@@ -8,7 +8,8 @@ predictor on the query inputs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,10 @@ class Algorithm(nn.Module):
     """
 
     batch_norm: str = "transductive"
+    # What `training_step` takes: "episodes" (a `Task` meta-batch, from a `TaskSampler`) or
+    # "examples" (a `Batch` of examples of all training classes, from an `ExampleSampler`),
+    # for methods that pretrain without episodes.
+    training_data: str = "episodes"
 
     @property
     def is_transductive(self) -> bool:
@@ -64,7 +69,8 @@ class Algorithm(nn.Module):
         raise NotImplementedError
 
     def training_step(self, tasks: Task) -> dict[str, float]:
-        """Accumulate the outer gradient of one meta-batch into `.grad`; return its metrics.
+        """Accumulate the outer gradient of one meta-batch (or `Batch` of examples, for
+        `training_data = "examples"`) into `.grad`; return its metrics.
 
         The metrics hold at least "loss"; methods add what they get cheaply ("accuracy" of the
         queries, "inner_loss" of the support sets). A non-finite loss is returned without
@@ -118,3 +124,31 @@ def has_batch_norm(module: nn.Module) -> bool:
         isinstance(m, BATCH_NORM_LAYERS) or getattr(m, "is_batch_norm", False)
         for m in module.modules()
     )
+
+
+@contextlib.contextmanager
+def batch_norm_mode(module: nn.Module, training: bool) -> Iterator[None]:
+    """Put the module's batch-norm layers, and nothing else, in training mode (batch
+    statistics) or eval mode (running statistics) for the duration."""
+    layers = [m for m in module.modules() if isinstance(m, BATCH_NORM_LAYERS)]
+    modes = [m.training for m in layers]
+    for m in layers:
+        m.train(training)
+    try:
+        yield
+    finally:
+        for m, mode in zip(layers, modes):
+            m.train(mode)
+
+
+@contextlib.contextmanager
+def unchanged_buffers(module: nn.Module) -> Iterator[None]:
+    """Forward passes within may update buffers (batch norm's running statistics, in training
+    mode); their values before the block are put back after it."""
+    saved = {name: b.clone() for name, b in module.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, b in module.named_buffers():
+                b.copy_(saved[name])

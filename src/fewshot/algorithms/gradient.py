@@ -122,6 +122,9 @@ class GradientLearner(Algorithm):
         batch_norm: "transductive" (a task's queries are normalised together, as in Finn et
             al.'s code) or "inductive" (each query with the support set plus itself, as in
             Nichol et al.'s non-transductive evaluation).
+        running_statistics: keep the batch-norm layers' running statistics and normalise with
+            them in eval mode (adaptation and prediction), as a network pretrained on ordinary
+            batches does (the transfer-learning baselines); no query then sees another.
 
     Parameters with `requires_grad=False` stay fixed unless named in `adapted`.
     """
@@ -143,6 +146,7 @@ class GradientLearner(Algorithm):
         vectorize: bool = True,
         chunk_size: int | None = None,
         batch_norm: str = "transductive",
+        running_statistics: bool = False,
     ) -> None:
         super().__init__()
         require_positive(inner_steps=inner_steps)
@@ -155,8 +159,10 @@ class GradientLearner(Algorithm):
                 require_positive(**{name: value})
         if eval_inner_steps is not None and eval_inner_steps < 0:
             raise ConfigError(f"eval_inner_steps must be >= 0, got {eval_inner_steps}.")
-        self.model = _with_batch_statistics(copy.deepcopy(model))
-        self.encoder = None if encoder is None else _with_batch_statistics(copy.deepcopy(encoder))
+        keep = copy.deepcopy if running_statistics else _with_batch_statistics_copy
+        self.model = keep(model)
+        self.encoder = None if encoder is None else keep(encoder)
+        self.running_statistics = running_statistics
         self.adapted_names = _select(self.model, adapted)
         self.meta_learned_names = _select(self.model, meta_learned)
         for name, p in self.model.named_parameters():
@@ -181,7 +187,11 @@ class GradientLearner(Algorithm):
         """Inductive batch norm in a network that has batch norm: each query is predicted with
         its task's support set plus itself."""
         networks = [self.model] + ([self.encoder] if self.encoder is not None else [])
-        return self.batch_norm == "inductive" and any(map(has_batch_norm, networks))
+        return (
+            self.batch_norm == "inductive"
+            and not self.running_statistics
+            and any(map(has_batch_norm, networks))
+        )
 
     # -- using a trained learner ------------------------------------------------------------
 
@@ -463,9 +473,10 @@ def _call(module: nn.Module, params: Params, buffers: Params, x: torch.Tensor) -
     return functional_call(module, (params, buffers), (x,))
 
 
-def _with_batch_statistics(model: nn.Module) -> nn.Module:
-    """Make every batch-norm layer normalise with the current batch's statistics only: under
+def _with_batch_statistics_copy(model: nn.Module) -> nn.Module:
+    """A copy whose batch-norm layers normalise with the current batch's statistics only: under
     vmap the batch is one task's, so each task is normalised with its own statistics."""
+    model = copy.deepcopy(model)
     replace_all_batch_norm_modules_(model)
     return model
 

@@ -7,20 +7,19 @@ encoder's shape (feature maps stay unflattened, for Relation Networks' relation 
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from fewshot.algorithms.base import (
     BATCH_NORM_LAYERS,
     Algorithm,
     Predictor,
+    batch_norm_mode,
     check_batch_norm_policy,
+    unchanged_buffers,
 )
 from fewshot.errors import ConfigError
 from fewshot.tasks import Task
@@ -34,7 +33,9 @@ class MetricLearner(Algorithm):
         batch_norm: at prediction, "inductive" normalises with the running statistics learnt in
             training, so no query influences another; "transductive" normalises a task's support
             and queries together with their own batch statistics. In training the support and
-            queries of a task always go through the encoder together, in one batch.
+            queries of a task always go through the encoder together, in one batch. The policy
+            covers every batch-norm layer of the method (the encoder's, and a scoring
+            module's, such as Relation Networks').
     """
 
     def __init__(self, encoder: nn.Module, batch_norm: str = "inductive") -> None:
@@ -68,63 +69,47 @@ class MetricLearner(Algorithm):
         """Query cross-entropy and logits, each task's support and queries embedded together."""
         support_z, query_z = self.embed_each_task(tasks.support_x, tasks.query_x)
         logits = self.score(support_z, tasks.support_y, query_z)
-        return F.cross_entropy(logits.flatten(0, 1), tasks.query_y.flatten()), logits
+        return self.query_loss(logits, tasks.query_y), logits
+
+    def query_loss(self, logits: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
+        """The training loss of the query scores (tasks, queries, ways): cross-entropy."""
+        return F.cross_entropy(logits.flatten(0, 1), query_y.flatten())
 
     def adapt(self, support_x, support_y, inner_steps=None) -> Predictor:
         if self.is_transductive:
 
             def transductive(query_x):
-                with _batch_norm_mode(self.encoder, training=True):
-                    support_z, query_z = self.embed_each_task(support_x, query_x, keep_stats=True)
-                return self.score(support_z, support_y, query_z)
+                # batch statistics, without updating the running ones
+                with batch_norm_mode(self, training=True), unchanged_buffers(self):
+                    support_z, query_z = self.embed_each_task(support_x, query_x)
+                    return self.score(support_z, support_y, query_z)
 
             return Predictor(transductive)
-        with _batch_norm_mode(self.encoder, training=False):
+        with batch_norm_mode(self, training=False):
             support_z = self.embed(support_x)
 
         def inductive(query_x):
-            with _batch_norm_mode(self.encoder, training=False):
+            with batch_norm_mode(self, training=False):
                 return self.score(support_z, support_y, self.embed(query_x))
 
         return Predictor(inductive)
 
-    def embed(self, x: torch.Tensor, keep_stats: bool = False) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Embeddings of (tasks, n, ...) inputs, shaped (tasks, n, *encoder_output_shape)."""
-        flat = x.flatten(0, 1)
-        if keep_stats:  # batch statistics without updating the running ones
-            buffers = {n: b.clone() for n, b in self.encoder.named_buffers()}
-            z = functional_call(self.encoder, buffers, (flat,), strict=False)
-        else:
-            z = self.encoder(flat)
-        return z.unflatten(0, x.shape[:2])
+        return self.encoder(x.flatten(0, 1)).unflatten(0, x.shape[:2])
 
-    def embed_each_task(self, support_x, query_x, keep_stats: bool = False):
+    def embed_each_task(self, support_x, query_x):
         """Support and query embeddings, each task's support and queries in one pass of their
         own, so that batch norm in training mode normalises them together and apart from the
         other tasks."""
         n_support = support_x.shape[1]
         z = torch.cat(
             [
-                self.embed(torch.cat([support_x[i : i + 1], query_x[i : i + 1]], dim=1), keep_stats)
+                self.embed(torch.cat([support_x[i : i + 1], query_x[i : i + 1]], dim=1))
                 for i in range(len(support_x))
             ]
         )
         return z[:, :n_support], z[:, n_support:]
-
-
-@contextlib.contextmanager
-def _batch_norm_mode(module: nn.Module, training: bool) -> Iterator[None]:
-    """Put the module's batch-norm layers, and nothing else, in training mode (batch
-    statistics) or eval mode (running statistics) for the duration."""
-    layers = [m for m in module.modules() if isinstance(m, BATCH_NORM_LAYERS)]
-    modes = [m.training for m in layers]
-    for m in layers:
-        m.train(training)
-    try:
-        yield
-    finally:
-        for m, mode in zip(layers, modes):
-            m.train(mode)
 
 
 def _has_batch_norm_without_running_stats(module: nn.Module) -> bool:

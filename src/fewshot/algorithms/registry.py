@@ -92,6 +92,11 @@ class Settings:
         """Raise ConfigError for values that are invalid or do not fit the run."""
         check_batch_norm_policy(self.batch_norm)
 
+    def fit_data(self, train) -> Settings:
+        """A copy with the values that derive from the training data (its sampler `train`)
+        filled in, such as the size of a pretraining head; once, when a run starts."""
+        return self
+
     def learning_rates(self) -> dict[str, float]:
         """The method's own learning rates by option name, for the divergence message (not the
         final or minimum values of schedules, which do not cause divergences)."""

@@ -11,7 +11,7 @@ import math
 import torch
 
 from fewshot.errors import require_positive
-from fewshot.tasks import Task
+from fewshot.tasks import Batch, Task
 
 AMPLITUDE_RANGE = (0.1, 5.0)
 PHASE_RANGE = (0.0, math.pi)
@@ -33,6 +33,17 @@ class SinusoidTasks:
         y = amplitude * torch.sin(x - phase)
         k = self.shots
         return Task(x[:, :k], y[:, :k], x[:, k:], y[:, k:])
+
+
+class SinusoidExamples:
+    """Points of random sinusoids, each from a task of its own: the non-episodic data of
+    Finn et al.'s pretrained baseline, "a network trained to regress to random sinusoid
+    functions" (section 5.1). Same API as `tasks.ExampleSampler`."""
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> Batch:
+        """x and y shaped (batch_size, 1)."""
+        task = SinusoidTasks(shots=1, queries=1).sample(batch_size, generator)
+        return Batch(task.support_x[:, 0], task.support_y[:, 0])
 
 
 def _uniform(shape: tuple[int, ...], bounds: tuple[float, float], generator) -> torch.Tensor:

@@ -61,20 +61,50 @@ def evaluate(
     device: torch.device | str = "cpu",
 ) -> EvalResult:
     """Evaluate on `episodes` episodes drawn from `tasks` (a sampler of held-out classes)."""
+    scores = episode_scores_of(algorithm, tasks, episodes, seed, inner_steps, device)
+    steps = getattr(algorithm, "eval_inner_steps", None) if inner_steps is None else inner_steps
+    return summarize(scores, _metric_of(tasks), steps)
+
+
+def episode_scores_of(
+    algorithm: Algorithm,
+    tasks,
+    episodes: int = 600,
+    seed: int = 0,
+    inner_steps: int | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Each episode's accuracy (or MSE), float64, in the order the episodes are drawn.
+
+    The episodes come from `seed` alone, so two models evaluated with one seed are scored on
+    the same episodes (a paired comparison). Random numbers that prediction itself draws
+    (fine-tuning mini-batches, the order in which a support set is read) come from torch's
+    generator seeded from `seed` too, and the caller's generator state is left as it was.
+    """
     generator = stream_generator("eval", seed)
     was_training = algorithm.training
     algorithm.eval()
     scores = []
+    device = torch.device(device)
+    forked = [device.index or 0] if device.type == "cuda" else []
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=forked):
+            torch.manual_seed(seed)
             for start in range(0, episodes, EPISODES_PER_DRAW):
                 batch = tasks.sample(EPISODES_PER_DRAW, generator)[: episodes - start].to(device)
                 predictions = algorithm.predict(batch, inner_steps=inner_steps)
                 scores.append(episode_scores(predictions, batch.query_y).cpu())
     finally:
         algorithm.train(was_training)
-    scores = torch.cat(scores).double()
+    return torch.cat(scores).double()
+
+
+def summarize(scores: torch.Tensor, metric: str, inner_steps: int | None = None) -> EvalResult:
+    """Mean and 95% confidence half-width of per-episode scores."""
     ci95 = 1.96 * scores.std().item() / math.sqrt(len(scores)) if len(scores) > 1 else float("nan")
-    metric = "mse" if batch.query_y.is_floating_point() else "accuracy"
-    steps = getattr(algorithm, "eval_inner_steps", None) if inner_steps is None else inner_steps
-    return EvalResult(metric, scores.mean().item(), ci95, len(scores), steps)
+    return EvalResult(metric, scores.mean().item(), ci95, len(scores), inner_steps)
+
+
+def _metric_of(tasks) -> str:
+    """ "mse" for a sampler of regression tasks, "accuracy" for classification."""
+    return "mse" if tasks.sample(1, torch.Generator()).query_y.is_floating_point() else "accuracy"

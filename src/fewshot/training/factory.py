@@ -8,15 +8,17 @@ from pathlib import Path
 from fewshot.algorithms import Algorithm, get_method
 from fewshot.datasets.image_folder import load_image_folder
 from fewshot.datasets.omniglot import load_omniglot, omniglot_split
-from fewshot.datasets.sinusoid import SinusoidTasks
+from fewshot.datasets.sinusoid import SinusoidExamples, SinusoidTasks
 from fewshot.errors import ConfigError, DataError
-from fewshot.tasks import TaskSampler
+from fewshot.tasks import ExampleSampler, TaskSampler
 from fewshot.training.config import TrainConfig
 
 
 @dataclass
 class TaskSources:
-    """Samplers of meta-training, validation and meta-test episodes (disjoint classes)."""
+    """Samplers of meta-training, validation and meta-test episodes (disjoint classes); the
+    training one samples mini-batches of examples instead for methods that train on them
+    (`Algorithm.training_data == "examples"`)."""
 
     train: object
     val: object
@@ -29,14 +31,21 @@ def build_sources(
     download: bool = False,
     parts: tuple[str, ...] = ("train", "val", "test"),
 ) -> TaskSources:
+    examples = get_method(config.algorithm).algorithm.training_data == "examples"
     if config.dataset == "sinusoid":
         # Sinusoid tasks are continuous: "held out" means never drawn in training, which the
         # separate random streams of training and evaluation (`stream_generator`) ensure.
         held_out = SinusoidTasks(config.shots, config.queries)
-        return TaskSources(SinusoidTasks(config.shots, config.train_queries), held_out, held_out)
+        train = (
+            SinusoidExamples() if examples else SinusoidTasks(config.shots, config.train_queries)
+        )
+        return TaskSources(train, held_out, held_out)
     samplers = {}
     for part, (images, labels) in zip(parts, labelled_parts(config, data_root, download, parts)):
         train = part == "train"
+        if train and examples:
+            samplers[part] = ExampleSampler(images, labels)
+            continue
         try:
             samplers[part] = TaskSampler(
                 images,

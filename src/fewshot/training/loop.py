@@ -173,6 +173,7 @@ class Run:
         self.checkpointed = self.iteration
 
     def step(self) -> dict[str, float]:
+        # meta_batch tasks, or meta_batch examples for methods that train on examples
         tasks = self.sources.train.sample(self.config.meta_batch, self.generator).to(self.device)
         try:
             return meta_step(self.algorithm, self.optimizer, tasks, self.scheduler)
@@ -280,6 +281,8 @@ def train(
                 f"--resume {run_dir}."
             )
     sources = build_sources(config, data_root, download)  # fails early, before anything is written
+    if not resume:
+        config.settings = config.settings.fit_data(sources.train)
     run = Run(config, run_dir, sources, device)
     if resume:
         run.restore(state)

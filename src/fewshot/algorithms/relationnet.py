@@ -1,0 +1,120 @@
+"""Relation Networks (Sung, Yang, Zhang, Xiang, Torr & Hospedales 2018).
+
+The encoder maps images to feature maps; a class is the sum of its support examples' maps. A
+learned relation module g compares the concatenated maps of a class and a query,
+
+    r_{k, x} = g([sum_{i: y_i = k} f(x_i), f(x)])  in (0, 1),
+
+and training regresses r to the one-hot labels with the mean squared error, as in the paper,
+rather than classifying with a softmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewshot.algorithms.metric import MetricLearner
+from fewshot.algorithms.registry import Method, Problem, Settings, register, setting
+from fewshot.models import RelationEncoder, conv_block
+
+
+class RelationModule(nn.Module):
+    """g: two conv blocks (padded, pooled) over the 2C-channel pair, then C*s*s -> hidden -> 1
+    fully connected layers, ReLU then sigmoid (the paper's Omniglot module, hidden = 8)."""
+
+    def __init__(self, feature_shape: tuple[int, int, int], hidden: int = 8) -> None:
+        super().__init__()
+        channels, side, _ = feature_shape
+        self.features = nn.Sequential(
+            conv_block(2 * channels, channels, True), conv_block(channels, channels, True)
+        )
+        side = side // 2 // 2
+        self.fc1 = nn.Linear(channels * max(side, 1) ** 2, hidden)
+        self.fc2 = nn.Linear(hidden, 1)
+
+    def forward(self, pairs: torch.Tensor) -> torch.Tensor:
+        """Relation scores of (n, 2C, H, W) concatenated pairs, shape (n,)."""
+        hidden = F.relu(self.fc1(self.features(pairs).flatten(1)))
+        return torch.sigmoid(self.fc2(hidden)).squeeze(-1)
+
+
+class RelationNet(MetricLearner):
+    """Relation Networks: `encoder` returns feature maps of shape `feature_shape` (C, H, W)."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        feature_shape: tuple[int, int, int],
+        hidden: int = 8,
+        batch_norm: str = "inductive",
+    ) -> None:
+        super().__init__(encoder, batch_norm)
+        self.relation = RelationModule(feature_shape, hidden)
+
+    def score(self, support_z, support_y, query_z):
+        """Relation scores (tasks, queries, ways), each in (0, 1)."""
+        ways = int(support_y.max()) + 1
+        one_hot = F.one_hot(support_y, ways).to(support_z.dtype)  # (tasks, n, ways)
+        classes = torch.einsum("tnk,tn...->tk...", one_hot, support_z)  # summed per class
+        tasks, q = query_z.shape[:2]
+        pairs = torch.cat(
+            [
+                classes.unsqueeze(1).expand(tasks, q, *classes.shape[1:]),
+                query_z.unsqueeze(2).expand(tasks, q, ways, *query_z.shape[2:]),
+            ],
+            dim=3,
+        )
+        return self.relation(pairs.flatten(0, 2)).view(tasks, q, ways)
+
+    def query_loss(self, scores: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
+        """Mean squared error of the relation scores against one-hot labels."""
+        return F.mse_loss(scores, F.one_hot(query_y, scores.shape[-1]).to(scores.dtype))
+
+    def configure_optimizers(self, lr, iterations):
+        """Adam, its rate halved every 100,000 episodes (the paper's schedule)."""
+        optimizer = torch.optim.Adam(self.parameters(), lr=lr)
+        return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, 100_000, gamma=0.5)
+
+
+@dataclass
+class RelationNetSettings(Settings):
+    relation_hidden: int | None = setting(
+        "Units of the relation module's hidden fully connected layer.", fallback=8
+    )
+
+
+def build(settings: RelationNetSettings, problem: Problem) -> RelationNet:
+    encoder = RelationEncoder(problem.channels, image_size=problem.image_size)
+    return RelationNet(
+        encoder, encoder.output_shape, settings.relation_hidden, batch_norm=settings.batch_norm
+    )
+
+
+# Sung et al. 2018, sec. 4.1: Omniglot 5-way 1-shot episodes with 19 queries per class, Adam
+# 1e-3 halved every 100,000 episodes, 1,000,000 episodes.
+register(
+    Method(
+        name="relationnet",
+        algorithm=RelationNet,
+        settings=RelationNetSettings,
+        paper="Sung, Yang, Zhang, Xiang, Torr & Hospedales 2018, Learning to Compare: Relation "
+        "Network for Few-Shot Learning (CVPR)",
+        build=build,
+        batch_norm="inductive",
+        defaults={
+            "omniglot": dict(
+                shots=1,
+                queries=15,
+                train_queries=19,
+                meta_batch=1,
+                outer_lr=1e-3,
+                iterations=1000000,
+                val_every=5000,
+            ),
+        },
+    )
+)
