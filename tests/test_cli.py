@@ -270,3 +270,88 @@ def test_generated_flags_and_choices_parse(tmp_path):
     assert config["batch_norm"] == "inductive"
     bad = run("train", *QUICK, "--batch-norm", "sometimes", "--out", tmp_path / "s")
     assert bad.exit_code == 2 and "'sometimes' is not one of" in bad.output
+
+
+def test_compare_scores_every_run_on_the_same_episodes_with_paired_differences(
+    sinusoid_run, tmp_path
+):
+    from fewshot.training import load_run
+    from fewshot.training.evaluation import episode_scores_of, paired_difference
+
+    other = tmp_path / "finetune"
+    trained = run("train", "--algorithm", "finetune", *QUICK, "--out", other)
+    assert trained.exit_code == 0, trained.output
+    first = sinusoid_run[0]
+    result = run("compare", first, other, "--episodes", "40", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    scores = []
+    for run_dir, reported in zip((first, other), report["runs"]):
+        _, algorithm, sources = load_run(run_dir)
+        scores.append(episode_scores_of(algorithm, sources.test, 40, seed=0))
+        assert reported["mse"] == pytest.approx(scores[-1].mean().item(), rel=1e-12)
+    (pair,) = report["pairs"]
+    expected = paired_difference(*scores)
+    assert pair["mean"] == pytest.approx(expected.mean) and pair["p_value"] == expected.p_value
+    assert report["shots"] == 10 and report["dataset"] == "sinusoid"
+    text = run("compare", first, other, "--episodes", "40").output
+    assert "paired t-test p =" in text and "finetune" in text
+
+
+def test_compare_refuses_runs_of_different_episodes(sinusoid_run, tmp_path):
+    other = tmp_path / "k5"
+    assert run("train", *QUICK, "--shots", "5", "--out", other).exit_code == 0
+    result = run("compare", sinusoid_run[0], other)
+    assert result.exit_code == 2
+    assert (
+        "not evaluated on the same episodes" in result.output and "shots (10 vs 5)" in result.output
+    )
+
+
+@pytest.mark.omniglot
+@pytest.mark.parametrize(
+    "method", ["baseline", "baseline++", "finetune", "matchingnet", "relationnet"]
+)
+def test_the_metric_and_fine_tuning_methods_train_and_evaluate_on_omniglot(
+    tmp_path, omniglot_root, method
+):
+    out = tmp_path / method
+    quick = ["--iterations", "4", "--val-every", "2", "--val-episodes", "4", "--test-episodes", "0"]
+    result = (
+        run(
+            "train",
+            "--algorithm",
+            method,
+            "--dataset",
+            "omniglot",
+            "--data-root",
+            omniglot_root,
+            *quick,
+            "--finetune-epochs",
+            "2",
+            "--out",
+            out,
+        )
+        if method in ("baseline", "baseline++", "finetune")
+        else run(
+            "train",
+            "--algorithm",
+            method,
+            "--dataset",
+            "omniglot",
+            "--data-root",
+            omniglot_root,
+            *quick,
+            "--out",
+            out,
+        )
+    )
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["batch_norm"] == "inductive"
+    if method in ("baseline", "baseline++", "finetune"):  # pretraining over every class
+        assert config["classes"] == 4400 and config["meta_batch"] == 16
+    report = json.loads(
+        run("eval", out, "--data-root", omniglot_root, "--episodes", "5", "--json").output
+    )
+    assert report["algorithm"] == method and 0 <= report["accuracy"] <= 1

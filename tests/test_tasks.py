@@ -163,3 +163,19 @@ def test_omniglot_episodes_only_use_their_splits_classes(omniglot):
     drawn_bytes = {(x * 255).round().to(torch.uint8).numpy().tobytes() for x in drawn}
     assert drawn_bytes <= test_images
     assert not drawn_bytes & train_set
+
+
+def test_example_batches_draw_every_class_with_dataset_wide_labels():
+    from fewshot import ExampleSampler
+
+    inputs, labels = labelled_data(num_classes=6, per_class=5)
+    ids = labels * 7 + 3  # class ids need not be contiguous
+    sampler = ExampleSampler(inputs, ids)
+    assert sampler.num_classes == 6
+    batch = sampler.sample(600, torch.Generator().manual_seed(0))
+    assert batch.x.shape == (600, *inputs.shape[1:]) and batch.x.dtype == torch.float32
+    assert set(batch.y.tolist()) == set(range(6))
+    # each example keeps its class: label k is the k-th smallest id (inputs record 100 + k)
+    assert torch.equal(batch.y, batch.x[:, 0].long() - 100)
+    again = sampler.sample(600, torch.Generator().manual_seed(0))
+    assert torch.equal(again.x, batch.x) and torch.equal(again.y, batch.y)

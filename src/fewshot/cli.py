@@ -1,9 +1,11 @@
-"""The `fewshot` command line: `fewshot train ...` and `fewshot eval RUN_DIR`."""
+"""The `fewshot` command line: `fewshot train`, `eval`, `compare` and `methods`."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import itertools
 import json
 import os
 import sys
@@ -20,7 +22,12 @@ from fewshot.algorithms.registry import default_text
 from fewshot.errors import ConfigError, FewshotError
 from fewshot.training.checkpoint import read_config
 from fewshot.training.config import DATASETS, TrainConfig
-from fewshot.training.evaluation import evaluate
+from fewshot.training.evaluation import (
+    episode_scores_of,
+    evaluate,
+    paired_difference,
+    summarize,
+)
 from fewshot.training.loop import load_run, train
 
 # glibc's malloc returns large freed blocks to the system and takes them back with fresh,
@@ -335,6 +342,99 @@ def eval_command(
         click.echo(f"{config.algorithm}, batch norm: {BATCH_NORM_NOTES[algorithm.batch_norm]}")
         for line in lines:
             click.echo(f"meta-test {line}")
+
+
+@main.command(name="compare")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--data-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder with the Omniglot zips, or the folder dataset [default: $FEWSHOT_DATA_ROOT].",
+)
+@click.option("--download", is_flag=True, help="Fetch missing Omniglot zips.")
+@click.option("--episodes", default=600, type=click.IntRange(min=2), help="Meta-test episodes.")
+@click.option(
+    "--inner-steps",
+    default=None,
+    type=click.IntRange(min=0),
+    help="Adaptation steps of gradient-based methods [default: each run's own].",
+)
+@click.option("--seed", default=TEST_SEED, type=int, help="Episode seed, shared by every run.")
+@click.option("--device", default="cpu", help="torch device.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@friendly_errors
+def compare_command(run_dirs, data_root, download, episodes, inner_steps, seed, device, as_json):
+    """Evaluate RUN_DIRS on the same test episodes; compare every pair with a paired test.
+
+    Prints each run's accuracy (or MSE) ± 95% CI, then for each pair the mean per-episode
+    difference ± its 95% CI and the p-value of a paired t-test.
+    """
+    if len(run_dirs) < 2:
+        raise click.BadParameter("give at least two run folders", param_hint="RUN_DIRS")
+    shape = check_same_episodes(run_dirs, [read_config(run_dir) for run_dir in run_dirs])
+    loaded = [load_run(run_dir, data_root, download, device) for run_dir in run_dirs]
+    set_threads(loaded[0][0].dataset, None)
+    scores, runs = [], []
+    for run_dir, (config, algorithm, sources) in zip(run_dirs, loaded):
+        run_scores = episode_scores_of(algorithm, sources.test, episodes, seed, inner_steps, device)
+        metric = "mse" if config.dataset == "sinusoid" else "accuracy"
+        steps = getattr(algorithm, "eval_inner_steps", None) if inner_steps is None else inner_steps
+        result = summarize(run_scores, metric, steps)
+        scores.append(run_scores)
+        runs.append({"run": str(run_dir), "algorithm": config.algorithm, **result.to_dict()})
+    pairs = []
+    for i, j in itertools.combinations(range(len(runs)), 2):
+        difference = paired_difference(scores[i], scores[j])
+        pairs.append({"a": runs[i]["run"], "b": runs[j]["run"], **dataclasses.asdict(difference)})
+    if as_json:
+        click.echo(
+            json.dumps({"episodes": episodes, "seed": seed, **shape, "runs": runs, "pairs": pairs})
+        )
+        return
+    percent = metric == "accuracy"
+    click.echo(f"{episodes} episodes, seed {seed}: {describe_episodes(shape)}")
+    for run in runs:
+        value = format_value(run[metric], run["ci95"], percent)
+        click.echo(f"  {run['run']} ({run['algorithm']}): {value}")
+    click.echo(f"paired differences (a - b, {metric}):")
+    for pair in pairs:
+        value = format_value(pair["mean"], pair["ci95"], percent, signed=True)
+        click.echo(f"  {pair['a']} - {pair['b']}: {value}, paired t-test p = {pair['p_value']:.3g}")
+
+
+EPISODE_FIELDS = ("dataset", "split", "image_size", "channels", "ways", "shots", "queries")
+
+
+def check_same_episodes(run_dirs, configs) -> dict:
+    """The test split and episode shape the runs share; a clear error when they do not."""
+    shapes = [{f: getattr(config, f) for f in EPISODE_FIELDS} for config in configs]
+    for run_dir, shape in zip(run_dirs[1:], shapes[1:]):
+        if shape != shapes[0]:
+            differ = [f for f in EPISODE_FIELDS if shape[f] != shapes[0][f]]
+            raise ConfigError(
+                f"{run_dirs[0]} and {run_dir} are not evaluated on the same episodes: they differ "
+                f"in {', '.join(f'{f} ({shapes[0][f]} vs {shape[f]})' for f in differ)}; compare "
+                "runs of one test split and episode shape."
+            )
+    return shapes[0]
+
+
+def describe_episodes(shape: dict) -> str:
+    if shape["dataset"] == "sinusoid":
+        return f"sinusoid regression, K = {shape['shots']}, {shape['queries']} query points"
+    split = f" ({shape['split']} split)" if shape["dataset"] == "omniglot" else ""
+    return (
+        f"{shape['dataset']}{split} test classes, {shape['ways']}-way {shape['shots']}-shot, "
+        f"{shape['queries']} queries per class"
+    )
+
+
+def format_value(mean: float, ci95: float, percent: bool, signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    if percent:
+        return f"{100 * mean:{sign}.2f}% ± {100 * ci95:.2f}%"
+    return f"{mean:{sign}.4f} ± {ci95:.4f}"
 
 
 BATCH_NORM_NOTES = {

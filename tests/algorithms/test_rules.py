@@ -69,3 +69,26 @@ def test_per_layer_per_step_rates_index_the_step_and_reuse_the_last_beyond_it():
     for step, rate in [(0, 1.0), (1, 2.0), (5, 2.0)]:
         new, _ = rule({"w": w}, {"w": g}, torch.zeros(1), None, step)
         torch.testing.assert_close(new["w"], w - rate * g)
+
+
+@pytest.mark.parametrize(
+    "momentum, dampening, weight_decay", [(0.0, 0.0, 0.0), (0.9, 0.9, 1e-3), (0.5, 0.0, 0.1)]
+)
+def test_momentum_sgd_follows_torch_optim_sgd_step_for_step(momentum, dampening, weight_decay):
+    """The fine-tuning rule against torch's own optimizer on the same gradients."""
+    from fewshot.algorithms.rules import MomentumSGD
+
+    torch.manual_seed(0)
+    start = torch.randn(2, 3)
+    reference = start.clone().requires_grad_()
+    optimizer = torch.optim.SGD(
+        [reference], lr=0.1, momentum=momentum, dampening=dampening, weight_decay=weight_decay
+    )
+    rule = MomentumSGD(0.1, momentum, dampening, weight_decay)
+    params, state = {"w": start.clone()}, rule.init_state({"w": start})
+    for step in range(4):
+        grad = torch.randn(2, 3)
+        reference.grad = grad.clone()
+        optimizer.step()
+        params, state = rule(params, {"w": grad}, torch.zeros(1), state, step)
+        torch.testing.assert_close(params["w"], reference.detach())

@@ -66,3 +66,22 @@ def test_evaluation_never_draws_the_training_tasks_of_the_same_seed():
     trained_on = tasks.sample(25, stream_generator("train", 0))
     evaluated_on = tasks.sample(25, stream_generator("eval", 0))
     assert not torch.isin(evaluated_on.support_x, trained_on.support_x).any()
+
+
+def test_paired_difference_by_hand():
+    from scipy import stats
+
+    from fewshot.training.evaluation import paired_difference
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(50, generator=g, dtype=torch.float64)
+    b = a - 0.05 + 0.1 * torch.rand(50, generator=g, dtype=torch.float64)
+    result = paired_difference(a, b)
+    d = (a - b).numpy()
+    t = d.mean() / (d.std(ddof=1) / math.sqrt(50))
+    assert math.isclose(result.mean, d.mean(), rel_tol=1e-12)
+    assert math.isclose(result.ci95, 1.96 * d.std(ddof=1) / math.sqrt(50), rel_tol=1e-12)
+    assert math.isclose(result.t, t, rel_tol=1e-9)
+    assert math.isclose(result.p_value, 2 * stats.t.sf(abs(t), df=49), rel_tol=1e-9)
+    same = paired_difference(a, a.clone())
+    assert (same.mean, same.ci95, same.p_value) == (0.0, 0.0, 1.0)

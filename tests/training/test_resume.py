@@ -282,3 +282,29 @@ def test_a_maml_plus_plus_run_resumed_before_its_derivative_order_switch_is_bitw
     assert 0 < interrupted.iteration < 100
     assert_same_final_state(straight, stopped, 400)
     assert int(load_state(stopped / STATE_FILE).algorithm["iterations_done"]) == 400
+
+
+FINETUNE_ARGS = [
+    "--algorithm",
+    "finetune",
+    "--iterations",
+    "3000",
+    "--finetune-batch",
+    "4",
+    "--val-every",
+    "500",
+    "--val-episodes",
+    "10",
+    "--checkpoint-every",
+    "100000",
+    "--test-episodes",
+    "0",
+]
+
+
+def test_a_resumed_pretraining_run_on_example_batches_is_bitwise_exact(tmp_path):
+    """The non-episodic data source resumes where it stopped, and validation's fine-tuning
+    mini-batches (drawn from a generator of its own) do not disturb training's random stream."""
+    straight, stopped, interrupted = stop_and_resume(FINETUNE_ARGS, 400, tmp_path)
+    assert 0 < interrupted.iteration < 3000
+    assert_same_final_state(straight, stopped, 3000)

@@ -128,13 +128,20 @@ class TransferLearner(GradientLearner):
         `inner_steps` overrides the number of steps that `epochs` makes."""
         steps = self.fine_tuning_steps(support_x.shape[1]) if inner_steps is None else inner_steps
         with batch_norm_mode(self, training=False):
-            fitted = super().adapt(support_x, support_y, steps)
+            return FineTunedPredictor(self, super().adapt(support_x, support_y, steps))
 
-        def predict(query_x: torch.Tensor) -> torch.Tensor:
-            with batch_norm_mode(self, training=False):
-                return fitted(query_x)
 
-        return Predictor(predict)
+class FineTunedPredictor(Predictor):
+    """A fine-tuned predictor: `params` holds each task's fitted parameters (a leading task
+    dimension); batch norm normalises with the running statistics whatever the learner's mode."""
+
+    def __init__(self, learner: TransferLearner, fitted: Predictor) -> None:
+        super().__init__(self._outputs)
+        self.learner, self.fitted, self.params = learner, fitted, fitted.params
+
+    def _outputs(self, query_x: torch.Tensor) -> torch.Tensor:
+        with batch_norm_mode(self.learner, training=False):
+            return self.fitted(query_x)
 
 
 @dataclass

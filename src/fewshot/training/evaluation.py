@@ -105,6 +105,37 @@ def summarize(scores: torch.Tensor, metric: str, inner_steps: int | None = None)
     return EvalResult(metric, scores.mean().item(), ci95, len(scores), inner_steps)
 
 
+@dataclass(frozen=True)
+class PairedDifference:
+    """Mean per-episode difference a - b of two models scored on the same episodes, its 95%
+    confidence half-width (1.96 * std / sqrt(episodes), as for one model), and the two-sided
+    p-value of the paired t-test of a zero mean difference."""
+
+    mean: float
+    ci95: float
+    t: float
+    p_value: float
+    episodes: int
+
+
+def paired_difference(a: torch.Tensor, b: torch.Tensor) -> PairedDifference:
+    """Compare per-episode scores of two models on the same episodes, in the same order."""
+    if a.shape != b.shape:
+        raise ValueError(f"paired scores must have one shape, got {a.shape} and {b.shape}")
+    differences = (a - b).double()
+    n = len(differences)
+    sd = differences.std().item()
+    if sd == 0:  # identical (or constantly shifted) scores: the t statistic is undefined
+        mean = differences.mean().item()
+        t, p = (0.0, 1.0) if mean == 0 else (math.copysign(math.inf, mean), 0.0)
+    else:
+        import scipy.stats  # only here: it adds a noticeable start-up time
+
+        test = scipy.stats.ttest_rel(a.double().numpy(), b.double().numpy())
+        t, p = float(test.statistic), float(test.pvalue)
+    return PairedDifference(differences.mean().item(), 1.96 * sd / math.sqrt(n), t, p, n)
+
+
 def _metric_of(tasks) -> str:
     """ "mse" for a sampler of regression tasks, "accuracy" for classification."""
     return "mse" if tasks.sample(1, torch.Generator()).query_y.is_floating_point() else "accuracy"
