@@ -317,39 +317,13 @@ def test_the_metric_and_fine_tuning_methods_train_and_evaluate_on_omniglot(
 ):
     out = tmp_path / method
     quick = ["--iterations", "4", "--val-every", "2", "--val-episodes", "4", "--test-episodes", "0"]
-    result = (
-        run(
-            "train",
-            "--algorithm",
-            method,
-            "--dataset",
-            "omniglot",
-            "--data-root",
-            omniglot_root,
-            *quick,
-            "--finetune-epochs",
-            "2",
-            "--out",
-            out,
-        )
-        if method in ("baseline", "baseline++", "finetune")
-        else run(
-            "train",
-            "--algorithm",
-            method,
-            "--dataset",
-            "omniglot",
-            "--data-root",
-            omniglot_root,
-            *quick,
-            "--out",
-            out,
-        )
-    )
+    fine_tuning = method in ("baseline", "baseline++", "finetune")
+    args = ["--algorithm", method, "--dataset", "omniglot", "--data-root", omniglot_root, *quick]
+    result = run("train", *args, *(["--finetune-epochs", "2"] if fine_tuning else []), "--out", out)
     assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())
     assert config["batch_norm"] == "inductive"
-    if method in ("baseline", "baseline++", "finetune"):  # pretraining over every class
+    if fine_tuning:  # pretraining over every class
         assert config["classes"] == 4400 and config["meta_batch"] == 16
     report = json.loads(
         run("eval", out, "--data-root", omniglot_root, "--episodes", "5", "--json").output
