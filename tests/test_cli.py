@@ -329,3 +329,17 @@ def test_the_metric_and_fine_tuning_methods_train_and_evaluate_on_omniglot(
         run("eval", out, "--data-root", omniglot_root, "--episodes", "5", "--json").output
     )
     assert report["algorithm"] == method and 0 <= report["accuracy"] <= 1
+    three_way = run(
+        "eval", out, "--data-root", omniglot_root, "--episodes", "3", "--ways", "3", "--json"
+    )
+    if fine_tuning:  # the episode head has one output per way
+        assert three_way.exit_code == 2 and "trained 5-way" in three_way.output
+    else:
+        assert json.loads(three_way.output)["ways"] == 3
+
+
+def test_eval_takes_other_episode_shapes_where_the_model_allows(sinusoid_run):
+    report = json.loads(
+        run("eval", sinusoid_run[0], "--shots", "5", "--episodes", "10", "--json").output
+    )
+    assert report["shots"] == 5 and report["queries"] == 10

@@ -91,6 +91,22 @@ def method_options(command):
     return command
 
 
+def episode_options(command):
+    """--ways, --shots and --queries of the test episodes, for eval and compare."""
+    for name, what in (
+        ("queries", "queries per class"),
+        ("shots", "support examples per class"),
+        ("ways", "classes per episode (methods without a per-class head)"),
+    ):
+        command = click.option(
+            f"--{name}",
+            default=None,
+            type=click.IntRange(min=1),
+            help=f"Test episodes' {what} [default: the run's].",
+        )(command)
+    return command
+
+
 def test_report(algorithm, config, sampler, episodes, seed, inner_steps, device) -> dict:
     """Meta-test results: accuracy at the evaluation steps, or MSE at 0, 1 and 10 steps."""
     eval_steps = getattr(algorithm, "eval_inner_steps", None)
@@ -182,7 +198,13 @@ def main(debug: bool) -> None:
     type=int,
     help=f"Queries per class in training episodes {PAPER}, else --queries.",
 )
-@click.option("--meta-batch", default=None, type=int, help=f"Tasks per outer update {PAPER}.")
+@click.option(
+    "--meta-batch",
+    default=None,
+    type=int,
+    help=f"Tasks per outer update; examples per batch for the methods that pretrain on "
+    f"ordinary batches (baseline, baseline++, finetune) {PAPER}.",
+)
 @click.option("--outer-lr", default=None, type=float, help="Outer learning rate (beta).")
 @method_options
 @click.option(
@@ -323,16 +345,17 @@ def read_config_file(path: Path) -> dict:
     help="Batch-norm policy at prediction [default: the run's, which is its method's paper's].",
 )
 @click.option("--seed", default=TEST_SEED, type=int, help="Episode seed; same seed, same episodes.")
+@episode_options
 @click.option("--device", default="cpu", help="torch device.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @friendly_errors
 def eval_command(
-    run_dir, data_root, download, episodes, inner_steps, batch_norm, seed, device, as_json
+    run_dir, data_root, download, episodes, inner_steps, batch_norm, seed, device, as_json, **shape
 ):
     """Meta-test accuracy (or MSE) ± 95% CI of RUN_DIR's best checkpoint on held-out classes."""
     if episodes <= 0:
         raise click.BadParameter("must be positive", param_hint="--episodes")
-    config, algorithm, sources = load_run(run_dir, data_root, download, device, batch_norm)
+    config, algorithm, sources = load_run(run_dir, data_root, download, device, batch_norm, shape)
     set_threads(config.dataset, None)
     report = test_report(algorithm, config, sources.test, episodes, seed, inner_steps, device)
     lines = report.pop("lines")
@@ -361,10 +384,13 @@ def eval_command(
     help="Adaptation steps of gradient-based methods [default: each run's own].",
 )
 @click.option("--seed", default=TEST_SEED, type=int, help="Episode seed, shared by every run.")
+@episode_options
 @click.option("--device", default="cpu", help="torch device.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @friendly_errors
-def compare_command(run_dirs, data_root, download, episodes, inner_steps, seed, device, as_json):
+def compare_command(
+    run_dirs, data_root, download, episodes, inner_steps, seed, device, as_json, **shape
+):
     """Evaluate RUN_DIRS on the same test episodes; compare every pair with a paired test.
 
     Prints each run's accuracy (or MSE) ± 95% CI, then for each pair the mean per-episode
@@ -372,8 +398,13 @@ def compare_command(run_dirs, data_root, download, episodes, inner_steps, seed, 
     """
     if len(run_dirs) < 2:
         raise click.BadParameter("give at least two run folders", param_hint="RUN_DIRS")
-    shape = check_same_episodes(run_dirs, [read_config(run_dir) for run_dir in run_dirs])
-    loaded = [load_run(run_dir, data_root, download, device) for run_dir in run_dirs]
+    configs = [read_config(run_dir) for run_dir in run_dirs]
+    for config in configs:
+        for name, value in shape.items():
+            if value is not None:
+                setattr(config, name, value)
+    episodes_shape = check_same_episodes(run_dirs, configs)
+    loaded = [load_run(run_dir, data_root, download, device, episode=shape) for run_dir in run_dirs]
     set_threads(loaded[0][0].dataset, None)
     scores, runs = [], []
     for run_dir, (config, algorithm, sources) in zip(run_dirs, loaded):
@@ -389,11 +420,13 @@ def compare_command(run_dirs, data_root, download, episodes, inner_steps, seed, 
         pairs.append({"a": runs[i]["run"], "b": runs[j]["run"], **dataclasses.asdict(difference)})
     if as_json:
         click.echo(
-            json.dumps({"episodes": episodes, "seed": seed, **shape, "runs": runs, "pairs": pairs})
+            json.dumps(
+                {"episodes": episodes, "seed": seed, **episodes_shape, "runs": runs, "pairs": pairs}
+            )
         )
         return
     percent = metric == "accuracy"
-    click.echo(f"{episodes} episodes, seed {seed}: {describe_episodes(shape)}")
+    click.echo(f"{episodes} episodes, seed {seed}: {describe_episodes(episodes_shape)}")
     for run in runs:
         value = format_value(run[metric], run["ci95"], percent)
         click.echo(f"  {run['run']} ({run['algorithm']}): {value}")

@@ -24,6 +24,8 @@ class TrainConfig:
 
     `settings` holds the method's own settings: a dict of the ones given (before `resolved`)
     or the method's `Settings` dataclass (after).
+    `meta_batch` counts tasks, or examples for methods trained on ordinary batches
+    (`Algorithm.training_data == "examples"`).
     """
 
     algorithm: str = "maml"

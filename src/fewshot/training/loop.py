@@ -22,7 +22,13 @@ import torch
 from tqdm import trange
 
 from fewshot.algorithms.base import Algorithm
-from fewshot.errors import CheckpointError, ConfigError, DivergenceError, RunStopped
+from fewshot.errors import (
+    CheckpointError,
+    ConfigError,
+    DivergenceError,
+    RunStopped,
+    require_positive,
+)
 from fewshot.files import atomic_write
 from fewshot.tasks import Task, stream_generator
 from fewshot.training import checkpoint
@@ -304,16 +310,32 @@ def load_run(
     download: bool = False,
     device: str = "cpu",
     batch_norm: str | None = None,
+    episode: dict | None = None,
 ):
     """The configuration, best weights and test-episode sampler of a finished run.
 
-    `batch_norm` overrides the run's batch-norm policy at prediction (to measure its effect).
+    `batch_norm` overrides the run's batch-norm policy at prediction (to measure its effect);
+    `episode` overrides its test episodes' "ways", "shots" or "queries", where the trained
+    model allows it (a method whose head has one output per way cannot change its ways).
     """
     run_dir = Path(run_dir)
     config = checkpoint.read_config(run_dir)
     if batch_norm is not None:
         config.settings = dataclasses.replace(config.settings, batch_norm=batch_norm)
+    trained_ways = config.ways
+    for name, value in (episode or {}).items():
+        if value is not None:
+            require_positive(**{name: value})
+            setattr(config, name, value)
     algorithm = build_algorithm(config)
-    checkpoint.load_weights(algorithm, run_dir / checkpoint.BEST_WEIGHTS)
+    try:
+        checkpoint.load_weights(algorithm, run_dir / checkpoint.BEST_WEIGHTS)
+    except CheckpointError:
+        if config.ways == trained_ways:
+            raise
+        raise ConfigError(
+            f"{run_dir} was trained {trained_ways}-way and its {config.algorithm} model has "
+            f"one output per way; evaluate it {trained_ways}-way (drop --ways)."
+        ) from None
     sources = build_sources(config, data_root, download, parts=("test",))
     return config, algorithm.to(device), sources
