@@ -137,5 +137,5 @@ def paired_difference(a: torch.Tensor, b: torch.Tensor) -> PairedDifference:
 
 
 def _metric_of(tasks) -> str:
-    """ "mse" for a sampler of regression tasks, "accuracy" for classification."""
+    """The metric of a task sampler: MSE for regression tasks, else accuracy."""
     return "mse" if tasks.sample(1, torch.Generator()).query_y.is_floating_point() else "accuracy"

@@ -322,6 +322,7 @@ def load_run(
     config = checkpoint.read_config(run_dir)
     if batch_norm is not None:
         config.settings = dataclasses.replace(config.settings, batch_norm=batch_norm)
+        config.settings.check(config)  # a policy the method does not have is refused
     trained_ways = config.ways
     for name, value in (episode or {}).items():
         if value is not None:
