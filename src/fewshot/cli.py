@@ -91,19 +91,48 @@ def method_options(command):
     return command
 
 
-def episode_options(command):
-    """--ways, --shots and --queries of the test episodes, for eval and compare."""
-    for name, what in (
-        ("queries", "queries per class"),
-        ("shots", "support examples per class"),
-        ("ways", "classes per episode (methods without a per-class head)"),
-    ):
-        command = click.option(
-            f"--{name}",
+def evaluation_options(command):
+    """The options `eval` and `compare` share: data, episodes and their shape, seed, device."""
+    options = [
+        click.option(
+            "--data-root",
+            type=click.Path(file_okay=False, path_type=Path),
             default=None,
-            type=click.IntRange(min=1),
-            help=f"Test episodes' {what} [default: the run's].",
-        )(command)
+            help="Folder with the Omniglot zips, or the folder dataset "
+            "[default: $FEWSHOT_DATA_ROOT].",
+        ),
+        click.option("--download", is_flag=True, help="Fetch missing Omniglot zips."),
+        click.option(
+            "--episodes", default=600, type=click.IntRange(min=1), help="Meta-test episodes."
+        ),
+        click.option(
+            "--inner-steps",
+            default=None,
+            type=click.IntRange(min=0),
+            help="Adaptation steps of gradient-based methods (fine-tuning steps of the "
+            "fine-tuning methods) [default: each run's own].",
+        ),
+        click.option(
+            "--seed", default=TEST_SEED, type=int, help="Episode seed; same seed, same episodes."
+        ),
+        *(
+            click.option(
+                f"--{name}",
+                default=None,
+                type=click.IntRange(min=1),
+                help=f"Test episodes' {what} [default: the run's].",
+            )
+            for name, what in (
+                ("ways", "classes per episode (methods without a per-class head)"),
+                ("shots", "support examples per class"),
+                ("queries", "queries per class"),
+            )
+        ),
+        click.option("--device", default="cpu", help="torch device."),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
+    ]
+    for option in reversed(options):
+        command = option(command)
     return command
 
 
@@ -325,36 +354,17 @@ def read_config_file(path: Path) -> dict:
 @main.command(name="eval")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option(
-    "--data-root",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Folder with the Omniglot zips [default: $FEWSHOT_DATA_ROOT].",
-)
-@click.option("--download", is_flag=True, help="Fetch missing Omniglot zips.")
-@click.option("--episodes", default=600, type=int, help="Meta-test episodes.")
-@click.option(
-    "--inner-steps",
-    default=None,
-    type=click.IntRange(min=0),
-    help="Adaptation steps of gradient-based methods [default: the run's --eval-inner-steps].",
-)
-@click.option(
     "--batch-norm",
     default=None,
     type=click.Choice(BATCH_NORM_POLICIES),
     help="Batch-norm policy at prediction [default: the run's, which is its method's paper's].",
 )
-@click.option("--seed", default=TEST_SEED, type=int, help="Episode seed; same seed, same episodes.")
-@episode_options
-@click.option("--device", default="cpu", help="torch device.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@evaluation_options
 @friendly_errors
 def eval_command(
     run_dir, data_root, download, episodes, inner_steps, batch_norm, seed, device, as_json, **shape
 ):
     """Meta-test accuracy (or MSE) ± 95% CI of RUN_DIR's best checkpoint on held-out classes."""
-    if episodes <= 0:
-        raise click.BadParameter("must be positive", param_hint="--episodes")
     config, algorithm, sources = load_run(run_dir, data_root, download, device, batch_norm, shape)
     set_threads(config.dataset, None)
     report = test_report(algorithm, config, sources.test, episodes, seed, inner_steps, device)
@@ -369,24 +379,7 @@ def eval_command(
 
 @main.command(name="compare")
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option(
-    "--data-root",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Folder with the Omniglot zips, or the folder dataset [default: $FEWSHOT_DATA_ROOT].",
-)
-@click.option("--download", is_flag=True, help="Fetch missing Omniglot zips.")
-@click.option("--episodes", default=600, type=click.IntRange(min=2), help="Meta-test episodes.")
-@click.option(
-    "--inner-steps",
-    default=None,
-    type=click.IntRange(min=0),
-    help="Adaptation steps of gradient-based methods [default: each run's own].",
-)
-@click.option("--seed", default=TEST_SEED, type=int, help="Episode seed, shared by every run.")
-@episode_options
-@click.option("--device", default="cpu", help="torch device.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@evaluation_options
 @friendly_errors
 def compare_command(
     run_dirs, data_root, download, episodes, inner_steps, seed, device, as_json, **shape
@@ -398,6 +391,8 @@ def compare_command(
     """
     if len(run_dirs) < 2:
         raise click.BadParameter("give at least two run folders", param_hint="RUN_DIRS")
+    if episodes < 2:
+        raise click.BadParameter("a paired test needs at least 2", param_hint="--episodes")
     configs = [read_config(run_dir) for run_dir in run_dirs]
     for config in configs:
         for name, value in shape.items():

@@ -23,6 +23,7 @@ from fewshot.algorithms.finetuning import (
     SINUSOID_PRETRAINING,
     TransferLearner,
     TransferSettings,
+    build_with_linear_heads,
     pretrained_parts,
 )
 from fewshot.algorithms.registry import Method, Problem, register
@@ -72,12 +73,7 @@ class BaselineSettings(TransferSettings):
 
 
 def build_baseline(settings: BaselineSettings, problem: Problem) -> Baseline:
-    body, last_layer, features = pretrained_parts(problem)
-    options = settings.fine_tuning(problem)
-    if problem.regression:
-        return Baseline(body, last_layer, None, **options)
-    head, classifier = nn.Linear(features, problem.ways), nn.Linear(features, settings.classes)
-    return Baseline(body, head, classifier, **options)
+    return build_with_linear_heads(Baseline, settings, problem)
 
 
 def build_baseline_plus_plus(settings: BaselineSettings, problem: Problem) -> BaselinePlusPlus:

@@ -17,7 +17,7 @@ from fewshot.algorithms.finetuning import (
     SINUSOID_PRETRAINING,
     TransferLearner,
     TransferSettings,
-    pretrained_parts,
+    build_with_linear_heads,
 )
 from fewshot.algorithms.registry import Method, Problem, register
 
@@ -38,12 +38,7 @@ class FineTuneSettings(TransferSettings):
 
 
 def build(settings: FineTuneSettings, problem: Problem) -> FineTune:
-    body, last_layer, features = pretrained_parts(problem)
-    options = settings.fine_tuning(problem)
-    if problem.regression:
-        return FineTune(body, last_layer, None, **options)
-    head, classifier = nn.Linear(features, problem.ways), nn.Linear(features, settings.classes)
-    return FineTune(body, head, classifier, **options)
+    return build_with_linear_heads(FineTune, settings, problem)
 
 
 register(

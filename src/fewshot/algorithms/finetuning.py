@@ -206,6 +206,20 @@ def pretrained_parts(problem: Problem) -> tuple[nn.Module, nn.Module | None, int
     return body, None, body.embedding_size
 
 
+def build_with_linear_heads(
+    learner_class: type[TransferLearner], settings: TransferSettings, problem: Problem
+) -> TransferLearner:
+    """`learner_class(body, head, classifier)` on the literature's network: a linear
+    `ways`-way head and a linear pretraining head over `settings.classes` (for regression, the
+    network's last layer is both)."""
+    body, last_layer, features = pretrained_parts(problem)
+    options = settings.fine_tuning(problem)
+    if problem.regression:
+        return learner_class(body, last_layer, None, **options)
+    head, classifier = nn.Linear(features, problem.ways), nn.Linear(features, settings.classes)
+    return learner_class(body, head, classifier, **options)
+
+
 # Chen et al. 2019 (their released code): Omniglot pretraining with Adam 1e-3 in batches of 16
 # for 5 epochs; fine-tuning per episode with SGD 0.01, momentum 0.9, dampening 0.9, weight
 # decay 0.001, batches of 4, 100 epochs. Finn et al. 2017 (sec. 5.1) compare MAML on sinusoids
