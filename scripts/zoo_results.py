@@ -2,6 +2,7 @@
 tables cannot drift from the models.
 
     python scripts/zoo_results.py --evaluate [NAME ...]  # zoo/NAME/results.json, 600 episodes
+                                                         # (what is measured already is kept)
     python scripts/zoo_results.py                        # rewrite docs/results.md's tables
     python scripts/zoo_results.py --check                # exit 1 if they are stale
 
@@ -59,8 +60,12 @@ def evaluate_folder(folder: Path, data_root: Path | None) -> dict:
     card = json.loads((folder / "card.json").read_text())
     plan = [({}, None)] + [({}, p) for p in card.get("policies", [])]
     plan += [(shape, None) for shape in card.get("shapes", [])]
-    reports = []
+    reports, earlier = [], _earlier_reports(folder)
     for shape, policy in plan:
+        key = json.dumps([shape, policy], sort_keys=True)
+        if key in earlier:  # measured on these very weights already
+            reports.append(earlier[key])
+            continue
         config, algorithm, sources = load_run(folder, data_root, batch_norm=policy, episode=shape)
         set_threads(config.dataset, None)
         report = test_report(algorithm, config, sources.test, EPISODES, SEED, None, "cpu")
@@ -68,6 +73,17 @@ def evaluate_folder(folder: Path, data_root: Path | None) -> dict:
         reports.append({"shape": shape, "policy": policy, "report": report})
     return {"model_sha256": weights_digest(folder), "episodes": EPISODES, "seed": SEED,
             "reports": reports}  # fmt: skip
+
+
+def _earlier_reports(folder: Path) -> dict[str, dict]:
+    """The entries of the folder's results.json, if it was measured on its present weights."""
+    path = folder / "results.json"
+    if not path.exists():
+        return {}
+    results = json.loads(path.read_text())
+    if results["model_sha256"] != weights_digest(folder):
+        return {}
+    return {json.dumps([e["shape"], e["policy"]], sort_keys=True): e for e in results["reports"]}
 
 
 def eval_command(folder: Path, entry: dict) -> str:
