@@ -118,7 +118,7 @@ class MatchingNetSettings(Settings):
     full_context: bool | None = setting(
         "Full context embeddings: a bidirectional LSTM over the support set and an attention "
         "LSTM over each query.",
-        fallback=True,
+        fallback=False,
     )
     processing_steps: int | None = setting(
         "Reads of the attention LSTM (full context embeddings).",
