@@ -276,7 +276,7 @@ def test_compare_scores_every_run_on_the_same_episodes_with_paired_differences(
     sinusoid_run, tmp_path
 ):
     from fewshot.training import load_run
-    from fewshot.training.evaluation import episode_scores_of, paired_difference
+    from fewshot.training.evaluation import evaluate_episodes, paired_difference
 
     other = tmp_path / "finetune"
     trained = run("train", "--algorithm", "finetune", *QUICK, "--out", other)
@@ -288,7 +288,7 @@ def test_compare_scores_every_run_on_the_same_episodes_with_paired_differences(
     scores = []
     for run_dir, reported in zip((first, other), report["runs"]):
         _, algorithm, sources = load_run(run_dir)
-        scores.append(episode_scores_of(algorithm, sources.test, 40, seed=0))
+        scores.append(evaluate_episodes(algorithm, sources.test, 40, seed=0)[1])
         assert reported["mse"] == pytest.approx(scores[-1].mean().item(), rel=1e-12)
     (pair,) = report["pairs"]
     expected = paired_difference(*scores)

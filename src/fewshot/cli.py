@@ -22,13 +22,8 @@ from fewshot.algorithms.registry import default_text
 from fewshot.errors import ConfigError, FewshotError
 from fewshot.training.checkpoint import read_config
 from fewshot.training.config import DATASETS, TrainConfig
-from fewshot.training.evaluation import (
-    episode_scores_of,
-    evaluate,
-    paired_difference,
-    summarize,
-)
-from fewshot.training.loop import load_run, train
+from fewshot.training.evaluation import evaluate, evaluate_episodes, paired_difference
+from fewshot.training.loop import load_run, override_test_episodes, train
 
 # glibc's malloc returns large freed blocks to the system and takes them back with fresh,
 # page-faulting memory on the next step; for meta-learning's big temporaries this doubled the
@@ -395,18 +390,15 @@ def compare_command(
         raise click.BadParameter("a paired test needs at least 2", param_hint="--episodes")
     configs = [read_config(run_dir) for run_dir in run_dirs]
     for config in configs:
-        for name, value in shape.items():
-            if value is not None:
-                setattr(config, name, value)
+        override_test_episodes(config, shape)
     episodes_shape = check_same_episodes(run_dirs, configs)
     loaded = [load_run(run_dir, data_root, download, device, episode=shape) for run_dir in run_dirs]
     set_threads(loaded[0][0].dataset, None)
     scores, runs = [], []
     for run_dir, (config, algorithm, sources) in zip(run_dirs, loaded):
-        run_scores = episode_scores_of(algorithm, sources.test, episodes, seed, inner_steps, device)
-        metric = "mse" if config.dataset == "sinusoid" else "accuracy"
-        steps = getattr(algorithm, "eval_inner_steps", None) if inner_steps is None else inner_steps
-        result = summarize(run_scores, metric, steps)
+        result, run_scores = evaluate_episodes(
+            algorithm, sources.test, episodes, seed, inner_steps, device
+        )
         scores.append(run_scores)
         runs.append({"run": str(run_dir), "algorithm": config.algorithm, **result.to_dict()})
     pairs = []
@@ -420,6 +412,7 @@ def compare_command(
             )
         )
         return
+    metric = result.metric
     percent = metric == "accuracy"
     click.echo(f"{episodes} episodes, seed {seed}: {describe_episodes(episodes_shape)}")
     for run in runs:

@@ -137,7 +137,11 @@ class FineTunedPredictor(Predictor):
 
     def __init__(self, learner: TransferLearner, fitted: Predictor) -> None:
         super().__init__(self._outputs)
-        self.learner, self.fitted, self.params = learner, fitted, fitted.params
+        self.learner, self.fitted = learner, fitted
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        return self.fitted.params
 
     def _outputs(self, query_x: torch.Tensor) -> torch.Tensor:
         with batch_norm_mode(self.learner, training=False):

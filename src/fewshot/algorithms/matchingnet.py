@@ -65,8 +65,8 @@ class MatchingNet(MetricLearner):
         support, query = support_z.flatten(2), query_z.flatten(2)
         if self.full_context:
             order = torch.rand(support.shape[:2], device=support.device).argsort(dim=1)
-            support = _rows(support, order)
-            support_y = _rows(support_y, order)
+            tasks = torch.arange(len(order), device=order.device).unsqueeze(1)
+            support, support_y = support[tasks, order], support_y[tasks, order]
             support = self.contextual_support(support)
             query = self.contextual_queries(query, support)
         return attention_log_probabilities(query, support, support_y)
@@ -105,12 +105,6 @@ def attention_log_probabilities(
     in_class = F.one_hot(support_y, ways).to(cosine.dtype).transpose(1, 2)  # (tasks, ways, n)
     masked = cosine.unsqueeze(2) + torch.log(in_class).unsqueeze(1)  # -inf outside the class
     return masked.logsumexp(-1) - cosine.logsumexp(-1, keepdim=True)
-
-
-def _rows(values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """Each task's rows of `values` (tasks, n, ...) in the order `order` (tasks, n)."""
-    index = order.view(*order.shape, *([1] * (values.dim() - 2))).expand_as(values)
-    return values.gather(1, index)
 
 
 @dataclass

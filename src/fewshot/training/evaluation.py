@@ -61,25 +61,24 @@ def evaluate(
     device: torch.device | str = "cpu",
 ) -> EvalResult:
     """Evaluate on `episodes` episodes drawn from `tasks` (a sampler of held-out classes)."""
-    scores = episode_scores_of(algorithm, tasks, episodes, seed, inner_steps, device)
-    steps = getattr(algorithm, "eval_inner_steps", None) if inner_steps is None else inner_steps
-    return summarize(scores, _metric_of(tasks), steps)
+    return evaluate_episodes(algorithm, tasks, episodes, seed, inner_steps, device)[0]
 
 
-def episode_scores_of(
+def evaluate_episodes(
     algorithm: Algorithm,
     tasks,
     episodes: int = 600,
     seed: int = 0,
     inner_steps: int | None = None,
     device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """Each episode's accuracy (or MSE), float64, in the order the episodes are drawn.
+) -> tuple[EvalResult, torch.Tensor]:
+    """`evaluate`'s result and each episode's accuracy (or MSE), float64, in the order the
+    episodes are drawn (for paired comparisons).
 
     The episodes come from `seed` alone, so two models evaluated with one seed are scored on
-    the same episodes (a paired comparison). Random numbers that prediction itself draws
-    (fine-tuning mini-batches, the order in which a support set is read) come from torch's
-    generator seeded from `seed` too, and the caller's generator state is left as it was.
+    the same episodes. Random numbers that prediction itself draws (fine-tuning mini-batches,
+    the order in which a support set is read) come from torch's generator seeded from `seed`
+    too, and the caller's generator state is left as it was.
     """
     generator = stream_generator("eval", seed)
     was_training = algorithm.training
@@ -96,13 +95,11 @@ def episode_scores_of(
                 scores.append(episode_scores(predictions, batch.query_y).cpu())
     finally:
         algorithm.train(was_training)
-    return torch.cat(scores).double()
-
-
-def summarize(scores: torch.Tensor, metric: str, inner_steps: int | None = None) -> EvalResult:
-    """Mean and 95% confidence half-width of per-episode scores."""
+    scores = torch.cat(scores).double()
     ci95 = 1.96 * scores.std().item() / math.sqrt(len(scores)) if len(scores) > 1 else float("nan")
-    return EvalResult(metric, scores.mean().item(), ci95, len(scores), inner_steps)
+    metric = "mse" if batch.query_y.is_floating_point() else "accuracy"
+    steps = getattr(algorithm, "eval_inner_steps", None) if inner_steps is None else inner_steps
+    return EvalResult(metric, scores.mean().item(), ci95, len(scores), steps), scores
 
 
 @dataclass(frozen=True)
@@ -134,8 +131,3 @@ def paired_difference(a: torch.Tensor, b: torch.Tensor) -> PairedDifference:
         test = scipy.stats.ttest_rel(a.double().numpy(), b.double().numpy())
         t, p = float(test.statistic), float(test.pvalue)
     return PairedDifference(differences.mean().item(), 1.96 * sd / math.sqrt(n), t, p, n)
-
-
-def _metric_of(tasks) -> str:
-    """The metric of a task sampler: MSE for regression tasks, else accuracy."""
-    return "mse" if tasks.sample(1, torch.Generator()).query_y.is_floating_point() else "accuracy"

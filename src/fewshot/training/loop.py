@@ -304,6 +304,14 @@ def train(
     return run.algorithm, sources, run.best
 
 
+def override_test_episodes(config: TrainConfig, episode: dict | None) -> None:
+    """Set the "ways", "shots" or "queries" given (not None) in `episode` on `config`."""
+    for name, value in (episode or {}).items():
+        if value is not None:
+            require_positive(**{name: value})
+            setattr(config, name, value)
+
+
 def load_run(
     run_dir: Path,
     data_root=None,
@@ -324,10 +332,7 @@ def load_run(
         config.settings = dataclasses.replace(config.settings, batch_norm=batch_norm)
         config.settings.check(config)  # a policy the method does not have is refused
     trained_ways = config.ways
-    for name, value in (episode or {}).items():
-        if value is not None:
-            require_positive(**{name: value})
-            setattr(config, name, value)
+    override_test_episodes(config, episode)
     algorithm = build_algorithm(config)
     try:
         checkpoint.load_weights(algorithm, run_dir / checkpoint.BEST_WEIGHTS)
