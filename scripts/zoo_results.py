@@ -77,11 +77,9 @@ def evaluate_folder(folder: Path, data_root: Path | None) -> dict:
 
 def _earlier_reports(folder: Path) -> dict[str, dict]:
     """The entries of the folder's results.json, if it was measured on its present weights."""
-    path = folder / "results.json"
-    if not path.exists():
-        return {}
-    results = json.loads(path.read_text())
-    if results["model_sha256"] != weights_digest(folder):
+    try:
+        results = load_results(folder)
+    except click.ClickException:  # none yet, or measured on other weights
         return {}
     return {json.dumps([e["shape"], e["policy"]], sort_keys=True): e for e in results["reports"]}
 
@@ -105,16 +103,20 @@ def load_results(folder: Path) -> dict:
     return results
 
 
+def load_zoo(folders: list[Path]) -> list[tuple[Path, dict, dict]]:
+    """(folder, card, results) of each folder, its results checked against its weights."""
+    return [(f, json.loads((f / "card.json").read_text()), load_results(f)) for f in folders]
+
+
 def percent(report: dict) -> str:
     return f"{100 * report['accuracy']:.2f}% ± {100 * report['ci95']:.2f}%"
 
 
-def omniglot_table(folders: list[Path]) -> str:
+def omniglot_table(zoo: list[tuple[Path, dict, dict]]) -> str:
     """One section per episode shape, rows by accuracy; other policies as sub-rows, other
     episode shapes as rows of their own shape's section."""
     sections: dict[tuple[int, int], list] = {}
-    for folder in folders:
-        card, results = json.loads((folder / "card.json").read_text()), load_results(folder)
+    for folder, card, results in zoo:
         main = results["reports"][0]["report"]
         if main["dataset"] != "omniglot":
             continue
@@ -153,15 +155,14 @@ def omniglot_table(folders: list[Path]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def sinusoid_table(folders: list[Path]) -> str:
+def sinusoid_table(zoo: list[tuple[Path, dict, dict]]) -> str:
     lines = [
         "| method | `fewshot eval` | K | before adaptation | after 1 step | after the run's steps "
         "| training budget | training command |",
         "|---|---|---|---|---|---|---|---|",
     ]
     entries = []
-    for folder in folders:
-        card, results = json.loads((folder / "card.json").read_text()), load_results(folder)
+    for folder, card, results in zoo:
         report = results["reports"][0]["report"]
         if report["dataset"] == "sinusoid":
             entries.append((report["shots"], report["mse"], card, report, folder))
@@ -178,7 +179,8 @@ def sinusoid_table(folders: list[Path]) -> str:
 
 def render(document: str, folders: list[Path]) -> str:
     """`document` with each generated table replaced by a fresh one."""
-    tables = {"omniglot": omniglot_table(folders), "sinusoid": sinusoid_table(folders)}
+    zoo = load_zoo(folders)
+    tables = {"omniglot": omniglot_table(zoo), "sinusoid": sinusoid_table(zoo)}
     for name, table in tables.items():
         begin = begin_marker(name)
         if begin not in document:

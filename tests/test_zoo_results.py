@@ -51,8 +51,8 @@ def test_a_new_run_is_evaluated_into_the_table_and_stale_results_are_refused(tmp
     folders = zoo_results.zoo_folders(zoo)
     results = json.loads((zoo / "a-sinusoid" / "results.json").read_text())
     report = results["reports"][0]["report"]
-    table = zoo_results.sinusoid_table(folders)
+    table = zoo_results.sinusoid_table(zoo_results.load_zoo(folders))
     assert f"{report['mse_by_inner_steps']['1']:.3f}" in table and "method b-sinusoid" in table
     shutil.copy(zoo / "b-sinusoid" / "model.safetensors", zoo / "a-sinusoid" / "model.safetensors")
     with pytest.raises(click.ClickException, match="measured on other weights"):
-        zoo_results.sinusoid_table(folders)
+        zoo_results.load_zoo(folders)
