@@ -15,6 +15,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -127,11 +128,24 @@ def truncate_metrics(run_dir: Path, iteration: int) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+# Called with every record written to metrics.jsonl (a training line, or a validation result
+# with "split": "val"): TensorBoard logging, a tuner's pruning (which may raise to end the run).
+Listener = Callable[[dict], None]
+
+
 class Run:
     """A run folder being trained: owns the algorithm, optimizer, samplers and bookkeeping."""
 
-    def __init__(self, config: TrainConfig, run_dir: Path, sources: TaskSources, device: str):
+    def __init__(
+        self,
+        config: TrainConfig,
+        run_dir: Path,
+        sources: TaskSources,
+        device: str,
+        listeners: Sequence[Listener] = (),
+    ):
         self.config, self.run_dir, self.sources, self.device = config, run_dir, sources, device
+        self.listeners = listeners
         seed_everything(config.seed)
         self.algorithm = build_algorithm(config).to(device)
         self.optimizer, self.scheduler = self.algorithm.configure_optimizers(
@@ -208,8 +222,14 @@ class Run:
             self.best = result
             checkpoint.save_weights(self.algorithm, self.run_dir / checkpoint.BEST_WEIGHTS)
             record["best"] = True
-        checkpoint.append_metrics(self.run_dir, record)
+        self.record(record)
         return result
+
+    def record(self, record: dict) -> None:
+        """Append a line to metrics.jsonl and pass it to the listeners."""
+        checkpoint.append_metrics(self.run_dir, record)
+        for listener in self.listeners:
+            listener(record)
 
     def run(self, progress: bool) -> None:
         config = self.config
@@ -229,10 +249,8 @@ class Run:
                 self.iteration = iteration
                 self.elapsed = time.perf_counter() - started
                 if iteration % LOG_EVERY == 0:
-                    record = {"iteration": iteration, **metrics}
-                    checkpoint.append_metrics(
-                        self.run_dir, {**record, "seconds": round(self.elapsed, 3)}
-                    )
+                    seconds = round(self.elapsed, 3)
+                    self.record({"iteration": iteration, **metrics, "seconds": seconds})
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
                 out_of_time = (
                     config.time_limit is not None
@@ -267,13 +285,15 @@ def train(
     device: str = "cpu",
     progress: bool = True,
     resume: bool = False,
+    listeners: Sequence[Listener] = (),
 ) -> tuple[Algorithm, TaskSources, EvalResult]:
     """Meta-train as `config` says (or continue the run in `run_dir` with `resume=True`).
 
     Writes config.json, metrics.jsonl (a line every LOG_EVERY iterations and per validation),
     model.safetensors (best weights by validation) and state.safetensors (resumable
-    checkpoint, every `checkpoint_every` iterations). Returns the algorithm with its best
-    weights loaded, the task samplers, and the best validation result.
+    checkpoint, every `checkpoint_every` iterations); each metrics line also goes to every
+    listener (an exception raised by one ends the run, which stays resumable). Returns the
+    algorithm with its best weights loaded, the task samplers, and the best validation result.
     """
     run_dir = Path(run_dir)
     if resume:
@@ -289,7 +309,7 @@ def train(
     sources = build_sources(config, data_root, download)  # fails early, before anything is written
     if not resume:
         config.settings = config.settings.fit_data(sources.train)
-    run = Run(config, run_dir, sources, device)
+    run = Run(config, run_dir, sources, device, listeners)
     if resume:
         run.restore(state)
         truncate_metrics(run_dir, state.iteration)
