@@ -20,7 +20,8 @@ from fewshot.algorithms import (
 )
 from fewshot.datasets import SinusoidTasks, load_omniglot, omniglot_split
 from fewshot.models import Conv4, SinusoidMLP
-from fewshot.tasks import Batch, ExampleSampler, Task, TaskSampler
+from fewshot.tasks import Batch, ExampleSampler, Support, Task, TaskSampler
+from fewshot.training.loop import load
 
 __version__ = "0.1.0"
 
@@ -46,8 +47,10 @@ __all__ = [
     "Reptile",
     "SinusoidMLP",
     "SinusoidTasks",
+    "Support",
     "Task",
     "TaskSampler",
+    "load",
     "load_omniglot",
     "omniglot_split",
 ]

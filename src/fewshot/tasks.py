@@ -41,6 +41,16 @@ class Task:
         return Task(*(t[index] for t in self.tensors()))
 
 
+@dataclass(frozen=True)
+class Support:
+    """The labelled examples of one new task: inputs (n, ...), labels (n,) in
+    0..len(classes)-1, and the classes' names (e.g. the folders they were read from)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    classes: list[str]
+
+
 class TaskSampler:
     """Draws N-way K-shot episodes with Q queries per class from a labelled dataset in memory.
 
@@ -116,7 +126,7 @@ class TaskSampler:
         picks.add_(self.offsets.index_select(0, classes).unsqueeze(1))
         picks = picks.view(t, n * (k + q)).index_select(1, self._support_first)
         x = self.inputs.index_select(0, picks.flatten())
-        x = _as_float(x).view(t, n * (k + q), *self.inputs.shape[1:])
+        x = as_float(x).view(t, n * (k + q), *self.inputs.shape[1:])
         return Task(
             support_x=x[:, : n * k],
             support_y=self._support_y.expand(t, -1),
@@ -174,7 +184,7 @@ class ExampleSampler:
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> Batch:
         picks = torch.randint(len(self.inputs), (batch_size,), generator=generator)
-        return Batch(_as_float(self.inputs[picks]), self.labels[picks])
+        return Batch(as_float(self.inputs[picks]), self.labels[picks])
 
 
 def _has_repeat_per_row(values: torch.Tensor) -> bool:
@@ -196,5 +206,6 @@ def stream_generator(purpose: str, seed: int) -> torch.Generator:
 _UINT8_SCALE = torch.tensor(255.0, dtype=torch.float32)
 
 
-def _as_float(x: torch.Tensor) -> torch.Tensor:
+def as_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images scaled to [0, 1] float32; other inputs as float32."""
     return torch.div(x, _UINT8_SCALE) if x.dtype == torch.uint8 else x.float()

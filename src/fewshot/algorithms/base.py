@@ -3,7 +3,8 @@
 A method is trained on meta-batches (a `Task` whose tensors have a leading task dimension) with
 `training_step`, and used with `adapt(support_x, support_y) -> Predictor`: the predictor labels
 new inputs of those tasks, without their labels. `predict(tasks)` is `adapt` followed by the
-predictor on the query inputs.
+predictor on the query inputs. `adapt(support)` of one `Support` (a user's labelled examples of
+named classes) returns a `SupportPredictor` for inputs without a task dimension.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot.errors import ConfigError
-from fewshot.tasks import Task
+from fewshot.tasks import Support, Task
 
 # Which examples a batch-norm layer takes its statistics from when a trained method predicts:
 # "transductive": the batch at hand, so the queries of an episode influence each other's
@@ -44,11 +45,41 @@ class Predictor:
         return F.softmax(self(inputs), dim=-1)
 
 
+class SupportPredictor:
+    """A method adapted to one `Support`: logits and probabilities over its classes for inputs
+    shaped (n, ...), and the names of the predicted classes.
+
+    A fixed head with more outputs than the support has classes is cut to its first ones (the
+    support's labels), so the predictions are always among the support's classes.
+    """
+
+    def __init__(self, predictor: Predictor, classes: list[str], device: torch.device) -> None:
+        self.predictor, self.classes, self.device = predictor, classes, device
+
+    chunk = 64  # inputs per pass: inductive gradient methods pass (support + 1) per input
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits (n, classes) of inputs (n, ...), on the CPU."""
+        with torch.no_grad():
+            logits = [
+                self.predictor(part.unsqueeze(0).to(self.device))[0].cpu()
+                for part in inputs.split(self.chunk)
+            ]
+        return torch.cat(logits)[:, : len(self.classes)]
+
+    def probabilities(self, inputs: torch.Tensor) -> torch.Tensor:
+        return F.softmax(self(inputs), dim=-1)
+
+    def predict(self, inputs: torch.Tensor) -> list[str]:
+        """The name of the most probable class of each input."""
+        return [self.classes[i] for i in self(inputs).argmax(-1).tolist()]
+
+
 class Algorithm(nn.Module):
     """A meta-learning method wrapping a model.
 
     Subclasses implement `meta_loss` (or `training_step`, when the outer update is not the
-    gradient of a loss) and `adapt`. Everything learnable is a parameter or buffer of the
+    gradient of a loss) and `adapt_tasks`. Everything learnable is a parameter or buffer of the
     algorithm, so `parameters()` and `state_dict()` cover it. `batch_norm` is one of
     `BATCH_NORM_POLICIES`.
     """
@@ -81,7 +112,29 @@ class Algorithm(nn.Module):
             loss.backward()
         return {"loss": loss.item()}
 
+    # Set by `fewshot.load` from the run folder: the number of outputs of a per-class head
+    # (adapting to more classes is refused with one line), and how the run's training images
+    # were read (a `datasets.preprocessing.Preprocessing`, None for sinusoids).
+    max_ways: int | None = None
+    preprocessing = None
+
     def adapt(
+        self,
+        support_x: torch.Tensor | Support,
+        support_y: torch.Tensor | None = None,
+        inner_steps: int | None = None,
+    ) -> Predictor:
+        """Adapt to support sets and return their predictor.
+
+        Given tensors shaped (tasks, n, ...), as meta-batches are, it adapts to each task
+        (`adapt_tasks`). Given one `Support` (examples of named classes, no task dimension), it
+        adapts to that one task and returns a `SupportPredictor` over its classes.
+        """
+        if isinstance(support_x, Support):
+            return self.adapt_to_support(support_x, inner_steps)
+        return self.adapt_tasks(support_x, support_y, inner_steps)
+
+    def adapt_tasks(
         self, support_x: torch.Tensor, support_y: torch.Tensor, inner_steps: int | None = None
     ) -> Predictor:
         """Adapt to support sets shaped (tasks, n, ...), and return their predictor.
@@ -91,10 +144,24 @@ class Algorithm(nn.Module):
         """
         raise NotImplementedError
 
+    def adapt_to_support(self, support: Support, inner_steps: int | None = None):
+        """`adapt` for one `Support`; refuses more classes than a fixed head has."""
+        ways = len(support.classes)
+        if self.max_ways is not None and ways > self.max_ways:
+            raise ConfigError(
+                f"the support set has {ways} classes but this model's head has "
+                f"{self.max_ways} outputs; use at most {self.max_ways} classes."
+            )
+        device = next(iter(self.parameters())).device
+        predictor = self.adapt_tasks(
+            support.x.unsqueeze(0).to(device), support.y.unsqueeze(0).to(device), inner_steps
+        )
+        return SupportPredictor(predictor, support.classes, device)
+
     def predict(self, tasks: Task, inner_steps: int | None = None) -> torch.Tensor:
         """Query outputs (logits or regression values), shaped (tasks, queries, ...)."""
         with torch.no_grad():
-            return self.adapt(tasks.support_x, tasks.support_y, inner_steps)(tasks.query_x)
+            return self.adapt_tasks(tasks.support_x, tasks.support_y, inner_steps)(tasks.query_x)
 
     def configure_optimizers(
         self, lr: float, iterations: int

@@ -123,12 +123,12 @@ class TransferLearner(GradientLearner):
             return self.epochs
         return math.ceil(self.epochs * support_size / self.batch)
 
-    def adapt(self, support_x, support_y, inner_steps=None) -> Predictor:
+    def adapt_tasks(self, support_x, support_y, inner_steps=None) -> Predictor:
         """Fine-tune on each support set, in eval mode for batch norm (running statistics);
         `inner_steps` overrides the number of steps that `epochs` makes."""
         steps = self.fine_tuning_steps(support_x.shape[1]) if inner_steps is None else inner_steps
         with batch_norm_mode(self, training=False):
-            return FineTunedPredictor(self, super().adapt(support_x, support_y, steps))
+            return FineTunedPredictor(self, super().adapt_tasks(support_x, support_y, steps))
 
 
 class FineTunedPredictor(Predictor):

@@ -195,7 +195,7 @@ class GradientLearner(Algorithm):
 
     # -- using a trained learner ------------------------------------------------------------
 
-    def adapt(self, support_x, support_y, inner_steps=None) -> Predictor:
+    def adapt_tasks(self, support_x, support_y, inner_steps=None) -> Predictor:
         if torch.is_inference_mode_enabled():
             raise ConfigError(
                 "gradient-based methods adapt with gradients, which inference mode forbids; "

@@ -180,15 +180,15 @@ class MetaLSTM(GradientLearner):
             nn.utils.clip_grad_norm_(self.parameters(), self.gradient_clip)
         return metrics
 
-    def adapt(self, support_x, support_y, inner_steps=None):
+    def adapt_tasks(self, support_x, support_y, inner_steps=None):
         """With the inductive policy, each task keeps running averages of its support set's
         batch-norm statistics over the inner steps (reset for every task), and the predictor
         normalises the queries with them: the paper's test-time batch norm."""
         if self.batch_norm != "inductive":
-            return super().adapt(support_x, support_y, inner_steps)
+            return super().adapt_tasks(support_x, support_y, inner_steps)
         averages = per_task_copies(running_statistics(self.model), len(support_x))
         with self.per_task_buffers(averages), tracking_statistics():
-            return super().adapt(support_x, support_y, inner_steps)
+            return super().adapt_tasks(support_x, support_y, inner_steps)
 
 
 @dataclass

@@ -75,7 +75,7 @@ class MetricLearner(Algorithm):
         """The training loss of the query scores (tasks, queries, ways): cross-entropy."""
         return F.cross_entropy(logits.flatten(0, 1), query_y.flatten())
 
-    def adapt(self, support_x, support_y, inner_steps=None) -> Predictor:
+    def adapt_tasks(self, support_x, support_y, inner_steps=None) -> Predictor:
         if self.is_transductive:
 
             def transductive(query_x):

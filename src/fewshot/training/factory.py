@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 from fewshot.algorithms import Algorithm, get_method
 from fewshot.datasets.image_folder import load_image_folder
 from fewshot.datasets.omniglot import load_omniglot, omniglot_split
+from fewshot.datasets.preprocessing import Preprocessing, background_of, read_preprocessing
 from fewshot.datasets.sinusoid import SinusoidExamples, SinusoidTasks
 from fewshot.errors import ConfigError, DataError
 from fewshot.tasks import ExampleSampler, TaskSampler
@@ -73,6 +75,40 @@ def labelled_parts(config: TrainConfig, data_root, download: bool, parts: tuple[
     return [omniglot_split(characters, config.split, part) for part in parts]
 
 
+OMNIGLOT_SOURCE = "Omniglot's black-on-white drawings, inverted so that strokes are bright"
+
+
+def training_preprocessing(config: TrainConfig, train) -> Preprocessing | None:
+    """The preprocessing of an image dataset's training images (its sampler `train`), for the
+    run folder; None for sinusoids."""
+    if config.dataset == "sinusoid":
+        return None
+    source = OMNIGLOT_SOURCE if config.dataset == "omniglot" else "an image folder, read as it is"
+    background = background_of(train.inputs)
+    return Preprocessing(config.image_size, config.channels, background, source)
+
+
+def recorded_preprocessing(run_dir: Path, config: TrainConfig) -> Preprocessing | None:
+    """A run's preprocessing record; for runs from before such records, what its dataset
+    implies (an image folder's background unknown)."""
+    recorded = read_preprocessing(run_dir)
+    if recorded is not None or config.dataset == "sinusoid":
+        return recorded
+    if config.dataset == "omniglot":
+        return Preprocessing(28, 1, "dark", OMNIGLOT_SOURCE)
+    return Preprocessing(config.image_size, config.channels, None, "an image folder")
+
+
 def build_algorithm(config: TrainConfig) -> Algorithm:
     """The method a resolved configuration names, built by its registration."""
     return get_method(config.algorithm).build(config.settings, config.problem)
+
+
+def has_per_way_head(config: TrainConfig) -> bool:
+    """Whether the method's parameters depend on the number of ways (a head with one output
+    per class), so that it cannot classify among more classes than it was built for."""
+    if config.dataset == "sinusoid":
+        return False
+    built = build_algorithm(config).state_dict()
+    wider = build_algorithm(dataclasses.replace(config, ways=config.ways + 1)).state_dict()
+    return any(built[name].shape != wider[name].shape for name in built)

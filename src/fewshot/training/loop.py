@@ -23,6 +23,7 @@ import torch
 from tqdm import trange
 
 from fewshot.algorithms.base import Algorithm
+from fewshot.datasets.preprocessing import write_preprocessing
 from fewshot.errors import (
     CheckpointError,
     ConfigError,
@@ -35,7 +36,14 @@ from fewshot.tasks import Task, stream_generator
 from fewshot.training import checkpoint
 from fewshot.training.config import TrainConfig
 from fewshot.training.evaluation import EvalResult, evaluate
-from fewshot.training.factory import TaskSources, build_algorithm, build_sources
+from fewshot.training.factory import (
+    TaskSources,
+    build_algorithm,
+    build_sources,
+    has_per_way_head,
+    recorded_preprocessing,
+    training_preprocessing,
+)
 from fewshot.training.state import (
     STATE_FILE,
     TrainingState,
@@ -318,6 +326,9 @@ def train(
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.write_config(run_dir, config)
+        preprocessing = training_preprocessing(config, sources.train)
+        if preprocessing is not None:
+            write_preprocessing(run_dir, preprocessing)
         run.save_checkpoint()  # so that a run killed before its first checkpoint can resume
     run.run(progress)
     checkpoint.load_weights(run.algorithm, run_dir / checkpoint.BEST_WEIGHTS)
@@ -330,6 +341,32 @@ def override_test_episodes(config: TrainConfig, episode: dict | None) -> None:
         if value is not None:
             require_positive(**{name: value})
             setattr(config, name, value)
+
+
+def load(run_dir: Path, device: str = "cpu", batch_norm: str | None = "inductive") -> Algorithm:
+    """The trained method of a run folder, with its best weights, in eval mode, ready to
+    `adapt` to new classes.
+
+    `batch_norm` defaults to "inductive" so that a prediction never depends on the other inputs
+    predicted with it (None keeps the run's policy). The method's `preprocessing` says how the
+    run's training images were read (`Preprocessing.read` reads a user's images the same way);
+    `max_ways` is the size of a per-class head, where it has one.
+    """
+    run_dir = Path(run_dir)
+    config = checkpoint.read_config(run_dir)
+    with_batch_norm(config, batch_norm)
+    algorithm = build_algorithm(config)
+    checkpoint.load_weights(algorithm, run_dir / checkpoint.BEST_WEIGHTS)
+    algorithm.max_ways = config.ways if has_per_way_head(config) else None
+    algorithm.preprocessing = recorded_preprocessing(run_dir, config)
+    return algorithm.to(device).eval()
+
+
+def with_batch_norm(config: TrainConfig, policy: str | None) -> None:
+    """Set the batch-norm policy `policy` (None: keep the run's) on a run's configuration."""
+    if policy is not None:
+        config.settings = dataclasses.replace(config.settings, batch_norm=policy)
+        config.settings.check(config)  # a policy the method does not have is refused
 
 
 def load_run(
@@ -348,9 +385,7 @@ def load_run(
     """
     run_dir = Path(run_dir)
     config = checkpoint.read_config(run_dir)
-    if batch_norm is not None:
-        config.settings = dataclasses.replace(config.settings, batch_norm=batch_norm)
-        config.settings.check(config)  # a policy the method does not have is refused
+    with_batch_norm(config, batch_norm)
     trained_ways = config.ways
     override_test_episodes(config, episode)
     algorithm = build_algorithm(config)
