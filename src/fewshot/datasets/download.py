@@ -7,10 +7,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tqdm import tqdm
-
 from fewshot.errors import DataError
 from fewshot.files import atomic_write
+from fewshot.progress import progress_bar
 
 CHUNK_BYTES = 1 << 16
 
@@ -48,7 +47,7 @@ def _stream(url: str, out, timeout: float) -> str:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(
+            with progress_bar(
                 total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1], leave=False
             ) as bar:
                 for chunk in iter(lambda: response.read(CHUNK_BYTES), b""):

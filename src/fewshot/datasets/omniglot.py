@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from fewshot.datasets.download import download_verified, md5_of_file
 from fewshot.datasets.images import UNREADABLE, decode_resized
 from fewshot.errors import ConfigError, DataError
 from fewshot.files import atomic_write
+from fewshot.progress import progress_bar
 
 ARCHIVES = ("images_background", "images_evaluation")
 OFFICIAL_URL = "https://github.com/brendenlake/omniglot/raw/master/python/{archive}.zip"
@@ -153,7 +153,7 @@ def _decode_archives(archives: list[Path]) -> Characters:
                 entries = sorted(n for n in _checked_entries(zf, archive) if n.endswith(".png"))
                 if not entries:
                     raise DataError(f"{archive} holds no PNG drawings; is it an Omniglot zip?")
-                for entry in tqdm(entries, desc=f"decoding {archive.name}", leave=False):
+                for entry in progress_bar(entries, desc=f"decoding {archive.name}", leave=False):
                     name = entry.rsplit("/", 1)[0]
                     if not names or names[-1] != name:
                         names.append(name)

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from fewshot.algorithms.base import Algorithm
+from fewshot.progress import progress_bar
 from fewshot.tasks import stream_generator
 
 # Episodes are drawn in fixed-size chunks from a generator seeded with the evaluation seed, so
@@ -59,9 +60,11 @@ def evaluate(
     seed: int = 0,
     inner_steps: int | None = None,
     device: torch.device | str = "cpu",
+    progress: bool = False,
 ) -> EvalResult:
-    """Evaluate on `episodes` episodes drawn from `tasks` (a sampler of held-out classes)."""
-    return evaluate_episodes(algorithm, tasks, episodes, seed, inner_steps, device)[0]
+    """Evaluate on `episodes` episodes drawn from `tasks` (a sampler of held-out classes);
+    `progress` shows a progress bar."""
+    return evaluate_episodes(algorithm, tasks, episodes, seed, inner_steps, device, progress)[0]
 
 
 def evaluate_episodes(
@@ -71,6 +74,7 @@ def evaluate_episodes(
     seed: int = 0,
     inner_steps: int | None = None,
     device: torch.device | str = "cpu",
+    progress: bool = False,
 ) -> tuple[EvalResult, torch.Tensor]:
     """`evaluate`'s result and each episode's accuracy (or MSE), float64, in the order the
     episodes are drawn (for paired comparisons).
@@ -86,13 +90,17 @@ def evaluate_episodes(
     scores = []
     device = torch.device(device)
     forked = [device.index or 0] if device.type == "cuda" else []
+    bar = progress_bar(
+        desc="evaluating", total=episodes, unit="episode", disable=not progress, leave=False
+    )
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=forked):
+        with torch.no_grad(), torch.random.fork_rng(devices=forked), bar:
             torch.manual_seed(seed)
             for start in range(0, episodes, EPISODES_PER_DRAW):
                 batch = tasks.sample(EPISODES_PER_DRAW, generator)[: episodes - start].to(device)
                 predictions = algorithm.predict(batch, inner_steps=inner_steps)
                 scores.append(episode_scores(predictions, batch.query_y).cpu())
+                bar.update(len(batch))
     finally:
         algorithm.train(was_training)
     scores = torch.cat(scores).double()

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import trange
 
 from fewshot.algorithms.base import Algorithm
 from fewshot.datasets.preprocessing import write_preprocessing
@@ -32,6 +31,7 @@ from fewshot.errors import (
     require_positive,
 )
 from fewshot.files import atomic_write
+from fewshot.progress import progress_bar
 from fewshot.tasks import Task, stream_generator
 from fewshot.training import checkpoint
 from fewshot.training.config import TrainConfig
@@ -154,6 +154,7 @@ class Run:
     ):
         self.config, self.run_dir, self.sources, self.device = config, run_dir, sources, device
         self.listeners = listeners
+        self.progress = False
         seed_everything(config.seed)
         self.algorithm = build_algorithm(config).to(device)
         self.optimizer, self.scheduler = self.algorithm.configure_optimizers(
@@ -224,6 +225,7 @@ class Run:
             self.config.val_episodes,
             VALIDATION_SEED,
             device=self.device,
+            progress=self.progress,
         )
         record = {"iteration": self.iteration, "split": "val", **result.to_dict()}
         if is_better(result, self.best):
@@ -241,11 +243,11 @@ class Run:
 
     def run(self, progress: bool) -> None:
         config = self.config
+        self.progress = progress
         started = time.perf_counter() - self.elapsed
         invocation_started = time.perf_counter()  # --time-limit counts per invocation
-        bar = trange(
-            self.iteration + 1,
-            config.iterations + 1,
+        bar = progress_bar(
+            range(self.iteration + 1, config.iterations + 1),
             desc="meta-training",
             initial=self.iteration,
             total=config.iterations,
