@@ -69,6 +69,39 @@ class RelationEncoder(nn.Sequential):
         self.output_shape = (hidden, side, side)
 
 
+class TabularMLP(nn.Module):
+    """Fully connected blocks (linear, batch norm, ReLU) of `hidden` units and a linear head,
+    for feature vectors (tabular rows): Conv4's structure with linear layers.
+
+    With `out_features=None` it returns the last block's output (`embedding_size` features).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int | None = 5,
+        hidden: tuple[int, ...] = (64, 64, 64),
+        track_running_stats: bool = False,
+    ) -> None:
+        super().__init__()
+        sizes = [in_features, *hidden]
+        self.features = nn.Sequential(
+            *(
+                nn.Sequential(
+                    nn.Linear(a, b),
+                    nn.BatchNorm1d(b, track_running_stats=track_running_stats),
+                    nn.ReLU(),
+                )
+                for a, b in zip(sizes, sizes[1:])
+            )
+        )
+        self.embedding_size = sizes[-1]
+        self.head = nn.Linear(self.embedding_size, out_features) if out_features else nn.Identity()
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
 class SinusoidMLP(nn.Sequential):
     """The 1-40-40-1 ReLU network of the MAML sinusoid experiment."""
 
@@ -88,18 +121,23 @@ def default_model(
     channels: int = 1,
     image_size: int = 28,
     track_running_stats: bool = False,
+    features: int | None = None,
 ) -> nn.Module:
-    """The literature's network for a dataset: the sinusoid MLP, or Conv4 for images (with a
-    `ways`-way linear head, or none for `ways=None`: an embedding network)."""
+    """The literature's network for a dataset: the sinusoid MLP, an MLP over `features` for
+    tables ("csv"), or Conv4 for images (with a `ways`-way linear head, or none for
+    `ways=None`: an embedding network)."""
     if dataset == "sinusoid":
         return SinusoidMLP()
+    if dataset == "csv":
+        return TabularMLP(features, ways, track_running_stats=track_running_stats)
     return Conv4(channels, ways, image_size=image_size, track_running_stats=track_running_stats)
 
 
 def body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """Split a network into its body (feature extractor) and its final layer, for methods that
-    adapt only the head: Conv4's `features` and `head`, or a Sequential's last layer."""
-    if isinstance(model, Conv4):
+    adapt only the head: Conv4's (or TabularMLP's) `features` and `head`, or a Sequential's
+    last layer."""
+    if isinstance(model, (Conv4, TabularMLP)):
         return model.features, model.head
     if isinstance(model, nn.Sequential) and len(model) > 1:
         return nn.Sequential(*list(model)[:-1]), model[-1]

@@ -53,6 +53,7 @@ class Problem:
     ways: int
     channels: int = 1
     image_size: int = 28
+    features: int | None = None  # of a table's rows
 
     @property
     def regression(self) -> bool:
@@ -63,7 +64,7 @@ class Problem:
         `ways`-way head, or without one (an embedding network)."""
         ways = self.ways if head else None
         return default_model(
-            self.dataset, ways, self.channels, self.image_size, track_running_stats
+            self.dataset, ways, self.channels, self.image_size, track_running_stats, self.features
         )
 
     @property
@@ -194,8 +195,8 @@ class Method:
 
     `defaults` maps a dataset ("sinusoid", "omniglot") to the paper's values of run options
     (shots, meta_batch, iterations, ...) and of the method's settings; "omniglot" also serves
-    image folders. A dataset absent from it is one the method does not handle. `batch_norm` is
-    the batch-norm policy its paper evaluated with.
+    image folders and tables ("csv"). A dataset absent from it is one the method does not
+    handle. `batch_norm` is the batch-norm policy its paper evaluated with.
     """
 
     name: str
@@ -207,7 +208,7 @@ class Method:
     batch_norm: str
 
     def defaults_for(self, dataset: str) -> dict[str, Any]:
-        key = "omniglot" if dataset == "folder" else dataset
+        key = "omniglot" if dataset in ("folder", "csv") else dataset
         if key not in self.defaults:
             handled = ", ".join(self.defaults)
             raise ConfigError(

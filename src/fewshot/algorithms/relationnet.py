@@ -19,6 +19,7 @@ from torch import nn
 
 from fewshot.algorithms.metric import MetricLearner
 from fewshot.algorithms.registry import Method, Problem, Settings, register, setting
+from fewshot.errors import ConfigError
 from fewshot.models import RelationEncoder, conv_block
 
 
@@ -85,6 +86,14 @@ class RelationNetSettings(Settings):
     relation_hidden: int | None = setting(
         "Units of the relation module's hidden fully connected layer.", fallback=8
     )
+
+    def check(self, run) -> None:
+        super().check(run)
+        if run.dataset == "csv":
+            raise ConfigError(
+                "relationnet compares convolutional feature maps and does not handle --dataset "
+                "csv; use protonet, matchingnet or a gradient-based method."
+            )
 
 
 def build(settings: RelationNetSettings, problem: Problem) -> RelationNet:

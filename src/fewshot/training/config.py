@@ -15,7 +15,7 @@ from typing import Any
 from fewshot.algorithms.registry import Method, Problem, Settings, get_method
 from fewshot.errors import ConfigError, require_positive
 
-DATASETS = ("sinusoid", "omniglot", "folder")
+DATASETS = ("sinusoid", "omniglot", "folder", "csv")
 
 
 @dataclass
@@ -33,6 +33,8 @@ class TrainConfig:
     split: str = "vinyals"
     image_size: int = 28
     channels: int = 1
+    label_column: str | None = None  # --dataset csv: the column of each row's class
+    features: int | None = None  # --dataset csv: the row's feature count, from the data
     ways: int = 5
     shots: int | None = None
     queries: int | None = None
@@ -55,7 +57,7 @@ class TrainConfig:
 
     @property
     def problem(self) -> Problem:
-        return Problem(self.dataset, self.ways, self.channels, self.image_size)
+        return Problem(self.dataset, self.ways, self.channels, self.image_size, self.features)
 
     def resolved(self, device: str = "cpu") -> TrainConfig:
         """A copy with every `None` replaced by its default for training on `device`, checked
@@ -104,6 +106,12 @@ class TrainConfig:
         )
         if self.dataset != "folder" and (self.image_size, self.channels) != (28, 1):
             raise ConfigError("--image-size and --channels apply to --dataset folder only.")
+        if (self.dataset == "csv") != (self.label_column is not None):
+            raise ConfigError(
+                "--dataset csv needs --label-column NAME, the column of each row's class."
+                if self.dataset == "csv"
+                else "--label-column applies to --dataset csv only."
+            )
         if self.channels not in (1, 3):
             raise ConfigError(f"channels must be 1 (grayscale) or 3 (RGB), got {self.channels}.")
         if self.image_size < 16:

@@ -11,6 +11,7 @@ from fewshot.datasets.image_folder import load_image_folder
 from fewshot.datasets.omniglot import load_omniglot, omniglot_split
 from fewshot.datasets.preprocessing import Preprocessing, background_of, read_preprocessing
 from fewshot.datasets.sinusoid import SinusoidExamples, SinusoidTasks
+from fewshot.datasets.table import load_table, table_parts
 from fewshot.errors import ConfigError, DataError
 from fewshot.tasks import ExampleSampler, TaskSampler
 from fewshot.training.config import TrainConfig
@@ -71,6 +72,10 @@ def labelled_parts(config: TrainConfig, data_root, download: bool, parts: tuple[
             load_image_folder(Path(data_root) / part, config.image_size, config.channels)[:2]
             for part in parts
         ]
+    if config.dataset == "csv":
+        if data_root is None:
+            raise DataError("--dataset csv needs --data-root FILE.csv.")
+        return table_parts(load_table(data_root, config.label_column), parts)
     characters = load_omniglot(data_root, download=download)
     return [omniglot_split(characters, config.split, part) for part in parts]
 
@@ -80,8 +85,8 @@ OMNIGLOT_SOURCE = "Omniglot's black-on-white drawings, inverted so that strokes 
 
 def training_preprocessing(config: TrainConfig, train) -> Preprocessing | None:
     """The preprocessing of an image dataset's training images (its sampler `train`), for the
-    run folder; None for sinusoids."""
-    if config.dataset == "sinusoid":
+    run folder; None for sinusoids and tables."""
+    if config.dataset in ("sinusoid", "csv"):
         return None
     source = OMNIGLOT_SOURCE if config.dataset == "omniglot" else "an image folder, read as it is"
     background = background_of(train.inputs)
@@ -92,7 +97,7 @@ def recorded_preprocessing(run_dir: Path, config: TrainConfig) -> Preprocessing 
     """A run's preprocessing record; for runs from before such records, what its dataset
     implies (an image folder's background unknown)."""
     recorded = read_preprocessing(run_dir)
-    if recorded is not None or config.dataset == "sinusoid":
+    if recorded is not None or config.dataset in ("sinusoid", "csv"):
         return recorded
     if config.dataset == "omniglot":
         return Preprocessing(28, 1, "dark", OMNIGLOT_SOURCE)

@@ -319,6 +319,8 @@ def train(
     sources = build_sources(config, data_root, download)  # fails early, before anything is written
     if not resume:
         config.settings = config.settings.fit_data(sources.train)
+        if config.dataset == "csv":
+            config.features = sources.train.inputs.shape[1]
     run = Run(config, run_dir, sources, device, listeners)
     if resume:
         run.restore(state)

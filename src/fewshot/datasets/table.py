@@ -1,0 +1,128 @@
+"""Your own tabular data: few-shot classification of the rows of a CSV file.
+
+`--dataset csv --data-root FILE.csv --label-column NAME`: the file has a header row; the label
+column names each row's class, every other column is a numeric feature. The classes (not the
+rows) are split into meta-training, validation and meta-test parts, so every test episode is
+made of classes never seen in training: sorted by name, shuffled with `random.Random(0)`, and cut
+60% / 20% / 20%. Features are standardised with the mean and standard deviation of the training
+part's rows (the only statistics a model may learn from).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fewshot.errors import DataError
+
+PART_FRACTIONS = {"train": 0.6, "val": 0.2, "test": 0.2}
+MISSING = {"", "na", "n/a", "nan", "null", "none", "?"}
+
+
+@dataclass(frozen=True)
+class Table:
+    """A CSV file's rows: features (n, d) float32, labels (n,) indices into `classes`."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    columns: list[str]
+
+
+def load_table(path: str | os.PathLike, label_column: str) -> Table:
+    """Read a CSV file with a header row; refuses missing or non-numeric values with a line
+    naming the row and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"--data-root {path}: no such CSV file.")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.reader(f))
+    if len(rows) < 2:
+        raise DataError(f"{path} has no data rows below its header.")
+    header = [name.strip() for name in rows[0]]
+    if label_column not in header:
+        raise DataError(
+            f"{path} has no column {label_column!r}; its columns are {', '.join(header)}."
+        )
+    label_at = header.index(label_column)
+    columns = [name for i, name in enumerate(header) if i != label_at]
+    if not columns:
+        raise DataError(f"{path} has no feature column besides {label_column!r}.")
+    features, names = [], []
+    for line, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue  # a blank line
+        if len(row) != len(header):
+            raise DataError(
+                f"{path}, line {line}: {len(row)} values, the header has {len(header)}."
+            )
+        names.append(row[label_at].strip())
+        features.append(
+            [_number(path, line, header[i], c) for i, c in enumerate(row) if i != label_at]
+        )
+    classes = sorted(set(names))
+    index = {name: i for i, name in enumerate(classes)}
+    return Table(
+        torch.tensor(features, dtype=torch.float32),
+        torch.tensor([index[name] for name in names]),
+        classes,
+        columns,
+    )
+
+
+def table_parts(table: Table, parts: tuple[str, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(features, labels) of each requested part, standardised with the training part's rows."""
+    chosen = split_classes(table.classes)
+    train = torch.isin(table.labels, torch.tensor(chosen["train"]))
+    mean = table.features[train].mean(0)
+    std = table.features[train].std(0)
+    std = torch.where(std > 0, std, torch.ones_like(std))  # constant columns stay at zero
+    out = []
+    for part in parts:
+        rows = torch.isin(table.labels, torch.tensor(chosen[part], dtype=torch.long))
+        out.append(((table.features[rows] - mean) / std, table.labels[rows]))
+    return out
+
+
+def split_classes(classes: list[str]) -> dict[str, list[int]]:
+    """Class indices of each part: sorted names, shuffled with a fixed seed, cut by fractions."""
+    order = list(range(len(classes)))  # `classes` is sorted
+    random.Random(0).shuffle(order)
+    n_train = math.floor(len(order) * PART_FRACTIONS["train"])
+    n_val = math.floor(len(order) * PART_FRACTIONS["val"])
+    if min(n_train, n_val, len(order) - n_train - n_val) < 2:
+        raise DataError(
+            f"the table has {len(classes)} classes; splitting them into meta-training, "
+            "validation and meta-test classes needs at least 10 (2 in each part)."
+        )
+    return {
+        "train": order[:n_train],
+        "val": order[n_train : n_train + n_val],
+        "test": order[n_train + n_val :],
+    }
+
+
+def _number(path: Path, line: int, column: str, cell: str) -> float:
+    if cell.strip().lower() in MISSING:
+        raise DataError(
+            f"{path}, line {line}, column {column!r}: the value is missing; fill it in or drop "
+            "the row."
+        )
+    try:
+        value = float(cell)
+    except ValueError:
+        raise DataError(
+            f"{path}, line {line}, column {column!r}: {cell.strip()!r} is not a number; "
+            "features must be numeric (encode categories as numbers, or drop the column)."
+        ) from None
+    if not math.isfinite(value):
+        raise DataError(
+            f"{path}, line {line}, column {column!r}: {cell.strip()!r} is not a finite number."
+        )
+    return value
