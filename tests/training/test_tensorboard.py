@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from click.testing import CliRunner
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from fewshot.cli import main
 from fewshot.training.config import TrainConfig
 from fewshot.training.loop import train
 from fewshot.training.tensorboard import TensorBoardLogger
@@ -51,3 +53,18 @@ def test_tensorboard_holds_the_same_scalars_as_metrics_jsonl(tmp_path, resumed):
     assert [v for _, v in logged["train/loss"]] == pytest.approx([v for _, v in expected_loss])
     assert logged["val/mse"] == [(s, pytest.approx(v)) for s, v in expected_val]
     assert "val/ci95" in logged and "train/seconds" in logged
+
+
+def test_the_train_command_logs_for_tensorboard_when_asked(tmp_path):
+    run = tmp_path / "run"
+    result = CliRunner().invoke(
+        main,
+        ["train", "--iterations", "20", "--val-every", "10", "--val-episodes", "5",
+         "--test-episodes", "0", "--tensorboard", "--out", str(run)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    logged = scalars(run / "tensorboard")
+    assert [s for s, _ in logged["val/mse"]] == [10, 20]
+    assert [v for _, v in logged["val/mse"]] == pytest.approx(
+        [r["mse"] for r in metrics(run) if r.get("split") == "val"]
+    )
