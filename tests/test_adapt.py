@@ -7,10 +7,9 @@ PNGs (the way a user draws), and the predictions are checked against the same mo
 
 from __future__ import annotations
 
-import io
+import importlib.util
 import json
 import math
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -32,34 +31,16 @@ MAML = REPO / "zoo" / "maml-omniglot-5w1s-cpu"
 OMNIGLOT = Preprocessing(28, 1, "dark", "Omniglot")
 
 
-class Drawings:
-    """Held-out (vinyals test split) Omniglot characters: each drawing's original PNG from the
-    official zip and its image as the training pipeline cached it."""
-
-    def __init__(self, root: Path, characters) -> None:
-        self.characters = characters
-        _, labels = omniglot_split(characters, "vinyals", "test", rotations=False)
-        self.test = sorted(set(labels.tolist()))
-        self.entries: dict[str, list[tuple[Path, str]]] = {}
-        for archive in ("images_background", "images_evaluation"):
-            with zipfile.ZipFile(root / f"{archive}.zip") as zf:
-                for entry in sorted(n for n in zf.namelist() if n.endswith(".png")):
-                    self.entries.setdefault(entry.rsplit("/", 1)[0], []).append(
-                        (root / f"{archive}.zip", entry)
-                    )
-
-    def png(self, character: int, drawing: int) -> Image.Image:
-        archive, entry = self.entries[self.characters.names[character]][drawing]
-        with zipfile.ZipFile(archive) as zf:
-            return Image.open(io.BytesIO(zf.read(entry))).convert("L")  # ordinary 8-bit gray
-
-    def cached(self, character: int, drawing: int) -> torch.Tensor:
-        return self.characters.images[self.characters.character == character][drawing]
+spec = importlib.util.spec_from_file_location(
+    "omniglot_folders", REPO / "scripts" / "omniglot_folders.py"
+)
+omniglot_folders = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(omniglot_folders)
 
 
 @pytest.fixture(scope="module")
-def drawings(omniglot_root, omniglot) -> Drawings:
-    return Drawings(omniglot_root, omniglot)
+def drawings(omniglot_root, omniglot):
+    return omniglot_folders.Drawings(omniglot_root, omniglot)
 
 
 def save(image: Image.Image, path: Path) -> Path:
@@ -69,23 +50,22 @@ def save(image: Image.Image, path: Path) -> Path:
 
 
 def make_episode(drawings, folder: Path, characters, shots: int, queries: int, invert=False):
-    """SUPPORT/<class>/*.png and QUERIES/*.png from the given characters, and the same episode
-    as a Task of the cached images (queries in the order their file names sort)."""
-    support_x, query_x, query_y = [], [], []
-    for label, character in enumerate(characters):
-        for drawing in range(shots + queries):
-            image = drawings.png(character, drawing)
-            image = ImageOps.invert(image) if invert else image
-            if drawing < shots:
-                save(image, folder / "support" / f"class{label}" / f"{drawing}.png")
-                support_x.append(drawings.cached(character, drawing))
-            else:
-                save(image, folder / "queries" / f"{label}-{drawing:02d}.png")
-                query_x.append(drawings.cached(character, drawing))
-                query_y.append(label)
-    as_batch = lambda images: torch.stack(images).unsqueeze(1).unsqueeze(0).float() / 255  # noqa: E731
-    support_y = torch.arange(len(characters)).repeat_interleave(shots).unsqueeze(0)
-    return Task(as_batch(support_x), support_y, as_batch(query_x), torch.tensor([query_y]))
+    """The episode's PNG folders (scripts/omniglot_folders.py), and the same episode as a Task
+    of the images the training pipeline cached, in the order the folders are read: classes by
+    name, queries by file name."""
+    written = omniglot_folders.write_episode(drawings, folder, characters, shots, queries, invert)
+    names = sorted(drawings.name(c) for c in characters)
+    label = {drawings.name(c): i for c in characters for i in [names.index(drawings.name(c))]}
+    order = lambda item: (label[drawings.name(item[0])], item[1])  # noqa: E731
+    support = sorted((w for w in written if w[2] == "support"), key=order)
+    query = sorted((w for w in written if w[2] == "query"), key=order)
+
+    def batch(items):
+        images = torch.stack([drawings.cached(c, d) for c, d, _ in items])
+        return images.unsqueeze(1).unsqueeze(0).float() / 255
+
+    labels = lambda items: torch.tensor([[label[drawings.name(c)] for c, _, _ in items]])  # noqa: E731
+    return Task(batch(support), labels(support), batch(query), labels(query)), names
 
 
 def run_adapt(*args) -> dict:
@@ -117,12 +97,12 @@ def test_a_users_drawing_reaches_the_model_exactly_as_omniglots_training_data(dr
 def test_adapt_command_predicts_what_the_model_predicts_on_the_same_episode(
     run, drawings, tmp_path
 ):
-    task = make_episode(drawings, tmp_path, drawings.test[10:15], shots=1, queries=3)
+    task, names = make_episode(drawings, tmp_path, drawings.test[10:15], shots=1, queries=3)
     out = tmp_path / "predictions.json"
     run_adapt(run, "--support", tmp_path / "support", "--predict", tmp_path / "queries",
               "--output", out)  # fmt: skip
     written = json.loads(out.read_text())
-    assert written["classes"] == [f"class{i}" for i in range(5)]
+    assert written["classes"] == names
     rows = written["predictions"]
     probabilities = torch.tensor([list(r["probabilities"].values()) for r in rows])
     assert all(r["inverted"] for r in rows)  # black-on-white, inverted
@@ -131,14 +111,14 @@ def test_adapt_command_predicts_what_the_model_predicts_on_the_same_episode(
     expected = torch.softmax(method.predict(task)[0], -1)
     torch.testing.assert_close(probabilities, expected, atol=1e-5, rtol=0)
     predicted = [r["prediction"] for r in rows]
-    assert predicted == [f"class{i}" for i in expected.argmax(-1).tolist()]
+    assert predicted == [names[i] for i in expected.argmax(-1).tolist()]
 
 
 @pytest.mark.omniglot
 def test_white_on_black_drawings_give_the_same_predictions_and_forced_inversion_changes_them(
     drawings, tmp_path
 ):
-    make_episode(drawings, tmp_path / "bw", drawings.test[20:25], shots=1, queries=2)
+    _, names = make_episode(drawings, tmp_path / "bw", drawings.test[20:25], shots=1, queries=2)
     make_episode(drawings, tmp_path / "wb", drawings.test[20:25], shots=1, queries=2, invert=True)
     outputs = {}
     for name, extra in (("bw", []), ("wb", []), ("wb-always", ["--invert", "always"])):
@@ -147,7 +127,7 @@ def test_white_on_black_drawings_give_the_same_predictions_and_forced_inversion_
         run_adapt(PROTONET, "--support", folder / "support", "--predict", folder / "queries",
                   "--output", out, *extra)  # fmt: skip
         lines = out.read_text().splitlines()
-        assert lines[0] == "image,prediction,inverted,class0,class1,class2,class3,class4"
+        assert lines[0] == ",".join(["image", "prediction", "inverted", *names])
         outputs[name] = [line.split(",")[1:] for line in lines[1:]]
     assert [row[1] for row in outputs["bw"]] == ["1"] * 10
     assert [row[1] for row in outputs["wb"]] == ["0"] * 10
@@ -167,12 +147,14 @@ def test_adapt_accuracy_on_user_folders_comes_near_fewshot_eval(drawings, omnigl
     for episode in range(40):
         picks = torch.randperm(len(drawings.test), generator=generator)[:5].tolist()
         folder = tmp_path / f"episode{episode}"
-        make_episode(drawings, folder, [drawings.test[i] for i in picks], shots=1, queries=5)
+        task, names = make_episode(
+            drawings, folder, [drawings.test[i] for i in picks], shots=1, queries=5
+        )
         support, _ = method.preprocessing.read_support(folder / "support")
         queries = sorted((folder / "queries").iterdir())
         images, _ = method.preprocessing.read_images(queries)
         predicted = method.adapt(support).predict(images)
-        truth = [f"class{q.name.split('-')[0]}" for q in queries]
+        truth = [names[i] for i in task.query_y[0].tolist()]
         correct.append(np.mean([p == t for p, t in zip(predicted, truth)]))
     accuracy = float(np.mean(correct))
     ci = 1.96 * float(np.std(correct, ddof=1)) / math.sqrt(len(correct))

@@ -83,7 +83,7 @@ class Preprocessing:
         if inverted:
             pixels = 255 - pixels
         pixels = pixels[None] if self.channels == 1 else pixels.transpose(2, 0, 1)
-        return torch.from_numpy(np.ascontiguousarray(pixels)), inverted
+        return torch.from_numpy(pixels.copy()), inverted  # a writable, contiguous copy
 
     def read_images(
         self, paths: list[Path], invert: str = "auto", convert: bool = False
