@@ -1,10 +1,12 @@
-"""The `fewshot` command line: `fewshot train`, `eval`, `compare` and `methods`."""
+"""The `fewshot` command line: `fewshot train`, `tune`, `eval`, `compare`, `adapt` and `methods`."""
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import functools
+import io
 import itertools
 import json
 import os
@@ -19,11 +21,14 @@ import torch
 from fewshot.algorithms import METHODS
 from fewshot.algorithms.base import BATCH_NORM_POLICIES
 from fewshot.algorithms.registry import default_text
-from fewshot.errors import ConfigError, FewshotError
+from fewshot.datasets.preprocessing import INVERT_CHOICES, image_files
+from fewshot.errors import ConfigError, DataError, FewshotError
+from fewshot.files import atomic_write
 from fewshot.training.checkpoint import read_config
 from fewshot.training.config import DATASETS, TrainConfig
 from fewshot.training.evaluation import evaluate, evaluate_episodes, paired_difference
-from fewshot.training.loop import load_run, override_test_episodes, train
+from fewshot.training.loop import load, load_run, override_test_episodes, train
+from fewshot.training.tensorboard import TensorBoardLogger
 
 # glibc's malloc returns large freed blocks to the system and takes them back with fresh,
 # page-faulting memory on the next step; for meta-learning's big temporaries this doubled the
@@ -91,9 +96,9 @@ def evaluation_options(command):
     options = [
         click.option(
             "--data-root",
-            type=click.Path(file_okay=False, path_type=Path),
+            type=click.Path(path_type=Path),
             default=None,
-            help="Folder with the Omniglot zips, or the folder dataset "
+            help="Folder with the Omniglot zips, the folder dataset, or the CSV file "
             "[default: $FEWSHOT_DATA_ROOT].",
         ),
         click.option("--download", is_flag=True, help="Fetch missing Omniglot zips."),
@@ -131,20 +136,186 @@ def evaluation_options(command):
     return command
 
 
+# A study makes its own run folders, and scores trials without a meta-test.
+TRAIN_ONLY_OPTIONS = ("test_episodes", "resume", "out", "tensorboard")
+
+
+def training_options(skip: tuple[str, ...] = ()):
+    """The options of `fewshot train`, in its help's order, less those named in `skip`: `tune`
+    takes the same ones, so that every trial accepts exactly what a training run does."""
+    options = {
+        "algorithm": click.option(
+            "--algorithm",
+            default="maml",
+            type=click.Choice(list(METHODS)),
+            help="Meta-learning method (`fewshot methods` lists them with their settings).",
+        ),
+        "dataset": click.option(
+            "--dataset",
+            default="sinusoid",
+            type=click.Choice(DATASETS),
+            help="Sinusoid regression (built in), Omniglot (the official zips), your own image "
+            "folder (--data-root with train/, val/, test/ of class folders), or the rows of your "
+            "own CSV file (--data-root FILE.csv --label-column NAME).",
+        ),
+        "data_root": click.option(
+            "--data-root",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Omniglot: folder with images_background.zip and images_evaluation.zip; folder "
+            "dataset: folder with train/, val/, test/; csv: the CSV file "
+            "[default: $FEWSHOT_DATA_ROOT, else ~/.local/share/fewshot].",
+        ),
+        "download": click.option(
+            "--download",
+            is_flag=True,
+            help="Fetch missing Omniglot zips from the official address (checksum-verified).",
+        ),
+        "split": click.option(
+            "--split",
+            default="vinyals",
+            type=click.Choice(["vinyals", "lake"]),
+            help="Omniglot class split (see docs/datasets.md).",
+        ),
+        "image_size": click.option(
+            "--image-size", default=28, type=int, help="Side of the images (folder dataset)."
+        ),
+        "channels": click.option(
+            "--channels",
+            default=1,
+            type=int,
+            help="1: grayscale, 3: RGB (folder dataset).",
+        ),
+        "label_column": click.option(
+            "--label-column",
+            default=None,
+            help="The CSV column that names each row's class (--dataset csv; every other "
+            "column is a numeric feature).",
+        ),
+        "ways": click.option(
+            "--ways", default=5, type=int, help="N: classes per episode (evaluation episodes)."
+        ),
+        "shots": click.option(
+            "--shots", default=None, type=int, help=f"K: support examples per class {PAPER}."
+        ),
+        "queries": click.option(
+            "--queries", default=None, type=int, help=f"Q: query examples per class {PAPER}."
+        ),
+        "train_ways": click.option(
+            "--train-ways",
+            default=None,
+            type=int,
+            help=f"Classes per training episode {PAPER}, else --ways.",
+        ),
+        "train_queries": click.option(
+            "--train-queries",
+            default=None,
+            type=int,
+            help=f"Queries per class in training episodes {PAPER}, else --queries.",
+        ),
+        "meta_batch": click.option(
+            "--meta-batch",
+            default=None,
+            type=int,
+            help=f"Tasks per outer update; examples per batch for the methods that pretrain on "
+            f"ordinary batches (baseline, baseline++, finetune) {PAPER}.",
+        ),
+        "outer_lr": click.option(
+            "--outer-lr", default=None, type=float, help="Outer learning rate (beta)."
+        ),
+        "method_settings": method_options,
+        "time_limit": click.option(
+            "--time-limit",
+            default=None,
+            type=float,
+            help="Stop (validating and checkpointing first) after this many minutes of training.",
+        ),
+        "iterations": click.option(
+            "--iterations", default=None, type=int, help=f"Outer updates {PAPER}."
+        ),
+        "val_every": click.option(
+            "--val-every",
+            default=None,
+            type=int,
+            help=f"Validate (and keep the best checkpoint) every this many iterations {PAPER}.",
+        ),
+        "val_episodes": click.option(
+            "--val-episodes", default=200, type=int, help="Episodes per validation."
+        ),
+        "test_episodes": click.option(
+            "--test-episodes",
+            default=600,
+            type=int,
+            help="Meta-test episodes evaluated at the end (0 to skip).",
+        ),
+        "checkpoint_every": click.option(
+            "--checkpoint-every",
+            default=100,
+            type=int,
+            help="Write the resumable checkpoint every this many iterations.",
+        ),
+        "seed": click.option(
+            "--seed", default=0, type=int, help="Seed for initialisation and task sampling."
+        ),
+        "config_file": click.option(
+            "--config",
+            "config_file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=None,
+            help="JSON file of training settings; options given here override it.",
+        ),
+        "resume": click.option(
+            "--resume",
+            type=click.Path(file_okay=False, path_type=Path),
+            default=None,
+            help="Continue the interrupted run in this folder, exactly where it stopped.",
+        ),
+        "device": click.option("--device", default="cpu", help="torch device, e.g. cpu or cuda."),
+        "threads": click.option(
+            "--threads",
+            default=None,
+            type=click.IntRange(min=1),
+            help="CPU threads [default: 1 for sinusoid, whose tiny model runs fastest so; "
+            "else all].",
+        ),
+        "out": click.option(
+            "--out",
+            type=click.Path(file_okay=False, path_type=Path),
+            default=Path("runs/latest"),
+            help="Run folder to create: config.json, metrics.jsonl, model.safetensors.",
+        ),
+        "tensorboard": click.option(
+            "--tensorboard",
+            is_flag=True,
+            help="Also log the metrics for TensorBoard, in RUN_DIR/tensorboard "
+            "(tensorboard --logdir RUN_DIR).",
+        ),
+    }
+
+    def decorate(command):
+        for name, option in reversed(options.items()):
+            if name not in skip:
+                command = option(command)
+        return command
+
+    return decorate
+
+
 def test_report(algorithm, config, sampler, episodes, seed, inner_steps, device) -> dict:
     """Meta-test results: accuracy at the evaluation steps, or MSE at 0, 1 and 10 steps."""
     eval_steps = getattr(algorithm, "eval_inner_steps", None)
     if config.dataset == "sinusoid" and inner_steps is None and eval_steps is not None:
         steps_to_report = sorted({0, 1, eval_steps})
         results = [
-            evaluate(algorithm, sampler, episodes, seed, steps, device) for steps in steps_to_report
+            evaluate(algorithm, sampler, episodes, seed, steps, device, progress=True)
+            for steps in steps_to_report
         ]
         report = results[-1].to_dict()
         report["mse_by_inner_steps"] = {str(r.inner_steps): r.mean for r in results}
         report["ci95_by_inner_steps"] = {str(r.inner_steps): r.ci95 for r in results}
         report["lines"] = [str(r) for r in results]
     else:
-        result = evaluate(algorithm, sampler, episodes, seed, inner_steps, device)
+        result = evaluate(algorithm, sampler, episodes, seed, inner_steps, device, progress=True)
         report = result.to_dict()
         report["lines"] = [str(result)]
     episode_settings = {
@@ -168,125 +339,19 @@ def main(debug: bool) -> None:
 
 
 @main.command(name="train")
-@click.option(
-    "--algorithm",
-    default="maml",
-    type=click.Choice(list(METHODS)),
-    help="Meta-learning method (`fewshot methods` lists them with their settings).",
-)
-@click.option(
-    "--dataset",
-    default="sinusoid",
-    type=click.Choice(DATASETS),
-    help="Sinusoid regression (built in), Omniglot (the official zips), or your own image "
-    "folder (--data-root with train/, val/, test/ of class folders).",
-)
-@click.option(
-    "--data-root",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Omniglot: folder with images_background.zip and images_evaluation.zip; folder "
-    "dataset: folder with train/, val/, test/ "
-    "[default: $FEWSHOT_DATA_ROOT, else ~/.local/share/fewshot].",
-)
-@click.option(
-    "--download",
-    is_flag=True,
-    help="Fetch missing Omniglot zips from the official address (checksum-verified).",
-)
-@click.option(
-    "--split",
-    default="vinyals",
-    type=click.Choice(["vinyals", "lake"]),
-    help="Omniglot class split (see docs/datasets.md).",
-)
-@click.option("--image-size", default=28, type=int, help="Side of the images (folder dataset).")
-@click.option(
-    "--channels",
-    default=1,
-    type=int,
-    help="1: grayscale, 3: RGB (folder dataset).",
-)
-@click.option("--ways", default=5, type=int, help="N: classes per episode (evaluation episodes).")
-@click.option("--shots", default=None, type=int, help=f"K: support examples per class {PAPER}.")
-@click.option("--queries", default=None, type=int, help=f"Q: query examples per class {PAPER}.")
-@click.option(
-    "--train-ways",
-    default=None,
-    type=int,
-    help=f"Classes per training episode {PAPER}, else --ways.",
-)
-@click.option(
-    "--train-queries",
-    default=None,
-    type=int,
-    help=f"Queries per class in training episodes {PAPER}, else --queries.",
-)
-@click.option(
-    "--meta-batch",
-    default=None,
-    type=int,
-    help=f"Tasks per outer update; examples per batch for the methods that pretrain on "
-    f"ordinary batches (baseline, baseline++, finetune) {PAPER}.",
-)
-@click.option("--outer-lr", default=None, type=float, help="Outer learning rate (beta).")
-@method_options
-@click.option(
-    "--time-limit",
-    default=None,
-    type=float,
-    help="Stop (validating and checkpointing first) after this many minutes of training.",
-)
-@click.option("--iterations", default=None, type=int, help=f"Outer updates {PAPER}.")
-@click.option(
-    "--val-every",
-    default=None,
-    type=int,
-    help=f"Validate (and keep the best checkpoint) every this many iterations {PAPER}.",
-)
-@click.option("--val-episodes", default=200, type=int, help="Episodes per validation.")
-@click.option(
-    "--test-episodes",
-    default=600,
-    type=int,
-    help="Meta-test episodes evaluated at the end (0 to skip).",
-)
-@click.option(
-    "--checkpoint-every",
-    default=100,
-    type=int,
-    help="Write the resumable checkpoint every this many iterations.",
-)
-@click.option("--seed", default=0, type=int, help="Seed for initialisation and task sampling.")
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="JSON file of training settings; options given here override it.",
-)
-@click.option(
-    "--resume",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Continue the interrupted run in this folder, exactly where it stopped.",
-)
-@click.option("--device", default="cpu", help="torch device, e.g. cpu or cuda.")
-@click.option(
-    "--threads",
-    default=None,
-    type=click.IntRange(min=1),
-    help="CPU threads [default: 1 for sinusoid, whose tiny model runs fastest so; else all].",
-)
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("runs/latest"),
-    help="Run folder to create: config.json, metrics.jsonl, model.safetensors.",
-)
+@training_options()
 @friendly_errors
 def train_command(
-    data_root, download, test_episodes, device, threads, out, config_file, resume, **options
+    data_root,
+    download,
+    test_episodes,
+    device,
+    threads,
+    out,
+    config_file,
+    resume,
+    tensorboard,
+    **options,
 ):
     """Meta-train a model and write a run folder with the best checkpoint.
 
@@ -307,9 +372,14 @@ def train_command(
         config = TrainConfig.from_dict({**base, **{k: options[k] for k in given}})
     resolved = config.resolved(device)
     set_threads(resolved.dataset, threads)
-    algorithm, sources, best = train(
-        config, out, data_root, download, device, resume=resume is not None
-    )
+    listeners = [TensorBoardLogger(out)] if tensorboard else []
+    try:
+        algorithm, sources, best = train(
+            config, out, data_root, download, device, resume=resume is not None, listeners=listeners
+        )
+    finally:
+        for listener in listeners:
+            listener.close()
     click.echo(f"best validation: {best}")
     if test_episodes > 0:
         report = test_report(
@@ -344,6 +414,119 @@ def read_config_file(path: Path) -> dict:
     if not isinstance(values, dict):
         raise ConfigError(f"the config file {path} must hold one JSON object of settings.")
     return values
+
+
+@main.command(name="tune")
+@training_options(skip=TRAIN_ONLY_OPTIONS)
+@click.option(
+    "--study-dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Study folder: a run folder per trial (trial-0000, ...), study.json, best.json, "
+    "best-command.txt, and study.db with the default storage.",
+)
+@click.option(
+    "--trials",
+    default=20,
+    type=click.IntRange(min=1),
+    help="Trials to run in this invocation (run again to add as many to the study).",
+)
+@click.option(
+    "--timeout",
+    default=None,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Start no trial after this many minutes (the running one finishes).",
+)
+@click.option(
+    "--storage",
+    default=None,
+    metavar="URL",
+    help="Optuna RDB storage, which several processes or machines can share, e.g. "
+    "postgresql://user:password@host/db [default: sqlite:///STUDY_DIR/study.db].",
+)
+@click.option(
+    "--study-name", default=None, help="The study's name in the storage [default: STUDY_DIR's]."
+)
+@click.option(
+    "--search",
+    "searches",
+    multiple=True,
+    metavar="NAME=LOW:HIGH[:log][:int] | NAME=A,B,...",
+    help="Search this training option too, or over this range (repeatable) [default: the "
+    "outer and the method's learning rates, log-uniform from a tenth to ten times their "
+    "default; inner steps, 1 to max(5, twice the default)].",
+)
+@click.option(
+    "--sampler-seed",
+    default=None,
+    type=int,
+    help="Seed of the TPE sampler; give each process that shares a study its own "
+    "[default: --seed].",
+)
+@click.option(
+    "--prune-after",
+    default=5,
+    type=click.IntRange(min=0),
+    help="Completed trials before pruning starts.",
+)
+@click.option(
+    "--pruning/--no-pruning",
+    default=True,
+    help="Stop a trial whose best validation, from its second validation on, is worse than the "
+    "median of the completed trials' at the same iteration.",
+)
+@friendly_errors
+def tune_command(
+    data_root,
+    download,
+    device,
+    threads,
+    config_file,
+    study_dir,
+    trials,
+    timeout,
+    storage,
+    study_name,
+    searches,
+    sampler_seed,
+    prune_after,
+    pruning,
+    **options,
+):
+    """Search the learning rates and inner steps (or any training option) with Optuna.
+
+    The options given are fixed for every trial; each trial meta-trains STUDY_DIR/trial-NNNN
+    and is scored by its best validation result. Prints a line per trial, then a table of all
+    and the best settings; STUDY_DIR/best-command.txt is the `fewshot train` command of the
+    best. Run it again to continue the study. See docs/tuning.md.
+    """
+    from fewshot.training import tuning
+
+    optuna = tuning.import_optuna()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # the study prints a line per trial
+    given = explicitly_given(options)
+    base = read_config_file(config_file) if config_file else {}
+    base = {**base, **{k: options[k] for k in given}}
+    space = tuning.search_space(base, searches, fixed=given, device=device)
+    set_threads(TrainConfig.from_dict(base).dataset, threads)
+    study = tuning.tune(
+        base,
+        space,
+        study_dir,
+        trials,
+        storage=storage,
+        study_name=study_name,
+        data_root=data_root,
+        download=download,
+        device=device,
+        seed=sampler_seed,
+        timeout=timeout,
+        prune_after=prune_after if pruning else None,
+        log=click.echo,
+        command_arguments=["--threads", str(threads)] if threads else [],
+    )
+    click.echo(tuning.trials_table(study))
+    click.echo(tuning.best_summary(study, study_dir))
 
 
 @main.command(name="eval")
@@ -397,7 +580,7 @@ def compare_command(
     scores, runs = [], []
     for run_dir, (config, algorithm, sources) in zip(run_dirs, loaded):
         result, run_scores = evaluate_episodes(
-            algorithm, sources.test, episodes, seed, inner_steps, device
+            algorithm, sources.test, episodes, seed, inner_steps, device, progress=True
         )
         scores.append(run_scores)
         runs.append({"run": str(run_dir), "algorithm": config.algorithm, **result.to_dict()})
@@ -464,6 +647,154 @@ BATCH_NORM_NOTES = {
 }
 
 
+@main.command(name="adapt")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
+@click.option(
+    "--support",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder with one subfolder of images per new class: SUPPORT/<class>/<image>.",
+)
+@click.option(
+    "--predict",
+    "predict",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Images to classify (files, or folders of them); IMAGES after it are added.",
+)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the predictions to FILE.csv or FILE.json instead of printing them.",
+)
+@click.option(
+    "--invert",
+    type=click.Choice(INVERT_CHOICES),
+    default="auto",
+    help="Invert images (255 - pixel): auto when an image's border is light where the "
+    "training images' background is dark (or the reverse), always, or never.",
+)
+@click.option(
+    "--convert", is_flag=True, help="Convert colour images for a grayscale model (or reverse)."
+)
+@click.option(
+    "--inner-steps",
+    default=None,
+    type=click.IntRange(min=0),
+    help="Adaptation steps of gradient-based methods [default: the run's].",
+)
+@click.option(
+    "--batch-norm",
+    default="inductive",
+    type=click.Choice(BATCH_NORM_POLICIES),
+    help="inductive: each prediction independent of the other images; transductive: the "
+    "images predicted together normalise each other.",
+)
+@click.option("--seed", default=0, type=int, help="Seed of adaptation's own random draws.")
+@click.option("--device", default="cpu", help="torch device.")
+@friendly_errors
+def adapt_command(
+    run_dir,
+    images,
+    support,
+    predict,
+    output,
+    invert,
+    convert,
+    inner_steps,
+    batch_norm,
+    seed,
+    device,
+):
+    """Adapt RUN_DIR's trained model to your own classes and classify images.
+
+    The support images are read as the run's training images were (size, channels, and the
+    inversion of drawings); each image gets the predicted class and every class's probability.
+    """
+    if output is not None and output.suffix not in (".csv", ".json"):
+        raise ConfigError(f"--output {output}: write to a .csv or a .json file.")
+    paths = query_files([*predict, *images])
+    method = load(run_dir, device, batch_norm)
+    if method.preprocessing is None:
+        raise ConfigError(f"{run_dir} is a sinusoid regression run; adapt reads images.")
+    support_set, support_inverted = method.preprocessing.read_support(support, invert, convert)
+    queries, inverted = method.preprocessing.read_images(paths, invert, convert)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        predictor = method.adapt(support_set, inner_steps=inner_steps)
+        probabilities = predictor.probabilities(queries)
+    rows = [
+        {
+            "image": str(path),
+            "prediction": support_set.classes[int(p.argmax())],
+            "probabilities": dict(zip(support_set.classes, p.tolist())),
+            "inverted": was_inverted,
+        }
+        for path, p, was_inverted in zip(paths, probabilities, inverted)
+    ]
+    counts = torch.bincount(support_set.y).tolist()
+    shots = f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)} to {max(counts)}"
+    shots += " image each" if max(counts) == 1 else " images each"
+    click.echo(
+        f"adapted {run_dir} ({type(method).__name__}, batch norm {method.batch_norm}) to "
+        f"{len(counts)} classes, {shots}; inverted {sum(support_inverted)} of "
+        f"{len(support_inverted)} support and {sum(inverted)} of {len(inverted)} query images"
+    )
+    if output is None:
+        click.echo(prediction_table(rows, support_set.classes))
+        return
+    write_predictions(output, rows, support_set.classes)
+    click.echo(f"{len(rows)} predictions written to {output}")
+
+
+def query_files(paths: list[Path]) -> list[Path]:
+    """The image files named: files as given, folders as the files within them, sorted."""
+    if not paths:
+        raise ConfigError("name the images to classify: --predict PATH [PATH ...].")
+    files = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(image_files(path))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"{path} does not exist.")
+    if not files:
+        raise DataError(f"no images in {', '.join(map(str, paths))}.")
+    return files
+
+
+def prediction_table(rows: list[dict], classes: list[str]) -> str:
+    """One line per image: its path, predicted class and every class's probability."""
+    header = ["image", "prediction", *classes]
+    lines = [
+        [r["image"], r["prediction"], *(f"{r['probabilities'][c]:.3f}" for c in classes)]
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in [header, *lines]
+    )
+
+
+def write_predictions(path: Path, rows: list[dict], classes: list[str]) -> None:
+    """Predictions as CSV (image, prediction, inverted, one probability column per class) or
+    JSON (a list of rows), written atomically."""
+    if path.suffix == ".json":
+        text = json.dumps({"classes": classes, "predictions": rows}, indent=2) + "\n"
+    else:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["image", "prediction", "inverted", *classes])
+        for r in rows:
+            probabilities = [f"{r['probabilities'][c]:.6f}" for c in classes]
+            writer.writerow([r["image"], r["prediction"], int(r["inverted"]), *probabilities])
+        text = buffer.getvalue()
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 @main.command(name="methods")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def methods_command(as_json):
@@ -493,6 +824,61 @@ def describe_method(method) -> dict:
         "settings": {f.name: f.metadata["help"] for f in fields(method.settings)},
         "defaults": method.defaults,
     }
+
+
+@main.command(name="plot")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for the PNGs [default: RUN_DIR/plots].",
+)
+@click.option(
+    "--baseline",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A run on the same test episodes, e.g. a pretrained and fine-tuned one (`fewshot "
+    "train --algorithm finetune`): beside RUN_DIR in the sinusoid figure and the adaptation "
+    "curve.",
+)
+@click.option(
+    "--data-root",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Folder with the Omniglot zips, or the folder dataset [default: $FEWSHOT_DATA_ROOT].",
+)
+@click.option(
+    "--steps",
+    default=10,
+    type=click.IntRange(min=1),
+    help="k: the adaptation curve runs from 0 to k inner steps, the sinusoid figure shows 0, 1 "
+    "and k.",
+)
+@click.option(
+    "--episodes",
+    default=100,
+    type=click.IntRange(min=1),
+    help="Test episodes per point of the adaptation curve.",
+)
+@click.option(
+    "--seed",
+    default=TEST_SEED,
+    type=int,
+    help="Episode seed: the figures use the episodes `fewshot eval --seed` draws.",
+)
+@friendly_errors
+def plot_command(run_dir, out, baseline, data_root, steps, episodes, seed):
+    """PNG figures of RUN_DIR: training curves, the adaptation curve, and the sinusoid fits
+    (Finn et al.'s Figure 2) or one classified test episode."""
+    from fewshot import plots
+
+    plots.require_matplotlib()
+    config = read_config(run_dir)
+    if baseline is not None:
+        check_same_episodes([run_dir, baseline], [config, read_config(baseline)])
+    set_threads(config.dataset, None)
+    plots.write_plots(run_dir, out, baseline, data_root, steps, episodes, seed, click.echo)
 
 
 def run() -> None:
