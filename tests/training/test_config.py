@@ -91,8 +91,9 @@ def test_each_method_resolves_to_its_papers_defaults_on_each_dataset(method, dat
     assert {k: config[k] for k in declared} == declared
     assert config["batch_norm"] == get_method(method).batch_norm
     # None on purpose: the pretraining head's size comes from the training data when the run
-    # starts; Matching Networks' processing steps follow each support set's size
-    unset = ("time_limit", "classes", "processing_steps")
+    # starts; Matching Networks' processing steps follow each support set's size; a table's
+    # label column and feature count exist only for --dataset csv
+    unset = ("time_limit", "classes", "processing_steps", "label_column", "features")
     assert None not in (config[k] for k in config if k not in unset)
 
 
