@@ -85,3 +85,14 @@ def test_paired_difference_by_hand():
     assert math.isclose(result.p_value, 2 * stats.t.sf(abs(t), df=49), rel_tol=1e-9)
     same = paired_difference(a, a.clone())
     assert (same.mean, same.ci95, same.p_value) == (0.0, 0.0, 1.0)
+
+
+def test_a_finite_validation_replaces_a_nan_best():
+    from fewshot.training.evaluation import EvalResult
+    from fewshot.training.loop import is_better
+
+    nan = EvalResult("mse", float("nan"), float("nan"), 10, 1)
+    finite = EvalResult("mse", 2.0, 0.1, 10, 1)
+    assert is_better(finite, nan)
+    assert not is_better(nan, finite)
+    assert is_better(EvalResult("accuracy", 0.5, 0.1, 10, 1), EvalResult("accuracy", 0.4, 0, 10, 1))

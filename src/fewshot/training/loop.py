@@ -87,7 +87,8 @@ def meta_step(
 
 
 def is_better(result: EvalResult, best: EvalResult | None) -> bool:
-    if best is None:
+    """Whether `result` improves on `best`; any result improves on none or on a NaN."""
+    if best is None or math.isnan(best.mean):
         return True
     return result.mean > best.mean if result.metric == "accuracy" else result.mean < best.mean
 
