@@ -1,4 +1,5 @@
-"""The `fewshot` command line: `fewshot train`, `tune`, `eval`, `compare`, `adapt` and `methods`."""
+"""The `fewshot` command line: `fewshot train`, `tune`, `eval`, `compare`, `adapt`, `plot` and
+`methods`."""
 
 from __future__ import annotations
 

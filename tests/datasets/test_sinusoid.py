@@ -23,3 +23,19 @@ def test_tasks_follow_the_papers_distribution():
     assert abs(amplitude.mean() - 2.55) < 0.1 and abs(phase.mean() - math.pi / 2) < 0.1
     # The same function generates support and query: the fit is exact.
     torch.testing.assert_close(design @ coef.unsqueeze(-1), y.double(), atol=1e-4, rtol=0)
+
+
+def test_sampled_functions_are_those_of_the_tasks():
+    sampler = SinusoidTasks(shots=5, queries=3)
+    task, amplitude, phase = sampler.sample_with_functions(50, torch.Generator().manual_seed(1))
+    same = sampler.sample(50, torch.Generator().manual_seed(1))
+    for drawn, plain in zip(task.tensors(), same.tensors()):
+        assert torch.equal(drawn, plain)
+    assert amplitude.shape == phase.shape == (50,)
+    x = torch.cat([task.support_x, task.query_x], 1)
+    y = torch.cat([task.support_y, task.query_y], 1)
+    # Independently of the sampler's formula: y = a sin x + b cos x with a = A cos phi,
+    # b = -A sin phi.
+    a, b = amplitude * torch.cos(phase), -amplitude * torch.sin(phase)
+    expected = a.view(-1, 1, 1) * torch.sin(x) + b.view(-1, 1, 1) * torch.cos(x)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=0)

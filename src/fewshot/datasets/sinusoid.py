@@ -27,12 +27,25 @@ class SinusoidTasks:
 
     def sample(self, num_tasks: int, generator: torch.Generator | None = None) -> Task:
         """A meta-batch of tasks; x and y are shaped (tasks, points, 1)."""
+        return self.sample_with_functions(num_tasks, generator)[0]
+
+    def sample_with_functions(
+        self, num_tasks: int, generator: torch.Generator | None = None
+    ) -> tuple[Task, torch.Tensor, torch.Tensor]:
+        """`sample`'s tasks (the same for the same generator state) with each task's amplitude
+        and phase, shaped (tasks,), so that its whole function can be drawn (`sinusoid`)."""
         amplitude = _uniform((num_tasks, 1, 1), AMPLITUDE_RANGE, generator)
         phase = _uniform((num_tasks, 1, 1), PHASE_RANGE, generator)
         x = _uniform((num_tasks, self.shots + self.queries, 1), INPUT_RANGE, generator)
-        y = amplitude * torch.sin(x - phase)
+        y = sinusoid(x, amplitude, phase)
         k = self.shots
-        return Task(x[:, :k], y[:, :k], x[:, k:], y[:, k:])
+        task = Task(x[:, :k], y[:, :k], x[:, k:], y[:, k:])
+        return task, amplitude.flatten(), phase.flatten()
+
+
+def sinusoid(x: torch.Tensor, amplitude, phase) -> torch.Tensor:
+    """A sin(x - phi): the function of the task with that amplitude and phase."""
+    return amplitude * torch.sin(x - phase)
 
 
 class SinusoidExamples:
