@@ -32,18 +32,16 @@ class Drawings:
         self.characters = characters
         _, labels = omniglot_split(characters, "vinyals", "test", rotations=False)
         self.test = sorted(set(labels.tolist()))
-        self.entries: dict[str, list[tuple[Path, str]]] = {}
+        self.entries: dict[str, list[tuple[zipfile.ZipFile, str]]] = {}
         for archive in ARCHIVES:
-            path = Path(root) / f"{archive}.zip"
-            with zipfile.ZipFile(path) as zf:
-                for entry in sorted(n for n in zf.namelist() if n.endswith(".png")):
-                    self.entries.setdefault(entry.rsplit("/", 1)[0], []).append((path, entry))
+            zf = zipfile.ZipFile(Path(root) / f"{archive}.zip")  # open for the object's life
+            for entry in sorted(n for n in zf.namelist() if n.endswith(".png")):
+                self.entries.setdefault(entry.rsplit("/", 1)[0], []).append((zf, entry))
 
     def png(self, character: int, drawing: int) -> Image.Image:
         """The drawing as an ordinary 8-bit grayscale image, black strokes on white."""
         archive, entry = self.entries[self.characters.names[character]][drawing]
-        with zipfile.ZipFile(archive) as zf:
-            return Image.open(io.BytesIO(zf.read(entry))).convert("L")
+        return Image.open(io.BytesIO(archive.read(entry))).convert("L")
 
     def cached(self, character: int, drawing: int) -> torch.Tensor:
         """The drawing as training saw it: 28 x 28 uint8, strokes bright."""

@@ -110,13 +110,14 @@ def test_training_on_a_table_learns_to_tell_held_out_classes_apart(tmp_path, alg
     held-out classes better than the same network untrained."""
     table = write_table(tmp_path / "t.csv", classes=30, rows=15, features=16, informative=4)
     options = ["--algorithm", algorithm, "--shots", "1", "--queries", "5", "--train-ways", "3"]
-    if algorithm == "maml":
-        options = options[:-2] + ["--meta-batch", "8"]
-    trained = train(tmp_path, table, "trained", *options, "--iterations", "300")
+    iterations = "300"
+    if algorithm == "maml":  # 3-way training tasks (its head has --ways outputs), slower to learn
+        options, iterations = options[:-2] + ["--meta-batch", "8"], "600"
+    trained = train(tmp_path, table, "trained", *options, "--iterations", iterations)
     untrained = train(tmp_path, table, "untrained", *options, "--iterations", "1")
     config = json.loads((trained / "config.json").read_text())
     assert (config["features"], config["label_column"]) == (16, "label")
-    assert evaluate(trained, table) > evaluate(untrained, table) + 0.03
+    assert evaluate(trained, table) > evaluate(untrained, table) + 0.05
 
 
 def test_csv_options_are_checked(tmp_path):
