@@ -29,6 +29,7 @@ import numpy as np
 from fewshot.algorithms.registry import METHODS, Method, get_method
 from fewshot.errors import ConfigError, DivergenceError, FewshotError, RunStopped
 from fewshot.files import atomic_write
+from fewshot.progress import progress_bar
 from fewshot.training.config import TrainConfig, run_setting_names
 from fewshot.training.loop import Listener, train
 
@@ -444,19 +445,24 @@ def tune(
     if log is not None:
         log(f"searching {'; '.join(dimension.describe() for dimension in space)}")
 
+    bar = progress_bar(desc="tuning", total=trials, unit="trial", disable=log is None)
+
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if log is not None:
-            log(trial_line(trial, metric))
+            with bar.external_write_mode():
+                log(trial_line(trial, metric))
+        bar.update(1)
         write_best(study, study_dir, plan, extra)
 
     try:
-        study.optimize(
-            lambda trial: run_trial(trial, plan, study_dir, data_root, download),
-            n_trials=trials,
-            timeout=None if timeout is None else 60 * timeout,
-            catch=(ConfigError,),
-            callbacks=[after_trial],
-        )
+        with bar:
+            study.optimize(
+                lambda trial: run_trial(trial, plan, study_dir, data_root, download),
+                n_trials=trials,
+                timeout=None if timeout is None else 60 * timeout,
+                catch=(ConfigError,),
+                callbacks=[after_trial],
+            )
     except (RunStopped, KeyboardInterrupt):
         write_best(study, study_dir, plan, extra)
         finished = len(trials_of(study, FINISHED))
