@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import typing
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from fewshot.algorithms import METHODS
 from fewshot.algorithms.base import BATCH_NORM_POLICIES
 from fewshot.algorithms.registry import default_text
 from fewshot.datasets.preprocessing import INVERT_CHOICES, image_files
+from fewshot.devices import AUTO, resolve_device
 from fewshot.errors import ConfigError, DataError, FewshotError
 from fewshot.files import atomic_write
 from fewshot.training.checkpoint import read_config
@@ -43,20 +45,48 @@ TEST_SEED = 0
 PAPER = "[default: the paper's; `fewshot methods` lists them]"
 
 
-def friendly_errors(command):
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
     """Print a user error as one line (exit 2) unless --debug asks for the traceback."""
+    try:
+        yield
+    except FewshotError as error:
+        if click.get_current_context().find_root().params.get("debug"):
+            raise
+        click.echo(f"{error.prefix}: {error}", err=True)
+        raise SystemExit(error.exit_code) from None
+
+
+def friendly_errors(command):
+    """A command whose user errors are one line (`one_line_errors`)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        try:
+        with one_line_errors():
             return command(*args, **kwargs)
-        except FewshotError as error:
-            if click.get_current_context().find_root().params.get("debug"):
-                raise
-            click.echo(f"{error.prefix}: {error}", err=True)
-            raise SystemExit(error.exit_code) from None
 
     return wrapper
+
+
+class DeviceType(click.ParamType):
+    """--device, resolved as the command line is read (`resolve_device`): every command gets
+    the same rule, and a device this torch cannot use is one line before any work starts."""
+
+    name = "device"
+
+    def convert(self, value, param, ctx) -> str:
+        with one_line_errors():  # click's own usage errors would take four lines
+            return resolve_device(value)
+
+
+def device_option():
+    return click.option(
+        "--device",
+        default=AUTO,
+        type=DeviceType(),
+        help="torch device: auto (CUDA where this torch has it, else the CPU), cpu, cuda, "
+        "cuda:N or mps; one this torch cannot use here is refused with those it can.",
+    )
 
 
 def method_options(command):
@@ -129,7 +159,7 @@ def evaluation_options(command):
                 ("queries", "queries per class"),
             )
         ),
-        click.option("--device", default="cpu", help="torch device."),
+        device_option(),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
     ]
     for option in reversed(options):
@@ -271,7 +301,7 @@ def training_options(skip: tuple[str, ...] = ()):
             default=None,
             help="Continue the interrupted run in this folder, exactly where it stopped.",
         ),
-        "device": click.option("--device", default="cpu", help="torch device, e.g. cpu or cuda."),
+        "device": device_option(),
         "threads": click.option(
             "--threads",
             default=None,
@@ -694,7 +724,7 @@ BATCH_NORM_NOTES = {
     "images predicted together normalise each other.",
 )
 @click.option("--seed", default=0, type=int, help="Seed of adaptation's own random draws.")
-@click.option("--device", default="cpu", help="torch device.")
+@device_option()
 @friendly_errors
 def adapt_command(
     run_dir,

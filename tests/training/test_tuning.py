@@ -41,6 +41,11 @@ def study(tmp_path_factory):
     return study_dir, result.output
 
 
+def test_the_study_names_its_device_first(study):
+    _, output = study
+    assert output.splitlines()[0].startswith("device: cpu (")
+
+
 def test_three_trials_are_tabled_and_the_best_is_the_storage_minimum(study):
     study_dir, output = study
     table = output[output.index("trial  state") :].splitlines()

@@ -23,6 +23,7 @@ import torch
 
 from fewshot.algorithms.base import Algorithm
 from fewshot.datasets.preprocessing import write_preprocessing
+from fewshot.devices import describe_device
 from fewshot.errors import (
     CheckpointError,
     ConfigError,
@@ -254,6 +255,7 @@ class Run:
             total=config.iterations,
             disable=not progress,
         )
+        bar.write(f"device: {describe_device(self.device)}")  # the run's first line
         with stop_requests() as stop:
             for iteration in bar:
                 metrics = self.step()

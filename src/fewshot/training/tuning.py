@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fewshot.algorithms.registry import METHODS, Method, get_method
+from fewshot.devices import describe_device
 from fewshot.errors import ConfigError, DivergenceError, FewshotError, RunStopped
 from fewshot.files import atomic_write
 from fewshot.progress import progress_bar
@@ -443,6 +444,7 @@ def tune(
     study.sampler = optuna.samplers.TPESampler(seed=sampler_seed(seed, len(trials_of(study))))
     extra = [*data_arguments(data_root, download, device), *command_arguments]
     if log is not None:
+        log(f"device: {describe_device(device)}")
         log(f"searching {'; '.join(dimension.describe() for dimension in space)}")
 
     bar = progress_bar(desc="tuning", total=trials, unit="trial", disable=log is None)
