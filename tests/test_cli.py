@@ -92,7 +92,7 @@ def test_debug_shows_the_traceback(tmp_path):
     "args, message",
     [
         (["--ways", "1000", "--split", "lake"], "ways=1000 is larger than the 864 classes"),
-        (["--shots", "10", "--queries", "15"], "shots + queries = 25 is more than the 20"),
+        (["--shots", "10", "--queries", "15"], "--shots + --train-queries = 25 is more than"),
     ],
 )
 def test_impossible_omniglot_episodes_are_one_line(tmp_path, omniglot_root, args, message):
@@ -343,3 +343,152 @@ def test_eval_takes_other_episode_shapes_where_the_model_allows(sinusoid_run):
         run("eval", sinusoid_run[0], "--shots", "5", "--episodes", "10", "--json").output
     )
     assert report["shots"] == 5 and report["queries"] == 10
+
+
+def assert_one_line_error(result, *fragments):
+    """A refusal as the command line promises it: one line, `error: `, exit status 2."""
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and result.output.count("\n") == 1, result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+
+
+def copy_run(run_dir, to):
+    import shutil
+
+    shutil.copytree(run_dir, to)
+    return to
+
+
+def damage(path, key):
+    """Set one value of tensor `key` of a safetensors file to NaN, keeping its metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    tensors[key].view(-1)[0] = float("nan")
+    save_file(tensors, path, metadata=metadata)
+
+
+def test_damaged_best_weights_are_refused_by_file_and_tensor(sinusoid_run, tmp_path):
+    from safetensors.torch import load_file
+
+    copy = copy_run(sinusoid_run[0], tmp_path / "damaged")
+    key = sorted(load_file(copy / "model.safetensors"))[-1]
+    damage(copy / "model.safetensors", key)
+    result = run("eval", copy, "--episodes", "10")
+    assert_one_line_error(result, f"model.safetensors is damaged: {key} holds NaN", "--out")
+    assert "±" not in result.output
+
+
+def test_damaged_resumable_checkpoint_is_refused_and_left_as_it_was(sinusoid_run, tmp_path):
+    from safetensors.torch import load_file
+
+    copy = copy_run(sinusoid_run[0], tmp_path / "damaged")
+    key = next(k for k in sorted(load_file(copy / "state.safetensors")) if "algorithm" in k)
+    damage(copy / "state.safetensors", key)
+    before = {p.name: p.read_bytes() for p in copy.iterdir()}
+    result = run("train", "--resume", copy, "--test-episodes", "0")
+    assert_one_line_error(result, f"state.safetensors is damaged: {key} holds NaN", "resumed")
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
+
+
+@pytest.mark.parametrize("episodes", ["1", "0"])
+@pytest.mark.parametrize("command", ["eval", "compare"])
+def test_fewer_than_two_episodes_are_refused_in_one_line(sinusoid_run, command, episodes):
+    runs = [sinusoid_run[0]] * (2 if command == "compare" else 1)
+    result = run(command, *runs, "--episodes", episodes)
+    assert_one_line_error(result, "--episodes must be at least 2", f"got {episodes}.")
+
+
+@pytest.mark.parametrize("command", ["eval", "compare"])
+def test_one_way_evaluation_is_refused_in_one_line(sinusoid_run, command):
+    runs = [sinusoid_run[0]] * (2 if command == "compare" else 1)
+    result = run(command, *runs, "--ways", "1", "--episodes", "10")
+    assert_one_line_error(result, "--ways must be at least 2")
+
+
+@pytest.fixture(scope="module")
+def folder_protonet_run(tmp_path_factory):
+    """A ProtoNet run folder trained briefly on a small image folder dataset."""
+    from tests.datasets.test_image_folder import make_dataset, train_protonet_on_folder
+
+    root = tmp_path_factory.mktemp("protonet")
+    make_dataset(root / "data")
+    quick = ["--iterations", 4, "--val-every", 2, "--val-episodes", 5, "--test-episodes", 0]
+    result = train_protonet_on_folder(root, 1, *quick, "--image-size", 16)
+    assert result.exit_code == 0, result.output
+    return root / "run", root / "data"
+
+
+def test_a_method_without_steps_reports_none_and_refuses_inner_steps(folder_protonet_run):
+    run_dir, data = folder_protonet_run
+    evaluated = run("eval", run_dir, "--data-root", data, "--episodes", "10")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "meta-test accuracy" in evaluated.output and "inner steps" not in evaluated.output
+    for command in (["eval", run_dir], ["compare", run_dir, run_dir]):
+        result = run(*command, "--data-root", data, "--episodes", "10", "--inner-steps", "5")
+        assert_one_line_error(result, "--inner-steps does not apply", "protonet", "drop")
+
+
+def test_training_episode_errors_name_the_training_options(tmp_path):
+    from tests.datasets.test_image_folder import make_dataset
+
+    make_dataset(tmp_path / "data", classes=8)
+    out = tmp_path / "run"
+    args = ["train", "--algorithm", "protonet", "--dataset", "folder", "--image-size", 16]
+    args += ["--data-root", tmp_path / "data", "--out", out]
+    too_wide = run(*args)  # ProtoNet's training episodes are 60-way by default
+    assert_one_line_error(too_wide, "train part: --train-ways=60", "set --train-ways to 8")
+    assert "--ways 8" not in too_wide.output
+    too_long = run(*args, "--train-ways", 8)  # and have 5 queries a class
+    assert_one_line_error(too_long, "train part:", "lower --shots or --train-queries.")
+    held_out = run(*args, "--train-ways", 8, "--train-queries", 2)  # 15 queries to evaluate
+    assert_one_line_error(held_out, "val part:", "lower --shots or --queries.")
+    assert not out.exists()
+
+
+def test_a_held_out_part_of_one_class_is_refused(tmp_path):
+    import shutil
+
+    from tests.datasets.test_image_folder import make_dataset, train_protonet_on_folder
+
+    make_dataset(tmp_path / "data")
+    for extra in sorted((tmp_path / "data" / "test").iterdir())[1:]:
+        shutil.rmtree(extra)
+    result = train_protonet_on_folder(tmp_path, 1, "--image-size", 16)
+    assert_one_line_error(result, "test part: this split has 1 class", "add classes")
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_of_a_run_stopped_before_validating_advises_resuming_it(tmp_path):
+    from fewshot.training import TrainConfig, train
+
+    class Interrupt(Exception):
+        pass
+
+    def interrupt(record):
+        raise Interrupt
+
+    out = tmp_path / "stopped"
+    config = TrainConfig(iterations=20, val_every=10, val_episodes=5)
+    with pytest.raises(Interrupt):  # at iteration 10's log line, before its validation
+        train(config, out, progress=False, listeners=[interrupt])
+    assert not (out / "model.safetensors").exists()
+    refused = run("eval", out, "--episodes", "10")
+    assert_one_line_error(refused, f"fewshot train --resume {out}")
+    assert "--out" not in refused.output
+    resumed = run("train", "--resume", out, "--test-episodes", "0")  # the advice works
+    assert resumed.exit_code == 0, resumed.output
+    assert run("eval", out, "--episodes", "10").exit_code == 0
+
+
+def test_missing_omniglot_speaks_of_command_line_options_only(tmp_path):
+    result = run(
+        "train", "--dataset", "omniglot", "--data-root", tmp_path / "no", "--out", tmp_path / "r"
+    )
+    assert_one_line_error(result, "Pass --download to fetch it", "--data-root")
+    assert "download=True" not in result.output and "data_root" not in result.output
+    assert not (tmp_path / "r").exists()

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from fewshot import TaskSampler
 from fewshot.datasets.omniglot import omniglot_split
-from fewshot.errors import ConfigError
+from fewshot.errors import ConfigError, DataError
 
 
 def labelled_data(num_classes=10, per_class=8, sizes=None):
@@ -114,6 +114,7 @@ def test_uint8_images_become_floats_in_unit_range():
     "kwargs, message",
     [
         (dict(ways=11, shots=1, queries=1), "ways=11 is larger than the 10 classes"),
+        (dict(ways=1, shots=1, queries=1), "ways=1 makes episodes of one class.*set ways to 2"),
         (dict(ways=5, shots=5, queries=4), r"shots \+ queries = 9 is more than the 8 examples"),
         (dict(ways=0, shots=1, queries=1), "ways must be positive"),
         (dict(ways=5, shots=-1, queries=1), "shots must be positive"),
@@ -123,6 +124,25 @@ def test_impossible_requests_get_one_clear_error(kwargs, message):
     inputs, labels = labelled_data()
     with pytest.raises(ConfigError, match=message):
         TaskSampler(inputs, labels, **kwargs)
+
+
+def test_messages_name_the_options_the_caller_gives():
+    inputs, labels = labelled_data(num_classes=8)
+    training = {"ways": "--train-ways", "queries": "--train-queries"}
+    with pytest.raises(ConfigError) as refused:
+        TaskSampler(inputs, labels, ways=60, shots=1, queries=1, option_names=training)
+    assert str(refused.value) == (
+        "--train-ways=60 is larger than the 8 classes in this split; set --train-ways to 8 or "
+        "fewer."
+    )
+    with pytest.raises(ConfigError, match=r"lower shots or --train-queries\.$"):
+        TaskSampler(inputs, labels, ways=5, shots=4, queries=5, option_names=training)
+
+
+def test_data_of_one_class_is_refused():
+    inputs, labels = labelled_data(num_classes=1)
+    with pytest.raises(DataError, match="has 1 class.*needs at least 2"):
+        TaskSampler(inputs, labels, ways=2, shots=1, queries=1)
 
 
 @settings(max_examples=60, deadline=None)
@@ -138,10 +158,10 @@ def test_sampler_invariants_or_clear_error_for_any_sizes(
     num_classes, per_class, ways, shots, queries, seed
 ):
     inputs, labels = labelled_data(num_classes, per_class)
-    valid = ways > 0 and shots > 0 and queries > 0 and ways <= num_classes
+    valid = ways > 1 and shots > 0 and queries > 0 and ways <= num_classes
     valid = valid and shots + queries <= per_class
     if not valid:
-        with pytest.raises(ConfigError):
+        with pytest.raises((ConfigError, DataError)):
             TaskSampler(inputs, labels, ways, shots, queries)
         return
     tasks = TaskSampler(inputs, labels, ways, shots, queries).sample(

@@ -121,5 +121,5 @@ def test_class_smaller_than_shots_plus_queries_is_one_line(tmp_path):
     make_dataset(tmp_path / "data", per_class=3)
     result = train_protonet_on_folder(tmp_path, 2)
     assert result.exit_code == 2
-    assert "shots + queries = 4 is more than the 3 examples" in result.output
+    assert "--shots + --train-queries = 4 is more than the 3 examples" in result.output
     assert result.output.count("\n") == 1 and not (tmp_path / "run").exists()

@@ -62,9 +62,13 @@ def test_second_load_comes_from_the_cache(omniglot_root):
     assert torch.equal(cached.images[:100], og.load_omniglot(omniglot_root).images[:100])
 
 
-def test_missing_folder_says_how_to_get_omniglot(tmp_path):
-    with pytest.raises(DataError, match="Pass --download .* or point --data-root"):
+def test_missing_folder_says_how_to_get_omniglot_in_each_interface_s_words(tmp_path):
+    with pytest.raises(DataError, match="Pass download=True .* or point data_root") as refused:
         og.load_omniglot(tmp_path / "nowhere")
+    python, command_line = str(refused.value), refused.value.cli_message
+    assert "--" not in python  # no command-line option in the Python API's message
+    assert "Pass --download " in command_line and "--data-root" in command_line
+    assert "download=True" not in command_line and "data_root" not in command_line
 
 
 def test_truncated_zip_is_refused_in_one_line(tmp_path, omniglot_root, monkeypatch):

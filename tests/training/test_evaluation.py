@@ -1,10 +1,12 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from fewshot.algorithms.base import Algorithm
 from fewshot.datasets.sinusoid import SinusoidTasks
+from fewshot.errors import ConfigError
 from fewshot.tasks import TaskSampler, stream_generator
 from fewshot.training.evaluation import evaluate
 
@@ -96,3 +98,32 @@ def test_a_finite_validation_replaces_a_nan_best():
     assert is_better(finite, nan)
     assert not is_better(nan, finite)
     assert is_better(EvalResult("accuracy", 0.5, 0.1, 10, 1), EvalResult("accuracy", 0.4, 0, 10, 1))
+
+
+@pytest.mark.parametrize("episodes", [0, -3])
+def test_no_episodes_is_a_clear_error(episodes):
+    with pytest.raises(ConfigError, match=f"episodes must be positive, got {episodes}"):
+        evaluate(Peek(), sampler(), episodes=episodes)
+
+
+def test_one_episode_says_it_has_no_interval_instead_of_nan():
+    result = evaluate(Peek(), sampler(), episodes=1)
+    assert result.episodes == 1 and math.isclose(result.mean, 0.75)
+    text = str(result)
+    assert "nan" not in text and "±" not in text
+    assert text == "accuracy 75.00% (1 episode: too few for a confidence interval)"
+    assert "± 0.00% (95% CI, 2 episodes)" in str(evaluate(Peek(), sampler(), episodes=2))
+
+
+class Stepped(Peek):
+    """Peek with the attribute of methods that adapt by steps."""
+
+    eval_inner_steps = 3
+
+
+def test_only_methods_that_adapt_by_steps_report_steps():
+    assert evaluate(Peek(), sampler(), episodes=5, inner_steps=5).inner_steps is None
+    assert "inner steps" not in str(evaluate(Peek(), sampler(), episodes=5, inner_steps=5))
+    assert evaluate(Stepped(), sampler(), episodes=5).inner_steps == 3
+    stepped = evaluate(Stepped(), sampler(), episodes=5, inner_steps=5)
+    assert stepped.inner_steps == 5 and str(stepped).endswith("after 5 inner steps")

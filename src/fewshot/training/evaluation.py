@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from fewshot.algorithms.base import Algorithm
+from fewshot.errors import require_positive
 from fewshot.progress import progress_bar
 from fewshot.tasks import stream_generator
 
@@ -40,10 +41,12 @@ class EvalResult:
     def __str__(self) -> str:
         steps = "" if self.inner_steps is None else f" after {self.inner_steps} inner steps"
         if self.metric == "accuracy":
-            value = f"{100 * self.mean:.2f}% ± {100 * self.ci95:.2f}%"
+            value, spread = f"{100 * self.mean:.2f}%", f"{100 * self.ci95:.2f}%"
         else:
-            value = f"{self.mean:.4f} ± {self.ci95:.4f}"
-        return f"{self.metric} {value} (95% CI, {self.episodes} episodes){steps}"
+            value, spread = f"{self.mean:.4f}", f"{self.ci95:.4f}"
+        if self.episodes < 2:  # one score has no spread: say so rather than print "± nan"
+            return f"{self.metric} {value} (1 episode: too few for a confidence interval){steps}"
+        return f"{self.metric} {value} ± {spread} (95% CI, {self.episodes} episodes){steps}"
 
 
 def episode_scores(predictions: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
@@ -84,6 +87,7 @@ def evaluate_episodes(
     the order in which a support set is read) come from torch's generator seeded from `seed`
     too, and the caller's generator state is left as it was.
     """
+    require_positive(episodes=episodes)
     generator = stream_generator("eval", seed)
     was_training = algorithm.training
     algorithm.eval()
@@ -106,8 +110,22 @@ def evaluate_episodes(
     scores = torch.cat(scores).double()
     ci95 = 1.96 * scores.std().item() / math.sqrt(len(scores)) if len(scores) > 1 else float("nan")
     metric = "mse" if batch.query_y.is_floating_point() else "accuracy"
-    steps = getattr(algorithm, "eval_inner_steps", None) if inner_steps is None else inner_steps
+    steps = reported_steps(algorithm, inner_steps)
     return EvalResult(metric, scores.mean().item(), ci95, len(scores), steps), scores
+
+
+def adapts_by_steps(algorithm: Algorithm) -> bool:
+    """Whether the method adapts by a number of steps (gradient-based and fine-tuning methods,
+    which have `eval_inner_steps`); the others (metric methods) ignore `inner_steps`."""
+    return hasattr(algorithm, "eval_inner_steps")
+
+
+def reported_steps(algorithm: Algorithm, inner_steps: int | None) -> int | None:
+    """The adaptation steps a result states: `inner_steps` or the method's own, and none for
+    a method without steps (it ignored them)."""
+    if not adapts_by_steps(algorithm):
+        return None
+    return algorithm.eval_inner_steps if inner_steps is None else inner_steps
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,7 @@ def load_state(path: Path) -> TrainingState:
         with safe_open(str(path), framework="pt") as f:
             document = json.loads((f.metadata() or {})["state"])
             tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+        refuse_non_finite(path, tensors)
         return TrainingState(
             iteration=document["iteration"],
             algorithm=_unpack(document["algorithm"], tensors),
@@ -95,6 +96,27 @@ def load_state(path: Path) -> TrainingState:
         )
     except (SafetensorError, OSError, KeyError, ValueError, TypeError) as error:
         raise CheckpointError(f"{path} is not a readable fewshot checkpoint ({error}).") from None
+
+
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first tensor holding NaN or inf, None if all are finite: training
+    never saves such weights or checkpoints (it stops before a non-finite update), so a file
+    that holds them is damaged."""
+    for name, tensor in tensors.items():
+        if not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+def refuse_non_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A checkpoint with NaN or inf anywhere is damaged (training never saves one): resuming
+    it would only continue from garbage."""
+    damaged = first_non_finite(tensors)
+    if damaged is not None:
+        raise CheckpointError(
+            f"{path} is damaged: {damaged} holds NaN or infinite values, so the run cannot be "
+            f"resumed; train it again with `fewshot train --out NEW_RUN`."
+        )
 
 
 def _pack(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
