@@ -218,6 +218,9 @@ def test_one_clear_line_for_each_bad_input(tmp_path):
         "--support", support, "--predict", query, "--output", tmp_path / "out.txt"
     )
     assert not (tmp_path / "out.txt").exists()
+    assert "--inner-steps does not apply" in error_of(  # ProtoNet adapts without steps
+        "--support", support, "--predict", query, "--inner-steps", 3
+    )
     many = tmp_path / "many"
     for c in "abcdef":
         drawing(many / c / "1.png")
@@ -241,11 +244,12 @@ def test_fewer_classes_than_a_fixed_head_predict_among_the_supports_classes(tmp_
     method = fewshot.load(MAML)
     support, inverted = method.preprocessing.read_support(tmp_path / "support")
     assert inverted == [True] * 6
-    predictor = method.adapt(support)
-    probabilities = predictor.probabilities(support.x)
+    probabilities = method.adapt(support).probabilities(support.x)
     assert probabilities.shape == (6, 3)
-    torch.testing.assert_close(probabilities.sum(-1), torch.ones(6))
-    assert set(predictor.predict(support.x)) <= {"a", "b", "c"}
+    # the head's first three outputs, those the support's labels 0..2 adapted
+    logits = method.adapt_tasks(support.x[None], support.y[None])(support.x[None])[0]
+    assert logits.shape == (6, 5)
+    torch.testing.assert_close(probabilities, torch.softmax(logits[:, :3], -1))
 
 
 @pytest.mark.parametrize("run", [PROTONET, MAML], ids=["protonet", "maml"])
@@ -315,3 +319,42 @@ def test_a_colour_folder_run_records_its_dark_background_and_keeps_photos_on_bla
     gray = save(Image.new("L", (24, 24), 0), tmp_path / "gray.png")
     with pytest.raises(fewshot.errors.DataError, match="is a grayscale image but the model"):
         method.preprocessing.read(gray)
+
+
+def test_a_transductive_prediction_normalises_all_the_images_together(tmp_path):
+    """Beyond the inductive policy's chunks of 64: 70 images are one batch, as the policy says."""
+    rng = np.random.default_rng(4)
+    images = torch.from_numpy(rng.random((80, 1, 28, 28), dtype=np.float32))
+    support = fewshot.Support(images[:10], torch.arange(5).repeat(2), list("abcde"))
+    method = fewshot.load(MAML, batch_norm="transductive")
+    predicted = method.adapt(support)(images[10:])
+    expected = method.adapt_tasks(support.x[None], support.y[None])(images[None, 10:])[0]
+    torch.testing.assert_close(predicted, expected)
+
+
+def test_transparent_images_are_read_alike_for_training_and_adapting(tmp_path):
+    """Black strokes on a transparent background: white where transparent, in both readers."""
+    from fewshot.datasets.image_folder import load_image_folder
+
+    rgba = np.zeros((40, 40, 4), np.uint8)
+    rgba[10:30, 18:22, 3] = 255  # opaque black strokes, the rest transparent black
+    for c in ("a", "b"):
+        save(Image.fromarray(rgba), tmp_path / "folder" / c / "1.png")
+    trained, _, _ = load_image_folder(tmp_path / "folder", image_size=28, channels=1)
+    read, inverted = Preprocessing(28, 1, None).read(tmp_path / "folder" / "a" / "1.png")
+    assert torch.equal(read, trained[0])
+    assert int(read[0, 0, 0]) == 255 and not inverted
+
+
+@pytest.mark.parametrize(
+    "x, y, classes, message",
+    [
+        (torch.zeros(3, 2), torch.tensor([0, 1]), ["a", "b"], "3 inputs has 2 labels"),
+        (torch.zeros(2, 2), torch.tensor([0, 0]), ["a"], "at least 2 classes"),
+        (torch.zeros(2, 2), torch.tensor([0, 2]), ["a", "b"], "must lie in 0..1"),
+        (torch.zeros(2, 2), torch.tensor([0, 0]), ["a", "b"], "class 'b' has no example"),
+    ],
+)
+def test_a_support_set_is_checked(x, y, classes, message):
+    with pytest.raises(fewshot.errors.DataError, match=message):
+        fewshot.Support(x, y, classes)

@@ -48,4 +48,4 @@ def test_a_training_log_holds_no_carriage_returns(tmp_path):
          "--test-episodes", "10", "--out", str(tmp_path / "run")],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "\r" not in result.output and "evaluating" not in result.output  # lasted < 30 s
+    assert "\r" not in result.output

@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import sys
+import time
 import typing
 from collections.abc import Iterator
 from dataclasses import fields
@@ -23,13 +24,20 @@ import torch
 from fewshot.algorithms import METHODS
 from fewshot.algorithms.base import BATCH_NORM_POLICIES
 from fewshot.algorithms.registry import default_text
-from fewshot.datasets.preprocessing import INVERT_CHOICES, image_files
+from fewshot.datasets.images import image_files
+from fewshot.datasets.preprocessing import INVERT_CHOICES
 from fewshot.devices import AUTO, resolve_device
 from fewshot.errors import ConfigError, DataError, FewshotError
-from fewshot.files import atomic_write
+from fewshot.files import atomic_write_text
+from fewshot.progress import format_table
 from fewshot.training.checkpoint import read_config
 from fewshot.training.config import DATASETS, TrainConfig
-from fewshot.training.evaluation import evaluate, evaluate_episodes, paired_difference
+from fewshot.training.evaluation import (
+    adapts_by_steps,
+    evaluate,
+    evaluate_episodes,
+    paired_difference,
+)
 from fewshot.training.loop import load, load_run, override_test_episodes, train
 from fewshot.training.tensorboard import TensorBoardLogger
 
@@ -53,7 +61,7 @@ def one_line_errors() -> Iterator[None]:
     except FewshotError as error:
         if click.get_current_context().find_root().params.get("debug"):
             raise
-        click.echo(f"{error.prefix}: {error}", err=True)
+        click.echo(f"{error.prefix}: {error.cli_message}", err=True)
         raise SystemExit(error.exit_code) from None
 
 
@@ -134,7 +142,10 @@ def evaluation_options(command):
         ),
         click.option("--download", is_flag=True, help="Fetch missing Omniglot zips."),
         click.option(
-            "--episodes", default=600, type=click.IntRange(min=1), help="Meta-test episodes."
+            "--episodes",
+            default=600,
+            type=int,
+            help="Meta-test episodes (at least 2, for a confidence interval).",
         ),
         click.option(
             "--inner-steps",
@@ -150,7 +161,7 @@ def evaluation_options(command):
             click.option(
                 f"--{name}",
                 default=None,
-                type=click.IntRange(min=1),
+                type=int,  # checked in one line: check_evaluation_request, load_run
                 help=f"Test episodes' {what} [default: the run's].",
             )
             for name, what in (
@@ -288,6 +299,13 @@ def training_options(skip: tuple[str, ...] = ()):
         "seed": click.option(
             "--seed", default=0, type=int, help="Seed for initialisation and task sampling."
         ),
+        "init": click.option(
+            "--init",
+            type=click.Path(file_okay=False),
+            default=None,
+            help="Start from the best weights of this run (the same method and network), with a "
+            "new optimizer and schedule.",
+        ),
         "config_file": click.option(
             "--config",
             "config_file",
@@ -312,8 +330,9 @@ def training_options(skip: tuple[str, ...] = ()):
         "out": click.option(
             "--out",
             type=click.Path(file_okay=False, path_type=Path),
-            default=Path("runs/latest"),
-            help="Run folder to create: config.json, metrics.jsonl, model.safetensors.",
+            default=None,
+            help="Run folder to create (new or empty): config.json, metrics.jsonl, "
+            "model.safetensors [default: a new folder runs/ALGORITHM-DATASET-TIMESTAMP].",
         ),
         "tensorboard": click.option(
             "--tensorboard",
@@ -373,45 +392,47 @@ def main(debug: bool) -> None:
 @training_options()
 @friendly_errors
 def train_command(
-    data_root,
-    download,
-    test_episodes,
-    device,
-    threads,
-    out,
-    config_file,
-    resume,
-    tensorboard,
-    **options,
+    data_root, download, device, threads, out, config_file, resume, tensorboard, **options
 ):
     """Meta-train a model and write a run folder with the best checkpoint.
 
     Ctrl-C (or SIGTERM) stops after the current iteration with a checkpoint; `--resume RUN_DIR`
-    continues from it.
+    continues from it (with `--iterations N`, a finished run is extended to N).
     """
     given = explicitly_given(options)
     if resume is not None:
-        if given or config_file is not None:
-            flags = ", ".join(f"--{name.replace('_', '-')}" for name in sorted(given))
+        refused = given - {"iterations", "test_episodes"}
+        if refused or config_file is not None:
+            flags = ", ".join(f"--{name.replace('_', '-')}" for name in sorted(refused))
             raise ConfigError(
-                f"--resume continues {resume} with the settings in its config.json; drop "
-                f"{flags or '--config'}."
+                f"--resume continues {resume} with the settings in its config.json (only "
+                f"--iterations may extend it); drop {flags or '--config'}."
             )
         out, config = resume, read_config(resume)
     else:
         base = read_config_file(config_file) if config_file else {}
+        own = command_options_from_file(
+            base, data_root=data_root, download=download, device=device, threads=threads,
+            out=out, tensorboard=tensorboard,
+        )  # fmt: skip
+        data_root, download, device = own["data_root"], own["download"], own["device"]
+        threads, out, tensorboard = own["threads"], own["out"], own["tensorboard"]
         config = TrainConfig.from_dict({**base, **{k: options[k] for k in given}})
-    resolved = config.resolved(device)
-    set_threads(resolved.dataset, threads)
+        out = out or fresh_run_folder(config)
+    set_threads(config.dataset, threads)
     listeners = [TensorBoardLogger(out)] if tensorboard else []
+    extend_to = options["iterations"] if resume is not None and "iterations" in given else None
     try:
         algorithm, sources, best = train(
-            config, out, data_root, download, device, resume=resume is not None, listeners=listeners
-        )
+            config, out, data_root, download, device, resume=resume is not None,
+            listeners=listeners, iterations=extend_to,
+        )  # fmt: skip
     finally:
         for listener in listeners:
             listener.close()
     click.echo(f"best validation: {best}")
+    resolved = read_config(out)
+    test_episodes = options["test_episodes"] if "test_episodes" in given else resolved.test_episodes
     if test_episodes > 0:
         report = test_report(
             algorithm, resolved, sources.test, test_episodes, TEST_SEED, None, device
@@ -419,6 +440,32 @@ def train_command(
         for line in report["lines"]:
             click.echo(f"meta-test {line}")
     click.echo(f"run folder: {out}")
+
+
+def command_options_from_file(values: dict, **current) -> dict:
+    """The command's own options (data root, device, threads, run folder, ...) with the values
+    a --config file holds for them, where the command line did not give them; those keys are
+    taken out of `values`, which keeps the training settings."""
+    context = click.get_current_context()
+    params = {p.name: p for p in context.command.params}
+    for name in current:
+        if name not in values:
+            continue
+        value = values.pop(name)
+        if context.get_parameter_source(name) is click.core.ParameterSource.DEFAULT:
+            try:
+                current[name] = params[name].process_value(context, value)
+            except click.BadParameter as error:
+                raise ConfigError(f"the config file's {name}: {error.format_message()}") from None
+    return current
+
+
+def fresh_run_folder(config: TrainConfig) -> Path:
+    """A new folder under runs/ for a run given no --out: ALGORITHM-DATASET-TIMESTAMP."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{config.algorithm}-{config.dataset}-{stamp}"
+    candidates = (base.with_name(f"{base.name}-{n}") if n else base for n in itertools.count())
+    return next(path for path in candidates if not path.exists())
 
 
 def set_threads(dataset: str, threads: int | None) -> None:
@@ -574,7 +621,9 @@ def eval_command(
     run_dir, data_root, download, episodes, inner_steps, batch_norm, seed, device, as_json, **shape
 ):
     """Meta-test accuracy (or MSE) ± 95% CI of RUN_DIR's best checkpoint on held-out classes."""
+    check_evaluation_request(episodes, shape)
     config, algorithm, sources = load_run(run_dir, data_root, download, device, batch_norm, shape)
+    check_inner_steps_apply(inner_steps, run_dir, config.algorithm, algorithm)
     set_threads(config.dataset, None)
     report = test_report(algorithm, config, sources.test, episodes, seed, inner_steps, device)
     lines = report.pop("lines")
@@ -584,6 +633,31 @@ def eval_command(
         click.echo(f"{config.algorithm}, batch norm: {BATCH_NORM_NOTES[algorithm.batch_norm]}")
         for line in lines:
             click.echo(f"meta-test {line}")
+
+
+def check_evaluation_request(episodes: int, shape: dict) -> None:
+    """Refuse, before any loading, an evaluation that cannot report anything meaningful: one
+    episode has no confidence interval, and a one-way episode cannot be answered wrongly."""
+    if episodes < 2:
+        raise ConfigError(
+            f"--episodes must be at least 2 (a confidence interval needs two scores), got "
+            f"{episodes}."
+        )
+    if shape.get("ways") is not None and shape["ways"] < 2:
+        raise ConfigError(
+            f"--ways must be at least 2 (every answer in a one-class episode is right), got "
+            f"{shape['ways']}."
+        )
+
+
+def check_inner_steps_apply(inner_steps: int | None, run_dir: Path, name: str, algorithm) -> None:
+    """--inner-steps sets how many steps a method adapts by; refused for a method that has no
+    steps (a metric method), rather than ignored while the result claims them."""
+    if inner_steps is not None and not adapts_by_steps(algorithm):
+        raise ConfigError(
+            f"--inner-steps does not apply to {run_dir}: {name} adapts without steps; drop "
+            "--inner-steps."
+        )
 
 
 @main.command(name="compare")
@@ -600,13 +674,14 @@ def compare_command(
     """
     if len(run_dirs) < 2:
         raise click.BadParameter("give at least two run folders", param_hint="RUN_DIRS")
-    if episodes < 2:
-        raise click.BadParameter("a paired test needs at least 2", param_hint="--episodes")
+    check_evaluation_request(episodes, shape)
     configs = [read_config(run_dir) for run_dir in run_dirs]
     for config in configs:
         override_test_episodes(config, shape)
     episodes_shape = check_same_episodes(run_dirs, configs)
     loaded = [load_run(run_dir, data_root, download, device, episode=shape) for run_dir in run_dirs]
+    for run_dir, (config, algorithm, _) in zip(run_dirs, loaded):
+        check_inner_steps_apply(inner_steps, run_dir, config.algorithm, algorithm)
     set_threads(loaded[0][0].dataset, None)
     scores, runs = [], []
     for run_dir, (config, algorithm, sources) in zip(run_dirs, loaded):
@@ -748,8 +823,12 @@ def adapt_command(
         raise ConfigError(f"--output {output}: write to a .csv or a .json file.")
     paths = query_files([*predict, *images])
     method = load(run_dir, device, batch_norm)
+    check_inner_steps_apply(inner_steps, run_dir, type(method).__name__, method)
     if method.preprocessing is None:
-        raise ConfigError(f"{run_dir} is a sinusoid regression run; adapt reads images.")
+        raise ConfigError(
+            f"{run_dir} was trained on --dataset {read_config(run_dir).dataset}; adapt reads "
+            "images, for runs trained on Omniglot or an image folder."
+        )
     support_set, support_inverted = method.preprocessing.read_support(support, invert, convert)
     queries, inverted = method.preprocessing.read_images(paths, invert, convert)
     with torch.random.fork_rng(devices=[]):
@@ -787,7 +866,7 @@ def query_files(paths: list[Path]) -> list[Path]:
     files = []
     for path in paths:
         if path.is_dir():
-            files.extend(image_files(path))
+            files.extend(image_files(path, recursive=True))
         elif path.is_file():
             files.append(path)
         else:
@@ -804,10 +883,7 @@ def prediction_table(rows: list[dict], classes: list[str]) -> str:
         [r["image"], r["prediction"], *(f"{r['probabilities'][c]:.3f}" for c in classes)]
         for r in rows
     ]
-    widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in [header, *lines]
-    )
+    return format_table(header, lines)
 
 
 def write_predictions(path: Path, rows: list[dict], classes: list[str]) -> None:
@@ -823,7 +899,7 @@ def write_predictions(path: Path, rows: list[dict], classes: list[str]) -> None:
             probabilities = [f"{r['probabilities'][c]:.6f}" for c in classes]
             writer.writerow([r["image"], r["prediction"], int(r["inverted"]), *probabilities])
         text = buffer.getvalue()
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write_text(path, text)
 
 
 @main.command(name="methods")

@@ -5,10 +5,19 @@ The command line prints these without a traceback; everything else is a bug and 
 
 
 class FewshotError(Exception):
-    """Base class for errors caused by the user's input, data or files."""
+    """Base class for errors caused by the user's input, data or files.
+
+    `cli_message` is the message in the command line's words where advice differs between
+    it and the Python API (`--download` there, `download=True` here); the command line
+    prints it, Python shows the message itself.
+    """
 
     exit_code = 2
     prefix = "error"
+
+    def __init__(self, message: str, cli_message: str | None = None) -> None:
+        super().__init__(message)
+        self.cli_message = message if cli_message is None else cli_message
 
 
 class DataError(FewshotError):
@@ -25,6 +34,13 @@ class CheckpointError(FewshotError):
 
 class DivergenceError(FewshotError):
     """The loss or a gradient stopped being finite during meta-training."""
+
+
+class NothingToDo(FewshotError):
+    """A request that leaves nothing to do, such as resuming a finished run; not a failure."""
+
+    exit_code = 0
+    prefix = "note"
 
 
 class RunStopped(FewshotError):

@@ -28,6 +28,11 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
             os.remove(tmp)
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """`atomic_write` of UTF-8 text."""
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -9,7 +9,6 @@ only to draw, so `import fewshot` does not need it.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import textwrap
 from collections.abc import Callable, Iterator, Sequence
@@ -21,9 +20,9 @@ import torch
 
 from fewshot.algorithms import Algorithm, GradientLearner, Reptile, TransferLearner, get_method
 from fewshot.datasets.sinusoid import INPUT_RANGE, SinusoidTasks, sinusoid
-from fewshot.errors import CheckpointError, FewshotError
+from fewshot.errors import FewshotError
 from fewshot.tasks import Task, stream_generator
-from fewshot.training.checkpoint import METRICS_FILE
+from fewshot.training import checkpoint
 from fewshot.training.config import TrainConfig
 from fewshot.training.evaluation import EPISODES_PER_DRAW, evaluate
 from fewshot.training.factory import build_algorithm
@@ -60,21 +59,9 @@ class TrainingCurves:
     validation: ValidationCurve | None
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The records of a run's metrics.jsonl, skipping a last line cut short by a kill."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{run_dir} has no {METRICS_FILE}; is it a run folder?")
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            records.append(json.loads(line))
-    return records
-
-
 def read_training_curves(run_dir: Path) -> TrainingCurves:
     """Training and validation curves of a run, as logged."""
-    records = read_metrics(run_dir)
+    records = checkpoint.read_metrics(run_dir)
     train = [r for r in records if "split" not in r]
     logged = [name for name in TRAINING_METRICS if any(name in r for r in train)]
     metrics = {name: [float(r.get(name, math.nan)) for r in train] for name in logged}
@@ -576,7 +563,7 @@ def write_plots(
     curves.png always; adaptation.png for methods that adapt by gradient steps (0..`steps`
     steps on `episodes` test episodes of `seed`: the run, its random initialisation, and the
     `baseline` run if given); sinusoid.png for sinusoid runs (the run and the baseline beside
-    it after 0, 1 and `steps` steps); episode.png for classification runs. The baseline must
+    it after 0, 1 and `steps` steps); episode.png for image classification runs. The baseline must
     be evaluated on the same episodes (the command line checks). `report` gets a line for
     each file written or figure skipped.
     """
@@ -605,6 +592,8 @@ def write_plots(
                 f"run with K = {run.config.shots}) to draw a pretrained and fine-tuned model "
                 "beside it"
             )
+    elif run.config.dataset == "csv":
+        report("episode.png: not drawn, a table's rows are not images")
     else:
         wrote(write_episode(run, out, seed))
     return written

@@ -1,4 +1,5 @@
-"""Progress of long work (training, evaluation, tuning, dataset preparation), with the time left.
+"""Console output of long work: progress (training, evaluation, tuning, dataset preparation)
+with the time left, and plain tables.
 
 On a terminal it is a tqdm bar redrawn in place. Anywhere else (a log file, a cluster job's
 output) redrawing would pile thousands of carriage-return frames into one line, so it prints a
@@ -77,4 +78,12 @@ def progress_bar(
         delay=interval,  # work shorter than that leaves no line, and none says "0%, ? left"
         bar_format=PLAIN_FORMAT,
         **common,
+    )
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    """Left-aligned columns two spaces apart, a header line first (for trials, predictions)."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in [header, *rows]
     )

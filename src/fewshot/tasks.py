@@ -50,6 +50,19 @@ class Support:
     y: torch.Tensor
     classes: list[str]
 
+    def __post_init__(self) -> None:
+        if len(self.x) != len(self.y):
+            raise DataError(f"a support set of {len(self.x)} inputs has {len(self.y)} labels.")
+        if len(self.classes) < 2:
+            raise DataError(f"a support set needs at least 2 classes, got {len(self.classes)}.")
+        counts = torch.bincount(self.y, minlength=len(self.classes))
+        if len(counts) > len(self.classes) or int(self.y.min()) < 0:
+            raise DataError(f"support labels must lie in 0..{len(self.classes) - 1}.")
+        if (counts == 0).any():
+            empty = self.classes[int((counts == 0).nonzero()[0])]
+            raise DataError(f"class {empty!r} has no example in the support set.")
+        object.__setattr__(self, "x", as_float(self.x))  # uint8 images scale to [0, 1]
+
 
 class TaskSampler:
     """Draws N-way K-shot episodes with Q queries per class from a labelled dataset in memory.
@@ -62,27 +75,25 @@ class TaskSampler:
         inputs: examples, shape (n, ...); images may be uint8 and are scaled to [0, 1] floats.
         labels: integer class of each example, shape (n,).
         ways, shots, queries: N, K and Q.
+        option_names: what error messages call "ways", "shots" and "queries" (the command
+            line's options, e.g. "--train-ways" for training episodes) [default: as here].
     """
 
     def __init__(
-        self, inputs: torch.Tensor, labels: torch.Tensor, ways: int, shots: int, queries: int
+        self,
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+        ways: int,
+        shots: int,
+        queries: int,
+        option_names: dict[str, str] | None = None,
     ) -> None:
         require_positive(ways=ways, shots=shots, queries=queries)
         if len(inputs) != len(labels):
             raise DataError(f"got {len(inputs)} inputs but {len(labels)} labels.")
         classes, labels = torch.unique(labels, return_inverse=True)
         counts = torch.bincount(labels, minlength=len(classes))
-        if ways > len(classes):
-            raise ConfigError(
-                f"ways={ways} is larger than the {len(classes)} classes in this split; "
-                f"use --ways {len(classes)} or fewer."
-            )
-        needed = shots + queries
-        if needed > int(counts.min()):
-            raise ConfigError(
-                f"shots + queries = {needed} is more than the {int(counts.min())} examples of the "
-                "smallest class; lower --shots or --queries."
-            )
+        check_episode_fits(ways, shots, queries, counts, option_names)
         order = torch.argsort(labels, stable=True)
         self.inputs = inputs[order]
         self.counts = counts
@@ -185,6 +196,41 @@ class ExampleSampler:
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> Batch:
         picks = torch.randint(len(self.inputs), (batch_size,), generator=generator)
         return Batch(as_float(self.inputs[picks]), self.labels[picks])
+
+
+def check_episode_fits(
+    ways: int,
+    shots: int,
+    queries: int,
+    counts: torch.Tensor,
+    option_names: dict[str, str] | None = None,
+) -> None:
+    """Refuse episodes that data of `counts` examples per class cannot fill, or that cannot be
+    answered wrongly (one way), naming the options to change as `option_names` calls them."""
+    names = {"ways": "ways", "shots": "shots", "queries": "queries", **(option_names or {})}
+    w, s, q = names["ways"], names["shots"], names["queries"]
+    if ways < 2:  # every answer in a one-class episode is right: 100% that means nothing
+        raise ConfigError(
+            f"{w}={ways} makes episodes of one class, which every model gets right; set {w} "
+            "to 2 or more."
+        )
+    classes = len(counts)
+    if classes < 2:
+        raise DataError(
+            f"this split has {classes} class(es), and an episode needs at least 2 to choose "
+            "between; add classes to it."
+        )
+    if ways > classes:
+        raise ConfigError(
+            f"{w}={ways} is larger than the {classes} classes in this split; set {w} to "
+            f"{classes} or fewer."
+        )
+    smallest = int(counts.min())
+    if shots + queries > smallest:
+        raise ConfigError(
+            f"{s} + {q} = {shots + queries} is more than the {smallest} examples of the smallest "
+            f"class; lower {s} or {q}."
+        )
 
 
 def _has_repeat_per_row(values: torch.Tensor) -> bool:

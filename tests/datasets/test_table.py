@@ -67,6 +67,7 @@ def test_classes_are_split_disjointly_and_features_standardised_by_the_training_
         ("a,kind\n1,x\n1,2,3\n", "line 3: 3 values, the header has 2"),
         ("a,kind\n", "has no data rows below its header"),
         ("kind\nx\n", "has no feature column besides 'kind'"),
+        ("a,kind\n1,x\n2, \n", "line 3: the 'kind' value is missing"),
     ],
 )
 def test_bad_tables_are_refused_with_one_line(tmp_path, text, message):
@@ -135,3 +136,27 @@ def test_csv_options_are_checked(tmp_path):
         "--algorithm", "relationnet",
     )  # fmt: skip
     assert not (tmp_path / "r").exists()
+
+
+def test_a_file_that_is_not_csv_text_is_refused_with_one_line(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_bytes(b"a,kind\n\xff\xfe1,x\n")
+    with pytest.raises(DataError, match="is not a readable CSV file .*save it as UTF-8"):
+        load_table(path, "kind")
+
+
+def test_plot_and_adapt_on_a_table_run(tmp_path):
+    table = write_table(tmp_path / "t.csv")
+    run = train(tmp_path, table, "run", "--algorithm", "maml", "--shots", "1", "--queries", "2",
+                "--iterations", "10")  # fmt: skip
+    result = CliRunner().invoke(
+        main, ["plot", str(run), "--data-root", str(table), "--episodes", "5", "--steps", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "episode.png: not drawn, a table's rows are not images" in result.output
+    assert (run / "plots" / "adaptation.png").is_file()
+    result = CliRunner().invoke(
+        main, ["adapt", str(run), "--support", str(tmp_path), "--predict", str(table)]
+    )
+    assert result.exit_code == 2
+    assert "was trained on --dataset csv; adapt reads images" in result.output

@@ -92,8 +92,12 @@ def test_each_method_resolves_to_its_papers_defaults_on_each_dataset(method, dat
     assert config["batch_norm"] == get_method(method).batch_norm
     # None on purpose: the pretraining head's size comes from the training data when the run
     # starts; Matching Networks' processing steps follow each support set's size; a table's
-    # label column and feature count exist only for --dataset csv
-    unset = ("time_limit", "classes", "processing_steps", "label_column", "features")
+    # label column and feature count exist only for --dataset csv; the data folder is recorded
+    # when a run starts; init names a run to start from, when asked
+    unset = (
+        "time_limit", "classes", "processing_steps", "label_column", "features", "data_root",
+        "init",
+    )  # fmt: skip
     assert None not in (config[k] for k in config if k not in unset)
 
 
@@ -102,3 +106,14 @@ def test_a_null_in_a_config_file_means_the_default():
         {"algorithm": "reptile", "dataset": "omniglot", "final_outer_lr": None, "inner_batch": None}
     ).resolved()
     assert config.settings.final_outer_lr == 0.0 and config.settings.inner_batch == 10
+
+
+@pytest.mark.parametrize("ways", ["ways", "train_ways"])
+@pytest.mark.parametrize("dataset", ["omniglot", "folder"])
+def test_one_way_classification_is_refused(dataset, ways):
+    with pytest.raises(ConfigError, match=f"^{ways} must be at least 2 .* got 1"):
+        TrainConfig(algorithm="protonet", dataset=dataset, **{ways: 1}).resolved()
+
+
+def test_sinusoid_regression_has_no_ways_to_refuse():
+    assert TrainConfig(dataset="sinusoid", ways=1).resolved().train_ways == 1

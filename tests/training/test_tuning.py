@@ -253,3 +253,21 @@ def test_importing_fewshot_does_not_import_optuna():
     code = f"import sys, {modules}; print('optuna' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_missing_data_and_stale_trial_folders_are_refused_before_any_trial(tmp_path):
+    study = tmp_path / "study"
+    result = CliRunner().invoke(
+        main,
+        ["tune", "--dataset", "folder", "--data-root", str(tmp_path / "nowhere"),
+         "--study-dir", str(study), "--trials", "1"],
+    )  # fmt: skip
+    assert result.exit_code == 2 and "does not exist" in result.output, result.output
+    assert not study.exists()
+
+    (study / "trial-0000").mkdir(parents=True)
+    result = CliRunner().invoke(
+        main, ["tune", "--iterations", "10", "--study-dir", str(study), "--trials", "1"]
+    )
+    assert result.exit_code == 2, result.output
+    assert "holds trial folders its study's storage does not know (trial-0000" in result.output

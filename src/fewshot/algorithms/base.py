@@ -53,18 +53,23 @@ class SupportPredictor:
     support's labels), so the predictions are always among the support's classes.
     """
 
-    def __init__(self, predictor: Predictor, classes: list[str], device: torch.device) -> None:
-        self.predictor, self.classes, self.device = predictor, classes, device
-
-    chunk = 64  # inputs per pass: inductive gradient methods pass (support + 1) per input
+    def __init__(
+        self,
+        predictor: Predictor,
+        classes: list[str],
+        device: torch.device,
+        chunk: int | None = None,
+    ) -> None:
+        """`chunk`: inputs per pass, to bound memory (inductive gradient methods pass the
+        support set plus one input per input); None: all in one pass, as a transductive
+        method's inputs must be to normalise each other."""
+        self.predictor, self.classes, self.device, self.chunk = predictor, classes, device, chunk
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
         """Logits (n, classes) of inputs (n, ...), on the CPU."""
+        parts = inputs.split(self.chunk) if self.chunk else [inputs]
         with torch.no_grad():
-            logits = [
-                self.predictor(part.unsqueeze(0).to(self.device))[0].cpu()
-                for part in inputs.split(self.chunk)
-            ]
+            logits = [self.predictor(p.unsqueeze(0).to(self.device))[0].cpu() for p in parts]
         return torch.cat(logits)[:, : len(self.classes)]
 
     def probabilities(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -113,10 +118,12 @@ class Algorithm(nn.Module):
         return {"loss": loss.item()}
 
     # Set by `fewshot.load` from the run folder: the number of outputs of a per-class head
-    # (adapting to more classes is refused with one line), and how the run's training images
-    # were read (a `datasets.preprocessing.Preprocessing`, None for sinusoids).
+    # (adapting to more classes is refused with one line), how the run's training images
+    # were read (a `datasets.preprocessing.Preprocessing`, None for sinusoids and tables), and
+    # the run's configuration.
     max_ways: int | None = None
     preprocessing = None
+    config = None  # the run's TrainConfig
 
     def adapt(
         self,
@@ -156,7 +163,8 @@ class Algorithm(nn.Module):
         predictor = self.adapt_tasks(
             support.x.unsqueeze(0).to(device), support.y.unsqueeze(0).to(device), inner_steps
         )
-        return SupportPredictor(predictor, support.classes, device)
+        chunk = None if self.is_transductive else 64
+        return SupportPredictor(predictor, support.classes, device, chunk)
 
     def predict(self, tasks: Task, inner_steps: int | None = None) -> torch.Tensor:
         """Query outputs (logits or regression values), shaped (tasks, queries, ...)."""

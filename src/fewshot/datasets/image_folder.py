@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fewshot.datasets.images import UNREADABLE, decode_resized
+from fewshot.datasets.images import UNREADABLE, decode_resized, image_files
 from fewshot.errors import DataError
 
 MODES = {1: "L", 3: "RGB"}
@@ -38,7 +38,7 @@ def load_image_folder(
         raise DataError(f"{root} has no class folders; put each class's images in its own folder.")
     images, labels = [], []
     for label, folder in enumerate(classes):
-        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        files = image_files(folder)
         if not files:
             raise DataError(f"class folder {folder} holds no images; add some or remove it.")
         for path in files:

@@ -1,6 +1,9 @@
-"""Decoding one image to a fixed size and mode; shared by Omniglot and image folders."""
+"""Decoding one image to a fixed size and mode; shared by Omniglot, image folders and the
+images a user brings to a trained model (`preprocessing`), so that all are read alike."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -10,9 +13,38 @@ from PIL import Image, UnidentifiedImageError
 UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
 
 
-def decode_resized(source, size: int, mode: str) -> np.ndarray:
-    """Pixels of an image file (path or binary file object), converted to `mode` ("L", "RGB")
-    and resized to size x size with Lanczos filtering, as uint8."""
+def open_flat(source) -> Image.Image:
+    """An image file (path or binary file object), loaded, its transparent pixels made white
+    (as image viewers show them)."""
     with Image.open(source) as image:
-        resized = image.convert(mode).resize((size, size), Image.Resampling.LANCZOS)
-    return np.asarray(resized, dtype=np.uint8)
+        image.load()
+        if image.mode in ("RGBA", "LA", "PA") or (
+            image.mode == "P" and "transparency" in image.info
+        ):
+            rgba = image.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("L" if image.mode == "LA" else "RGB")
+        return image.copy()
+
+
+def resized(image: Image.Image, size: int, mode: str) -> np.ndarray:
+    """Pixels converted to `mode` ("L", "RGB") and resized to size x size with Lanczos
+    filtering, as uint8."""
+    converted = image.convert(mode).resize((size, size), Image.Resampling.LANCZOS)
+    return np.asarray(converted, dtype=np.uint8)
+
+
+def decode_resized(source, size: int, mode: str) -> np.ndarray:
+    """`resized` pixels of an image file."""
+    return resized(open_flat(source), size, mode)
+
+
+def image_files(folder: Path, recursive: bool = False) -> list[Path]:
+    """The files of a folder (and of its subfolders, if `recursive`), sorted, hidden ones
+    skipped."""
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(
+        p
+        for p in found
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from fewshot.datasets.download import download_verified, md5_of_file
 from fewshot.datasets.images import UNREADABLE, decode_resized
 from fewshot.errors import ConfigError, DataError
-from fewshot.files import atomic_write
+from fewshot.files import atomic_write, atomic_write_text
 from fewshot.progress import progress_bar
 
 ARCHIVES = ("images_background", "images_evaluation")
@@ -137,12 +137,21 @@ def _find_or_download(root: Path, archive: str, download: bool) -> Path:
     if path.is_file():
         return path
     if not download:
-        raise DataError(
-            f"Omniglot's {archive}.zip is not in {root}. Pass --download (download=True) to fetch "
-            "it from the official address, or point --data-root / FEWSHOT_DATA_ROOT at a folder "
-            "holding images_background.zip and images_evaluation.zip."
-        )
+        raise missing_archive(root, archive)
     return download_verified(OFFICIAL_URL.format(archive=archive), path, OFFICIAL_MD5[archive])
+
+
+def missing_archive(root: Path, archive: str) -> DataError:
+    """The error for a zip not in `root`, in the Python API's words and the command line's."""
+    missing = f"Omniglot's {archive}.zip is not in {root}."
+    holding = "a folder holding images_background.zip and images_evaluation.zip"
+    fetch = "to fetch it from the official address"
+    return DataError(
+        f"{missing} Pass download=True {fetch}, or point data_root (or $FEWSHOT_DATA_ROOT) at "
+        f"{holding}.",
+        cli_message=f"{missing} Pass --download {fetch}, or point --data-root (or "
+        f"$FEWSHOT_DATA_ROOT) at {holding}.",
+    )
 
 
 def _decode_archives(archives: list[Path]) -> Characters:
@@ -202,5 +211,5 @@ def _read_cache(path: Path) -> Characters:
 def _write_cache(path: Path, characters: Characters) -> None:
     names = json.dumps({"names": characters.names})
     tensors = {"images": characters.images, "character": characters.character}
-    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(names))
+    atomic_write_text(path.with_suffix(".json"), names)
     atomic_write(path, lambda tmp: save_file(tensors, tmp))

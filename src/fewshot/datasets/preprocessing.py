@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fewshot.datasets.images import UNREADABLE
+from fewshot.datasets.images import UNREADABLE, image_files, open_flat, resized
 from fewshot.errors import ConfigError, DataError
-from fewshot.files import atomic_write
+from fewshot.files import atomic_write_text
 from fewshot.tasks import Support, as_float
 
 PREPROCESSING_FILE = "preprocessing.json"
@@ -58,9 +58,7 @@ class Preprocessing:
             raise ConfigError(f"invert must be one of {', '.join(INVERT_CHOICES)}, got {invert!r}.")
         path = Path(path)
         try:
-            with Image.open(path) as image:
-                image.load()
-                flat = _without_alpha(image)
+            flat = open_flat(path)
         except UNREADABLE as error:
             raise DataError(
                 f"{path} is not an image that can be read ({type(error).__name__}); remove it or "
@@ -74,11 +72,7 @@ class Preprocessing:
                 f"{kinds[self.channels]} ones ({self.channels} channel"
                 f"{'s' if self.channels > 1 else ''}); pass --convert to convert it."
             )
-        mode = "L" if self.channels == 1 else "RGB"
-        pixels = np.asarray(
-            flat.convert(mode).resize((self.image_size,) * 2, Image.Resampling.LANCZOS),
-            dtype=np.uint8,
-        )
+        pixels = resized(flat, self.image_size, "L" if self.channels == 1 else "RGB")
         inverted = self.should_invert(np.asarray(flat.convert("L")), invert)
         if inverted:
             pixels = 255 - pixels
@@ -100,7 +94,7 @@ class Preprocessing:
         the subfolders' names, in sorted order), and which images were inverted."""
         folder = Path(folder)
         classes = _class_folders(folder)
-        files = [image_files(c) for c in classes]
+        files = [image_files(c) for c in classes]  # as image folders for training are read
         for c, found in zip(classes, files):
             if not found:
                 raise DataError(f"class folder {c} holds no images; each class needs at least one.")
@@ -130,22 +124,23 @@ def channels_of(image: Image.Image) -> int:
 
 def background_of_image(gray: np.ndarray) -> str:
     """ "dark" or "light": the mean brightness of the image's border ring against the middle."""
-    return "dark" if border_brightness(torch.tensor(gray, dtype=torch.float32)) < 128 else "light"
+    return "dark" if border_brightness(torch.from_numpy(gray.copy())) < 128 else "light"
 
 
-def border_brightness(gray: torch.Tensor) -> torch.Tensor:
-    """Mean value of the border ring (`BORDER_FRACTION` of the side) of images (..., h, w)."""
-    h, w = gray.shape[-2:]
+def border_brightness(images: torch.Tensor) -> torch.Tensor:
+    """Mean value of the border ring (`BORDER_FRACTION` of the side) of images (..., h, w),
+    selected before the conversion to float so that a large uint8 dataset is not copied."""
+    h, w = images.shape[-2:]
     width = max(1, round(min(h, w) * BORDER_FRACTION))
     ring = torch.ones(h, w, dtype=torch.bool)
     ring[width:-width, width:-width] = False
-    return gray[..., ring].mean(-1)
+    return images[..., ring].float().mean(-1)
 
 
 def background_of(images: torch.Tensor) -> str | None:
     """The background of a set of uint8 images (n, channels, h, w): "dark" or "light" where
     nearly all of them agree (`CONSISTENT_BACKGROUND`), else None."""
-    dark = (border_brightness(images.float().mean(1)) < 128).float().mean().item()
+    dark = (border_brightness(images).mean(1) < 128).float().mean().item()
     if dark >= CONSISTENT_BACKGROUND:
         return "dark"
     if 1 - dark >= CONSISTENT_BACKGROUND:
@@ -156,7 +151,7 @@ def background_of(images: torch.Tensor) -> str | None:
 def write_preprocessing(run_dir: Path, preprocessing: Preprocessing) -> None:
     text = json.dumps(preprocessing.to_dict(), indent=2) + "\n"
     path = Path(run_dir) / PREPROCESSING_FILE
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write_text(path, text)
 
 
 def read_preprocessing(run_dir: Path) -> Preprocessing | None:
@@ -168,15 +163,6 @@ def read_preprocessing(run_dir: Path) -> Preprocessing | None:
         return Preprocessing(**json.loads(path.read_text(encoding="utf-8")))
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:
         raise DataError(f"{path} is not a valid preprocessing record ({error}).") from None
-
-
-def image_files(folder: Path) -> list[Path]:
-    """The files of a folder and its subfolders, sorted, hidden ones skipped."""
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
 
 
 def _class_folders(folder: Path) -> list[Path]:
@@ -195,13 +181,3 @@ def _class_folders(folder: Path) -> list[Path]:
             "support set needs at least 2 classes, each in its own folder."
         )
     return entries
-
-
-def _without_alpha(image: Image.Image) -> Image.Image:
-    """Transparent pixels become white (as image viewers show them); other images unchanged."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        merged = Image.alpha_composite(white, rgba)
-        return merged.convert("L" if image.mode == "LA" else "RGB")
-    return image

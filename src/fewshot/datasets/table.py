@@ -41,8 +41,13 @@ def load_table(path: str | os.PathLike, label_column: str) -> Table:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"--data-root {path}: no such CSV file.")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f))
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise DataError(
+            f"{path} is not a readable CSV file ({error}); save it as UTF-8 CSV text."
+        ) from None
     if len(rows) < 2:
         raise DataError(f"{path} has no data rows below its header.")
     header = [name.strip() for name in rows[0]]
@@ -62,6 +67,8 @@ def load_table(path: str | os.PathLike, label_column: str) -> Table:
             raise DataError(
                 f"{path}, line {line}: {len(row)} values, the header has {len(header)}."
             )
+        if not row[label_at].strip():
+            raise DataError(f"{path}, line {line}: the {label_column!r} value is missing.")
         names.append(row[label_at].strip())
         features.append(
             [_number(path, line, header[i], c) for i, c in enumerate(row) if i != label_at]

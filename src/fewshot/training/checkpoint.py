@@ -5,6 +5,7 @@ Nothing here unpickles: loading a run folder can never run code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import fields
 from pathlib import Path
@@ -16,8 +17,9 @@ from safetensors.torch import load_file, save_file
 import fewshot
 from fewshot.algorithms.registry import get_method
 from fewshot.errors import CheckpointError, ConfigError
-from fewshot.files import atomic_write
+from fewshot.files import atomic_write, atomic_write_text
 from fewshot.training.config import TrainConfig, run_setting_names
+from fewshot.training.state import first_non_finite
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -29,7 +31,7 @@ FORMAT_VERSION = 2  # 1: every method's settings in one flat list, whichever the
 def write_config(run_dir: Path, config: TrainConfig) -> None:
     document = {"format": FORMAT_VERSION, "fewshot": fewshot.__version__, **config.to_dict()}
     text = json.dumps(document, indent=2) + "\n"
-    atomic_write(run_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write_text(run_dir / CONFIG_FILE, text)
 
 
 def read_config(run_dir: Path) -> TrainConfig:
@@ -69,20 +71,56 @@ def save_weights(module: torch.nn.Module, path: Path) -> None:
 
 
 def load_weights(module: torch.nn.Module, path: Path) -> None:
+    """Load a run's weights file into `module`; a missing, unreadable, damaged or ill-fitting
+    file is refused in one line."""
+    fit_weights(module, read_weights(path), path)
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a run's weights file, refused if missing, unreadable or not finite."""
+    run_dir = path.parent
     if not path.is_file():
+        if (run_dir / CONFIG_FILE).is_file():  # a run that stopped before its first validation
+            raise CheckpointError(
+                f"{run_dir} has no checkpoint ({path.name}) yet: the run stopped before its "
+                f"first validation; continue it with `fewshot train --resume {run_dir}`."
+            )
         raise CheckpointError(
-            f"{path.parent} has no checkpoint ({path.name}); train first with `fewshot train --out "
-            f"{path.parent}`, or let a run reach its first validation."
+            f"{run_dir} has no checkpoint ({path.name}); train first with `fewshot train --out "
+            f"{run_dir}`."
         )
     try:
         tensors = load_file(path)
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{path} is not a readable safetensors file ({error}).") from None
+    damaged = first_non_finite(tensors)
+    if damaged is not None:
+        raise CheckpointError(
+            f"{path} is damaged: {damaged} holds NaN or infinite values. Evaluate another run, "
+            f"or train this one again with `fewshot train --out NEW_RUN`."
+        )
+    return tensors
+
+
+def fit_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Load `tensors`, read from `path`, into `module`; refused if they are another model's."""
     try:
         module.load_state_dict(tensors, strict=True)
     except RuntimeError as error:
         first = str(error).strip().splitlines()[0]
         raise CheckpointError(f"{path} does not fit this model: {first}") from None
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl, skipping a line cut short by a kill."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} has no {METRICS_FILE}; is it a run folder?")
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            records.append(json.loads(line))
+    return records
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:

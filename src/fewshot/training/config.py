@@ -48,6 +48,9 @@ class TrainConfig:
     checkpoint_every: int = 100
     time_limit: float | None = None
     seed: int = 0
+    test_episodes: int = 600  # meta-test episodes at the end of training (0: none)
+    data_root: str | None = None  # where the data was when the run started (recorded)
+    init: str | None = None  # a run whose best weights this run starts from
     settings: Any = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -104,6 +107,13 @@ class TrainConfig:
             outer_lr=self.outer_lr,
             time_limit=self.time_limit if self.time_limit is not None else 1,
         )
+        if self.dataset != "sinusoid":  # classification: a one-class episode is always right
+            for name in ("ways", "train_ways"):
+                if getattr(self, name) < 2:
+                    raise ConfigError(
+                        f"{name} must be at least 2 (every answer in a one-class episode is "
+                        f"right), got {getattr(self, name)}."
+                    )
         if self.dataset != "folder" and (self.image_size, self.channels) != (28, 1):
             raise ConfigError("--image-size and --channels apply to --dataset folder only.")
         if (self.dataset == "csv") != (self.label_column is not None):
@@ -112,6 +122,8 @@ class TrainConfig:
                 if self.dataset == "csv"
                 else "--label-column applies to --dataset csv only."
             )
+        if self.test_episodes < 0:
+            raise ConfigError(f"test_episodes must be >= 0, got {self.test_episodes}.")
         if self.channels not in (1, 3):
             raise ConfigError(f"channels must be 1 (grayscale) or 3 (RGB), got {self.channels}.")
         if self.image_size < 16:

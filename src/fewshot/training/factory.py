@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from fewshot.algorithms import Algorithm, get_method
 from fewshot.datasets.image_folder import load_image_folder
-from fewshot.datasets.omniglot import load_omniglot, omniglot_split
+from fewshot.datasets.omniglot import load_omniglot, omniglot_split, resolve_data_root
 from fewshot.datasets.preprocessing import Preprocessing, background_of, read_preprocessing
 from fewshot.datasets.sinusoid import SinusoidExamples, SinusoidTasks
 from fewshot.datasets.table import load_table, table_parts
@@ -26,6 +27,11 @@ class TaskSources:
     train: object
     val: object
     test: object
+
+
+# The options that set each part's episodes, for messages that say which one to change.
+EPISODE_OPTIONS = {"ways": "--ways", "shots": "--shots", "queries": "--queries"}
+TRAINING_EPISODE_OPTIONS = {**EPISODE_OPTIONS, "ways": "--train-ways", "queries": "--train-queries"}
 
 
 def build_sources(
@@ -56,15 +62,37 @@ def build_sources(
                 ways=config.train_ways if train else config.ways,
                 shots=config.shots,
                 queries=config.train_queries if train else config.queries,
+                option_names=TRAINING_EPISODE_OPTIONS if train else EPISODE_OPTIONS,
             )
-        except ConfigError as error:
-            note = " (training episodes take --train-ways and --train-queries)" if train else ""
-            raise ConfigError(f"{part} part: {error}{note}") from None
+        except (ConfigError, DataError) as error:
+            raise type(error)(f"{part} part: {error}") from None
     return TaskSources(samplers.get("train"), samplers.get("val"), samplers.get("test"))
+
+
+def data_root_for(config: TrainConfig, data_root=None) -> Path | None:
+    """Where the configured dataset is read from: `data_root` when given; for Omniglot,
+    $FEWSHOT_DATA_ROOT when set; else the folder (or CSV file) the run recorded, refused in one
+    line if it has moved; else Omniglot's default folder. None for sinusoids and for a folder
+    or table given nowhere."""
+    if config.dataset == "sinusoid":
+        return None
+    if data_root is not None:
+        return Path(data_root).expanduser()
+    if config.dataset == "omniglot" and os.environ.get("FEWSHOT_DATA_ROOT"):
+        return resolve_data_root(None)
+    if config.data_root is not None:
+        if not Path(config.data_root).exists():
+            raise DataError(
+                f"the run was trained on data in {config.data_root}, which is no longer there; "
+                "point --data-root at where it is now."
+            )
+        return Path(config.data_root)
+    return resolve_data_root(None) if config.dataset == "omniglot" else None
 
 
 def labelled_parts(config: TrainConfig, data_root, download: bool, parts: tuple[str, ...]):
     """(images, labels) of each requested part of the configured image dataset."""
+    data_root = data_root_for(config, data_root)
     if config.dataset == "folder":
         if data_root is None:
             raise DataError("--dataset folder needs --data-root DIR with train/, val/, test/.")

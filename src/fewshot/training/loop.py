@@ -15,6 +15,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -28,10 +29,11 @@ from fewshot.errors import (
     CheckpointError,
     ConfigError,
     DivergenceError,
+    NothingToDo,
     RunStopped,
     require_positive,
 )
-from fewshot.files import atomic_write
+from fewshot.files import atomic_write_text
 from fewshot.progress import progress_bar
 from fewshot.tasks import Task, stream_generator
 from fewshot.training import checkpoint
@@ -41,6 +43,7 @@ from fewshot.training.factory import (
     TaskSources,
     build_algorithm,
     build_sources,
+    data_root_for,
     has_per_way_head,
     recorded_preprocessing,
     training_preprocessing,
@@ -126,16 +129,12 @@ def stop_requests():
 
 def truncate_metrics(run_dir: Path, iteration: int) -> None:
     """Keep only the metrics lines up to `iteration`, so a resumed run neither repeats nor skips."""
-    path = run_dir / checkpoint.METRICS_FILE
-    if not path.exists():
+    if not (run_dir / checkpoint.METRICS_FILE).exists():
         return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(json.JSONDecodeError):  # a line cut short by a kill
-            if json.loads(line)["iteration"] <= iteration:
-                kept.append(line + "\n")
-    text = "".join(kept)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    kept = [r for r in checkpoint.read_metrics(run_dir) if r["iteration"] <= iteration]
+    atomic_write_text(
+        run_dir / checkpoint.METRICS_FILE, "".join(json.dumps(r) + "\n" for r in kept)
+    )
 
 
 # Called with every record written to metrics.jsonl (a training line, or a validation result
@@ -299,38 +298,45 @@ def train(
     progress: bool = True,
     resume: bool = False,
     listeners: Sequence[Listener] = (),
+    iterations: int | None = None,
 ) -> tuple[Algorithm, TaskSources, EvalResult]:
-    """Meta-train as `config` says (or continue the run in `run_dir` with `resume=True`).
+    """Meta-train as `config` says (or continue the run in `run_dir` with `resume=True`,
+    to `iterations` in all if given: a finished run is extended).
 
     Writes config.json, metrics.jsonl (a line every LOG_EVERY iterations and per validation),
     model.safetensors (best weights by validation) and state.safetensors (resumable
     checkpoint, every `checkpoint_every` iterations); each metrics line also goes to every
-    listener (an exception raised by one ends the run, which stays resumable). Returns the
-    algorithm with its best weights loaded, the task samplers, and the best validation result.
+    listener (an exception raised by one ends the run, which stays resumable). A new run
+    records its data folder (`config.data_root`) and, with `config.init`, starts from the best
+    weights of that run. Returns the algorithm with its best weights loaded, the task samplers,
+    and the best validation result.
     """
     run_dir = Path(run_dir)
     if resume:
         config = checkpoint.read_config(run_dir)
         state = load_state(run_dir / STATE_FILE)
+        extended = extend(config, run_dir, state.iteration, iterations)
     else:
         config = config.resolved(device)
-        if (run_dir / checkpoint.CONFIG_FILE).exists():
-            raise ConfigError(
-                f"{run_dir} already holds a run; choose another --out, or continue it with "
-                f"--resume {run_dir}."
-            )
+        check_new_run_folder(run_dir)
     sources = build_sources(config, data_root, download)  # fails early, before anything is written
     if not resume:
         config.settings = config.settings.fit_data(sources.train)
         if config.dataset == "csv":
             config.features = sources.train.inputs.shape[1]
+        config.data_root = recorded_data_root(config, data_root)
     run = Run(config, run_dir, sources, device, listeners)
     if resume:
         run.restore(state)
         truncate_metrics(run_dir, state.iteration)
         for stale in run_dir.glob("*.tmp"):  # left by a kill during a checkpoint write
             stale.unlink()
+        if extended:
+            checkpoint.write_config(run_dir, config)
     else:
+        if config.init is not None:
+            config.init = str(Path(config.init).resolve())
+            start_from(run.algorithm, Path(config.init))
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.write_config(run_dir, config)
         preprocessing = training_preprocessing(config, sources.train)
@@ -342,6 +348,81 @@ def train(
     return run.algorithm, sources, run.best
 
 
+def check_new_run_folder(run_dir: Path) -> None:
+    """A new run goes into a folder that does not exist or is empty: never beside a run, or
+    beside files that are not a run's."""
+    if (run_dir / checkpoint.CONFIG_FILE).exists():
+        raise ConfigError(
+            f"{run_dir} already holds a run; choose another --out, or continue it with "
+            f"--resume {run_dir}."
+        )
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise ConfigError(
+            f"{run_dir} is not an empty folder and holds no run; choose a new or empty --out."
+        )
+
+
+def extend(config: TrainConfig, run_dir: Path, done: int, iterations: int | None) -> bool:
+    """Set a resumed run's total iterations to `iterations` (None: keep them) and say whether
+    they changed. A run with nothing left to do is refused, and so is an extension that would
+    change its learning-rate schedule (then it would not match a run given `iterations` from
+    the start)."""
+    if iterations is None or iterations == config.iterations:
+        if done >= config.iterations:
+            raise NothingToDo(
+                f"{run_dir} has finished its {config.iterations} iterations; to train it "
+                f"further, resume it with --iterations N (more than {config.iterations})."
+            )
+        return False
+    if iterations < config.iterations:
+        raise ConfigError(
+            f"--iterations {iterations} is fewer than the {config.iterations} {run_dir} was "
+            f"given; resuming can only extend a run."
+        )
+    if schedule_depends_on_iterations(config, iterations):
+        raise ConfigError(
+            f"{config.algorithm}'s learning-rate schedule spans the run's iterations, so "
+            f"extending {run_dir} would change it; start a new run from its weights instead: "
+            f"fewshot train --init {run_dir} --iterations {iterations} ..."
+        )
+    config.iterations = iterations
+    return True
+
+
+def schedule_depends_on_iterations(config: TrainConfig, iterations: int) -> bool:
+    """Whether the method's outer learning rate over the run's first `config.iterations` steps
+    would differ if the run had `iterations` in all (an annealed schedule does)."""
+    algorithm = build_algorithm(config)
+
+    def rates(total: int) -> list[float]:
+        optimizer, schedule = algorithm.configure_optimizers(config.outer_lr, total)
+        if schedule is None:
+            return []
+        values = []
+        with warnings.catch_warnings():  # stepping a schedule without training steps
+            warnings.simplefilter("ignore")
+            for _ in range(config.iterations):
+                values.append(optimizer.param_groups[0]["lr"])
+                schedule.step()
+        return values
+
+    return rates(config.iterations) != rates(iterations)
+
+
+def recorded_data_root(config: TrainConfig, data_root) -> str | None:
+    """The absolute data folder (or CSV file) a new run was trained on, for its config.json."""
+    root = data_root_for(config, data_root)
+    return None if root is None else str(Path(root).resolve())
+
+
+def start_from(algorithm: Algorithm, init_run: Path) -> None:
+    """Load another run's best weights into a new run's algorithm (`--init RUN`)."""
+    try:
+        checkpoint.load_weights(algorithm, init_run / checkpoint.BEST_WEIGHTS)
+    except CheckpointError as error:
+        raise ConfigError(f"--init {init_run}: {error}") from None
+
+
 def override_test_episodes(config: TrainConfig, episode: dict | None) -> None:
     """Set the "ways", "shots" or "queries" given (not None) in `episode` on `config`."""
     for name, value in (episode or {}).items():
@@ -350,22 +431,41 @@ def override_test_episodes(config: TrainConfig, episode: dict | None) -> None:
             setattr(config, name, value)
 
 
-def load(run_dir: Path, device: str = "cpu", batch_norm: str | None = "inductive") -> Algorithm:
+def load(
+    run_dir: Path,
+    device: str = "cpu",
+    batch_norm: str | None = "inductive",
+    episode: dict | None = None,
+) -> Algorithm:
     """The trained method of a run folder, with its best weights, in eval mode, ready to
     `adapt` to new classes.
 
     `batch_norm` defaults to "inductive" so that a prediction never depends on the other inputs
     predicted with it (None keeps the run's policy). The method's `preprocessing` says how the
     run's training images were read (`Preprocessing.read` reads a user's images the same way);
-    `max_ways` is the size of a per-class head, where it has one.
+    `max_ways` is the size of a per-class head, where it has one; `config` is the run's
+    configuration, with `episode`'s "ways", "shots" or "queries" where given (`load_run`).
     """
     run_dir = Path(run_dir)
     config = checkpoint.read_config(run_dir)
     with_batch_norm(config, batch_norm)
+    trained_ways = config.ways
+    override_test_episodes(config, episode)
     algorithm = build_algorithm(config)
-    checkpoint.load_weights(algorithm, run_dir / checkpoint.BEST_WEIGHTS)
-    algorithm.max_ways = config.ways if has_per_way_head(config) else None
+    weights = run_dir / checkpoint.BEST_WEIGHTS
+    tensors = checkpoint.read_weights(weights)  # a missing or damaged file is no ways problem
+    try:
+        checkpoint.fit_weights(algorithm, tensors, weights)
+    except CheckpointError:
+        if config.ways == trained_ways:
+            raise
+        raise ConfigError(
+            f"{run_dir} was trained {trained_ways}-way and its {config.algorithm} model has "
+            f"one output per way; evaluate it {trained_ways}-way (drop --ways)."
+        ) from None
+    algorithm.max_ways = trained_ways if has_per_way_head(config) else None
     algorithm.preprocessing = recorded_preprocessing(run_dir, config)
+    algorithm.config = config
     return algorithm.to(device).eval()
 
 
@@ -390,20 +490,6 @@ def load_run(
     `episode` overrides its test episodes' "ways", "shots" or "queries", where the trained
     model allows it (a method whose head has one output per way cannot change its ways).
     """
-    run_dir = Path(run_dir)
-    config = checkpoint.read_config(run_dir)
-    with_batch_norm(config, batch_norm)
-    trained_ways = config.ways
-    override_test_episodes(config, episode)
-    algorithm = build_algorithm(config)
-    try:
-        checkpoint.load_weights(algorithm, run_dir / checkpoint.BEST_WEIGHTS)
-    except CheckpointError:
-        if config.ways == trained_ways:
-            raise
-        raise ConfigError(
-            f"{run_dir} was trained {trained_ways}-way and its {config.algorithm} model has "
-            f"one output per way; evaluate it {trained_ways}-way (drop --ways)."
-        ) from None
-    sources = build_sources(config, data_root, download, parts=("test",))
-    return config, algorithm.to(device), sources
+    algorithm = load(run_dir, device, batch_norm, episode)
+    sources = build_sources(algorithm.config, data_root, download, parts=("test",))
+    return algorithm.config, algorithm, sources

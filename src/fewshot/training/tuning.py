@@ -29,9 +29,10 @@ import numpy as np
 from fewshot.algorithms.registry import METHODS, Method, get_method
 from fewshot.devices import describe_device
 from fewshot.errors import ConfigError, DivergenceError, FewshotError, RunStopped
-from fewshot.files import atomic_write
-from fewshot.progress import progress_bar
+from fewshot.files import atomic_write, atomic_write_text
+from fewshot.progress import format_table, progress_bar
 from fewshot.training.config import TrainConfig, run_setting_names
+from fewshot.training.factory import build_sources
 from fewshot.training.loop import Listener, train
 
 if TYPE_CHECKING:
@@ -433,12 +434,14 @@ def tune(
     resolved = TrainConfig.from_dict(base).resolved(device)
     plan = TrialPlan(base, list(space), eval_steps_floor(base, space, resolved), device)
     plan.check()
+    build_sources(resolved, data_root, download)  # missing data: one line, nothing written
     study_name = study_name or study_dir.resolve().name
     check_study_folder(study_dir, study_name)
     study_dir.mkdir(parents=True, exist_ok=True)
     storage = storage or default_storage(study_dir)
     metric = "mse" if resolved.problem.regression else "accuracy"
     study = open_study(storage, study_name, metric, pruner or median_pruner(resolved, prune_after))
+    check_no_stale_trials(study, study_dir)
     record_study(study, study_dir, plan, resolved, metric, storage)
     seed = resolved.seed if seed is None else seed
     study.sampler = optuna.samplers.TPESampler(seed=sampler_seed(seed, len(trials_of(study))))
@@ -563,7 +566,20 @@ def record_study(
         )
     document = {"study_name": study.study_name, "storage": hide_password(storage), **settings}
     text = json.dumps(document, indent=2) + "\n"
-    atomic_write(study_dir / STUDY_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write_text(study_dir / STUDY_FILE, text)
+
+
+def check_no_stale_trials(study: optuna.Study, study_dir: Path) -> None:
+    """Refuse a study folder holding trial run folders that the study's storage does not know
+    (its study.db deleted, or another storage given): each new trial would find its folder
+    taken."""
+    known = {f"trial-{t.number:04d}" for t in study.trials}
+    stale = sorted(p.name for p in study_dir.glob("trial-*") if p.name not in known)
+    if stale:
+        raise ConfigError(
+            f"{study_dir} holds trial folders its study's storage does not know ({stale[0]}, ...); "
+            "use a new --study-dir, or the --storage that made them."
+        )
 
 
 def check_study_folder(study_dir: Path, study_name: str) -> None:
@@ -660,7 +676,7 @@ def write_best(
         "command": command,
     }
     text = json.dumps(best, indent=2) + "\n"
-    atomic_write(study_dir / BEST_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write_text(study_dir / BEST_FILE, text)
     atomic_write(
         study_dir / BEST_COMMAND_FILE,
         lambda tmp: Path(tmp).write_text(command + "\n", encoding="utf-8"),
@@ -714,10 +730,7 @@ def trials_table(study: optuna.Study) -> str:
         ]
         for t in trials
     ]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in [header, *rows]
-    )
+    return format_table(header, rows)
 
 
 def best_summary(study: optuna.Study, study_dir: Path) -> str:
