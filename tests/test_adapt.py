@@ -284,6 +284,7 @@ def product_photo(rng, colour, on: int) -> Image.Image:
 
 @pytest.mark.slow
 def test_a_colour_folder_run_records_its_dark_background_and_keeps_photos_on_black(tmp_path):
+    """No --channels: the colour of the photos makes a 3-channel run."""
     rng = np.random.default_rng(3)
     colours = rng.integers(60, 256, size=(12, 3))
     parts = {"train": range(6), "val": range(6, 9), "test": range(9, 12)}
@@ -296,7 +297,7 @@ def test_a_colour_folder_run_records_its_dark_background_and_keeps_photos_on_bla
     result = CliRunner().invoke(
         main,
         ["train", "--algorithm", "protonet", "--dataset", "folder", "--data-root",
-         str(tmp_path / "data"), "--image-size", "16", "--channels", "3", "--ways", "3",
+         str(tmp_path / "data"), "--image-size", "16", "--ways", "3",
          "--train-ways", "3", "--shots", "1", "--queries", "2", "--iterations", "10",
          "--val-every", "10", "--val-episodes", "5", "--test-episodes", "0", "--out", str(run)],
     )  # fmt: skip

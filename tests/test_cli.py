@@ -183,8 +183,17 @@ def test_image_size_applies_to_folder_datasets_only(tmp_path):
         "--out",
         tmp_path / "r",
     )
-    assert result.exit_code == 2 and "apply to --dataset folder only" in result.output
+    assert result.exit_code == 2
+    assert "--image-size applies to --dataset folder only, not omniglot" in result.output
     assert not (tmp_path / "r").exists()
+    result = run("train", "--split", "lake", "--out", tmp_path / "r")
+    assert "--split applies to --dataset omniglot only, not sinusoid" in result.output
+
+
+def test_a_sinusoid_runs_config_holds_no_image_settings(sinusoid_run):
+    recorded = json.loads((sinusoid_run[0] / "config.json").read_text())
+    for name in ("split", "image_size", "channels", "label_column", "features"):
+        assert name not in recorded, name
 
 
 def test_time_limit_stops_with_a_validated_checkpoint_and_resume_continues(tmp_path):

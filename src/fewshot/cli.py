@@ -224,9 +224,10 @@ def training_options(skip: tuple[str, ...] = ()):
         ),
         "channels": click.option(
             "--channels",
-            default=1,
+            default=None,
             type=int,
-            help="1: grayscale, 3: RGB (folder dataset).",
+            help="1: grayscale, 3: RGB (folder dataset) [default: 3 if a training image has "
+            "colour, else 1].",
         ),
         "label_column": click.option(
             "--label-column",

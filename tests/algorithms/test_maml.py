@@ -267,3 +267,17 @@ def test_frozen_parameters_are_neither_adapted_nor_meta_learned(vectorize):
     assert not torch.equal(adapted["0.bias"], first.bias.expand(len(tasks), -1))
     maml.meta_loss(tasks).backward()
     assert first.weight.grad is None and first.bias.grad is not None
+
+
+def test_a_learner_without_chunk_size_chunks_as_the_command_line_does():
+    """Image tasks on a CPU: as many tasks per pass as fit in 40 images; vectors: all at once."""
+    import fewshot
+    from fewshot.tasks import Task
+
+    maml = fewshot.MAML(fewshot.Conv4(out_features=5))
+    images = Task(torch.zeros(8, 5, 1, 28, 28), torch.zeros(8, 5, dtype=torch.long),
+                  torch.zeros(8, 5, 1, 28, 28), torch.zeros(8, 5, dtype=torch.long))  # fmt: skip
+    assert [len(c) for c in maml.chunks(images)] == [4, 4]  # 10 images per task
+    vectors = Task(torch.zeros(8, 10, 1), torch.zeros(8, 10, 1), torch.zeros(8, 10, 1),
+                   torch.zeros(8, 10, 1))  # fmt: skip
+    assert [len(c) for c in fewshot.MAML(fewshot.SinusoidMLP()).chunks(vectors)] == [8]

@@ -123,3 +123,25 @@ def test_class_smaller_than_shots_plus_queries_is_one_line(tmp_path):
     assert result.exit_code == 2
     assert "--shots + --train-queries = 4 is more than the 3 examples" in result.output
     assert result.output.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
+def test_channels_come_from_the_images_unless_given(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from fewshot.datasets.image_folder import load_image_folder
+
+    gray = np.full((20, 20), 90, np.uint8)
+    for c in ("a", "b"):
+        (tmp_path / "gray" / c).mkdir(parents=True)
+        Image.fromarray(gray).save(tmp_path / "gray" / c / "1.png")
+        Image.fromarray(gray).convert("RGB").save(tmp_path / "gray" / c / "2.png")  # R = G = B
+    colour = np.zeros((20, 20, 3), np.uint8)
+    colour[..., 0] = 200
+    (tmp_path / "colour" / "a").mkdir(parents=True)
+    Image.fromarray(gray).save(tmp_path / "colour" / "a" / "1.png")
+    Image.fromarray(colour).save(tmp_path / "colour" / "a" / "2.png")
+
+    assert load_image_folder(tmp_path / "gray", 16, None)[0].shape == (4, 1, 16, 16)
+    assert load_image_folder(tmp_path / "colour", 16, None)[0].shape == (2, 3, 16, 16)
+    assert load_image_folder(tmp_path / "colour", 16, 1)[0].shape == (2, 1, 16, 16)

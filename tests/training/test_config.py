@@ -2,7 +2,7 @@
 
 import pytest
 
-from fewshot.algorithms.registry import default_chunk_size
+from fewshot.algorithms.gradient import default_chunk_size
 from fewshot.errors import ConfigError
 from fewshot.training.config import TrainConfig
 
@@ -43,11 +43,12 @@ def test_protonet_has_no_inner_loop_settings():
 
 
 def test_a_gpu_takes_the_whole_meta_batch_in_one_pass():
-    assert default_chunk_size("omniglot", 32, 80, "cuda") == 32
-    assert default_chunk_size("omniglot", 32, 80, "cuda:1") == 32
-    assert default_chunk_size("omniglot", 32, 10, "cpu") == 4
-    assert default_chunk_size("omniglot", 2, 10, "cpu") == 2
-    assert default_chunk_size("omniglot", 32, 400, "cpu") == 1
+    assert default_chunk_size(True, 32, 80, "cuda") == 32
+    assert default_chunk_size(True, 32, 80, "cuda:1") == 32
+    assert default_chunk_size(True, 32, 10, "cpu") == 4
+    assert default_chunk_size(True, 2, 10, "cpu") == 2
+    assert default_chunk_size(True, 32, 400, "cpu") == 1
+    assert default_chunk_size(False, 32, 400, "cpu") == 32  # sinusoid, tables
     assert TrainConfig(dataset="omniglot").resolved("cuda").settings.chunk_size == 32
 
 

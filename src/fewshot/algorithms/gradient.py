@@ -91,6 +91,24 @@ class QueryResult:
     inner_loss: torch.Tensor | None
 
 
+CPU_IMAGES_PER_PASS = 40  # support + query images one vectorised pass takes on a CPU
+
+
+def default_chunk_size(
+    images: bool, meta_batch: int, examples_per_task: int, device: str = "cpu"
+) -> int:
+    """Tasks per vectorised pass of a gradient-based method when the user does not say.
+
+    The whole meta-batch for small vector inputs (sinusoid, tables) and on a GPU (fastest
+    there). For images on a CPU, as many tasks as fit in `CPU_IMAGES_PER_PASS` support and
+    query images: vectorising pays off where tasks are small, much less where they are large
+    (docs/performance.md).
+    """
+    if not images or not str(device).startswith("cpu"):
+        return meta_batch
+    return max(1, min(meta_batch, CPU_IMAGES_PER_PASS // examples_per_task))
+
+
 class GradientLearner(Algorithm):
     """A model adapted to each task by gradient steps on its support set.
 
@@ -118,7 +136,9 @@ class GradientLearner(Algorithm):
             likewise when adapting a trained learner.
         vectorize: run the tasks of a meta-batch together under `torch.func.vmap`.
         chunk_size: with `vectorize`, tasks per vectorised pass in `training_step`; each pass is
-            back-propagated before the next starts, so memory grows with it. None: all at once.
+            back-propagated before the next starts, so memory grows with it. None: the command
+            line's rule (`default_chunk_size`): for images on a CPU, as many tasks as fit in 40
+            support and query images; otherwise the whole meta-batch.
         batch_norm: "transductive" (a task's queries are normalised together, as in Finn et
             al.'s code) or "inductive" (each query with the support set plus itself, as in
             Nichol et al.'s non-transductive evaluation).
@@ -234,13 +254,20 @@ class GradientLearner(Algorithm):
 
     def chunks(self, tasks: Task) -> Iterator[Task]:
         """The meta-batch in passes of `chunk_size` tasks (one task without `vectorize`)."""
-        size = (self.chunk_size or len(tasks)) if self.vectorize else 1
+        size = (self.chunk_size or self.auto_chunk_size(tasks)) if self.vectorize else 1
         try:
             for start in range(0, len(tasks), size):
                 self._chunk = slice(start, start + size)  # for `per_task_buffers`
                 yield tasks[start : start + size]
         finally:
             self._chunk = slice(None)
+
+    def auto_chunk_size(self, tasks: Task) -> int:
+        """`default_chunk_size` for this meta-batch: the command line's rule, for a learner
+        built without a `chunk_size`."""
+        images = tasks.support_x.dim() >= 5  # (tasks, n, channels, height, width)
+        examples = tasks.support_x.shape[1] + tasks.query_x.shape[1]
+        return default_chunk_size(images, len(tasks), examples, tasks.support_x.device.type)
 
     @contextlib.contextmanager
     def per_task_buffers(self, buffers: Params | None) -> Iterator[None]:

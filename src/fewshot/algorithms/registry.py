@@ -16,10 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot.algorithms.base import BATCH_NORM_POLICIES, Algorithm, check_batch_norm_policy
+from fewshot.algorithms.gradient import CPU_IMAGES_PER_PASS, default_chunk_size
 from fewshot.errors import ConfigError, require_positive
 from fewshot.models import default_model
-
-CPU_IMAGES_PER_PASS = 40  # support + query images one vectorised pass takes on a CPU
 
 
 def setting(
@@ -108,20 +107,6 @@ class Settings:
         }
 
 
-def default_chunk_size(
-    dataset: str, meta_batch: int, examples_per_task: int, device: str = "cpu"
-) -> int:
-    """Tasks per vectorised pass of a gradient-based method when the user does not say.
-
-    The whole meta-batch for the small sinusoid MLP and on a GPU (fastest there). For images on
-    a CPU, as many tasks as fit in `CPU_IMAGES_PER_PASS` support and query images: vectorising
-    pays off where tasks are small, much less where they are large (docs/performance.md).
-    """
-    if dataset == "sinusoid" or not device.startswith("cpu"):
-        return meta_batch
-    return max(1, min(meta_batch, CPU_IMAGES_PER_PASS // examples_per_task))
-
-
 @dataclass
 class InnerLoopSettings(Settings):
     """Settings of every method with a gradient-based inner loop."""
@@ -152,7 +137,8 @@ class InnerLoopSettings(Settings):
             values["eval_inner_steps"] = values["inner_steps"]
         if values["chunk_size"] is None:
             examples = run.train_ways * (run.shots + run.train_queries)
-            values["chunk_size"] = default_chunk_size(run.dataset, run.meta_batch, examples, device)
+            images = run.dataset in ("omniglot", "folder")
+            values["chunk_size"] = default_chunk_size(images, run.meta_batch, examples, device)
         return type(self)(**values)
 
     def learner_arguments(self, problem: Problem) -> dict[str, Any]:

@@ -39,6 +39,15 @@ def decode_resized(source, size: int, mode: str) -> np.ndarray:
     return resized(open_flat(source), size, mode)
 
 
+def channels_of(image: Image.Image) -> int:
+    """1 for an image whose pixels are gray (in any mode, RGB with equal bands included), else 3."""
+    if len(image.getbands()) == 1 and image.mode != "P":
+        return 1
+    rgb = np.asarray(image.convert("RGB"))
+    same = (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
+    return 1 if same else 3
+
+
 def image_files(folder: Path, recursive: bool = False) -> list[Path]:
     """The files of a folder (and of its subfolders, if `recursive`), sorted, hidden ones
     skipped."""

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from fewshot.datasets.images import UNREADABLE, image_files, open_flat, resized
+from fewshot.datasets.images import UNREADABLE, channels_of, image_files, open_flat, resized
 from fewshot.errors import ConfigError, DataError
 from fewshot.files import atomic_write_text
 from fewshot.tasks import Support, as_float
@@ -111,15 +110,6 @@ class Preprocessing:
         if self.background is None:
             return False
         return background_of_image(gray) != self.background
-
-
-def channels_of(image: Image.Image) -> int:
-    """1 for an image whose pixels are gray (in any mode, RGB with equal bands included), else 3."""
-    if len(image.getbands()) == 1 and image.mode != "P":
-        return 1
-    rgb = np.asarray(image.convert("RGB"))
-    same = (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
-    return 1 if same else 3
 
 
 def background_of_image(gray: np.ndarray) -> str:

@@ -18,7 +18,11 @@ import fewshot
 from fewshot.algorithms.registry import get_method
 from fewshot.errors import CheckpointError, ConfigError
 from fewshot.files import atomic_write, atomic_write_text
-from fewshot.training.config import TrainConfig, run_setting_names
+from fewshot.training.config import (
+    TrainConfig,
+    run_setting_names,
+    without_other_datasets_settings,
+)
 from fewshot.training.state import first_non_finite
 
 CONFIG_FILE = "config.json"
@@ -52,7 +56,7 @@ def read_config(run_dir: Path) -> TrainConfig:
     try:
         if version == 1:
             document = _settings_of_its_method(document)
-        return TrainConfig.from_dict(document).resolved()
+        return TrainConfig.from_dict(without_other_datasets_settings(document)).resolved()
     except ConfigError as error:
         raise CheckpointError(f"{path}: {error}") from None
 

@@ -16,6 +16,20 @@ from fewshot.algorithms.registry import Method, Problem, Settings, get_method
 from fewshot.errors import ConfigError, require_positive
 
 DATASETS = ("sinusoid", "omniglot", "folder", "csv")
+# Run settings that belong to some datasets only: given for another, they are refused; a run's
+# config.json holds them only where they apply.
+DATASET_SETTINGS = {
+    "split": ("omniglot",),
+    "image_size": ("folder",),
+    "channels": ("folder",),
+    "label_column": ("csv",),
+    "features": ("csv",),
+}
+# What the dataset fixes or defaults them to (image folders' channels come from their images).
+DATASET_VALUES = {
+    "omniglot": {"split": "vinyals", "image_size": 28, "channels": 1},
+    "folder": {"image_size": 28},
+}
 
 
 @dataclass
@@ -30,9 +44,9 @@ class TrainConfig:
 
     algorithm: str = "maml"
     dataset: str = "sinusoid"
-    split: str = "vinyals"
-    image_size: int = 28
-    channels: int = 1
+    split: str | None = None  # Omniglot's: vinyals or lake
+    image_size: int | None = None  # an image folder's: 28 unless given (Omniglot: 28)
+    channels: int | None = None  # an image folder's: from its images unless given (Omniglot: 1)
     label_column: str | None = None  # --dataset csv: the column of each row's class
     features: int | None = None  # --dataset csv: the row's feature count, from the data
     ways: int = 5
@@ -73,6 +87,10 @@ class TrainConfig:
             )
         defaults = method.defaults_for(self.dataset)
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "settings"}
+        check_dataset_settings(values)
+        for name, value in DATASET_VALUES.get(self.dataset, {}).items():
+            if values[name] is None:
+                values[name] = value
         for name in values:
             if values[name] is None and name in defaults:
                 values[name] = defaults[name]
@@ -102,8 +120,8 @@ class TrainConfig:
             val_every=self.val_every,
             val_episodes=self.val_episodes,
             checkpoint_every=self.checkpoint_every,
-            image_size=self.image_size,
-            channels=self.channels,
+            image_size=self.image_size or 28,
+            channels=self.channels or 1,
             outer_lr=self.outer_lr,
             time_limit=self.time_limit if self.time_limit is not None else 1,
         )
@@ -114,8 +132,6 @@ class TrainConfig:
                         f"{name} must be at least 2 (every answer in a one-class episode is "
                         f"right), got {getattr(self, name)}."
                     )
-        if self.dataset != "folder" and (self.image_size, self.channels) != (28, 1):
-            raise ConfigError("--image-size and --channels apply to --dataset folder only.")
         if (self.dataset == "csv") != (self.label_column is not None):
             raise ConfigError(
                 "--dataset csv needs --label-column NAME, the column of each row's class."
@@ -124,17 +140,22 @@ class TrainConfig:
             )
         if self.test_episodes < 0:
             raise ConfigError(f"test_episodes must be >= 0, got {self.test_episodes}.")
-        if self.channels not in (1, 3):
+        if self.channels not in (1, 3, None):  # None: an image folder's, until it is read
             raise ConfigError(f"channels must be 1 (grayscale) or 3 (RGB), got {self.channels}.")
-        if self.image_size < 16:
+        if self.image_size is not None and self.image_size < 16:
             raise ConfigError(
                 f"image_size must be at least 16 (Conv4 halves it four times), got "
                 f"{self.image_size}."
             )
 
     def to_dict(self) -> dict:
-        """One flat dict: the run's settings, then the method's (as config files hold them)."""
-        run = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "settings"}
+        """One flat dict: the run's settings, then the method's (as config files hold them);
+        settings of other datasets are left out."""
+        run = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name != "settings" and applies(f.name, self.dataset)
+        }
         return {**run, **dataclasses.asdict(self.settings)}
 
     @classmethod
@@ -143,6 +164,30 @@ class TrainConfig:
         run_keys = {f.name for f in fields(cls)} - {"settings"}
         run = {k: v for k, v in values.items() if k in run_keys}
         return cls(**run, settings={k: v for k, v in values.items() if k not in run_keys})
+
+
+def applies(name: str, dataset: str) -> bool:
+    """Whether the run setting `name` belongs to `dataset`."""
+    return dataset in DATASET_SETTINGS.get(name, (dataset,))
+
+
+def check_dataset_settings(values: dict) -> None:
+    """Refuse a run setting given for a dataset it does not belong to (e.g. --split with
+    sinusoids): it would do nothing."""
+    dataset = values["dataset"]
+    for name, datasets in DATASET_SETTINGS.items():
+        if values[name] is not None and dataset not in datasets:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(
+                f"{flag} applies to --dataset {' or '.join(datasets)} only, not {dataset}."
+            )
+
+
+def without_other_datasets_settings(document: dict) -> dict:
+    """A run folder's config without the settings that do not belong to its dataset (older
+    runs wrote every one)."""
+    dataset = document.get("dataset", "sinusoid")
+    return {k: v for k, v in document.items() if applies(k, dataset)}
 
 
 def check_registration(method: Method) -> None:

@@ -96,10 +96,14 @@ def labelled_parts(config: TrainConfig, data_root, download: bool, parts: tuple[
     if config.dataset == "folder":
         if data_root is None:
             raise DataError("--dataset folder needs --data-root DIR with train/, val/, test/.")
-        return [
-            load_image_folder(Path(data_root) / part, config.image_size, config.channels)[:2]
-            for part in parts
-        ]
+        loaded, channels = [], config.channels  # None: the first part's images decide
+        for part in parts:
+            images, labels, _ = load_image_folder(
+                Path(data_root) / part, config.image_size, channels
+            )
+            channels = images.shape[1]
+            loaded.append((images, labels))
+        return loaded
     if config.dataset == "csv":
         if data_root is None:
             raise DataError("--dataset csv needs --data-root FILE.csv.")

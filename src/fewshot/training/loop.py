@@ -324,6 +324,8 @@ def train(
         config.settings = config.settings.fit_data(sources.train)
         if config.dataset == "csv":
             config.features = sources.train.inputs.shape[1]
+        if config.dataset == "folder" and config.channels is None:  # as its images have them
+            config.channels = sources.train.inputs.shape[1]
         config.data_root = recorded_data_root(config, data_root)
     run = Run(config, run_dir, sources, device, listeners)
     if resume:
