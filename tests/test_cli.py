@@ -501,3 +501,19 @@ def test_missing_omniglot_speaks_of_command_line_options_only(tmp_path):
     assert_one_line_error(result, "Pass --download to fetch it", "--data-root")
     assert "download=True" not in result.output and "data_root" not in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_train_help_is_in_sections_with_the_papers_defaults_and_examples():
+    output = CliRunner().invoke(main, ["train", "--help"], terminal_width=200).output
+    titles = [line for line in output.splitlines() if line.endswith(" options:")]
+    assert titles == [
+        "Data options:", "Episodes options:", "Method options:", "Optimisation options:",
+        "Run and checkpoints options:", "Hardware options:", "Other options:",
+    ]  # fmt: skip
+    method = output[output.index("Method options:") : output.index("Optimisation options:")]
+    assert "  --inner-lr FLOAT" in method and "  --first-order" in method
+    assert "  --outer-lr FLOAT" not in method
+    method = " ".join(method.split())  # help lines wrap
+    assert "Papers: sinusoid 0.01 (maml, anil, maml++, meta-lstm, meta-sgd)" in method
+    assert "omniglot 0.4 (maml, anil, meta-sgd)" in method
+    assert output.count("fewshot train ") >= 3  # the examples

@@ -114,7 +114,8 @@ def method_options(command):
         methods = (
             "" if len(owners[name]) == len(METHODS) else f" Methods: {', '.join(owners[name])}."
         )
-        help_text = f"{f.metadata['help']}{methods} {default_text(f)}"
+        papers = papers_defaults(name)
+        help_text = f"{f.metadata['help']}{methods} {default_text(f)}{papers}"
         if kind is bool:
             option = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
         else:
@@ -128,6 +129,26 @@ def method_options(command):
             )
         command = option(command)
     return command
+
+
+def papers_defaults(name: str) -> str:
+    """The papers' values of a method setting, per dataset, as the methods declare them: e.g.
+    " Papers: omniglot 0.4 (maml, anil), sinusoid 0.01 (maml)." (empty where none declare)."""
+    values: dict[str, dict[str, list[str]]] = {}
+    for method in METHODS.values():
+        for dataset, defaults in method.defaults.items():
+            if name in defaults:
+                values.setdefault(dataset, {}).setdefault(str(defaults[name]), []).append(
+                    method.name
+                )
+    if not values:
+        return ""
+    parts = [
+        f"{dataset} {value} ({', '.join(methods)})"
+        for dataset, by_value in values.items()
+        for value, methods in by_value.items()
+    ]
+    return f" Papers: {'; '.join(parts)}."
 
 
 def evaluation_options(command):
@@ -180,6 +201,45 @@ def evaluation_options(command):
 
 # A study makes its own run folders, and scores trials without a meta-test.
 TRAIN_ONLY_OPTIONS = ("test_episodes", "resume", "out", "tensorboard")
+
+
+# The sections of `fewshot train --help` (and tune's), by option name; a method's own settings
+# go under "Method", anything unlisted under "Other".
+HELP_SECTIONS = {
+    "Data": ("dataset", "data_root", "download", "split", "image_size", "channels", "label_column"),
+    "Episodes": ("ways", "shots", "queries", "train_ways", "train_queries"),
+    "Method": ("algorithm",),
+    "Optimisation": ("meta_batch", "outer_lr", "iterations", "seed", "init"),
+    "Run and checkpoints": (
+        "out", "resume", "config_file", "val_every", "val_episodes", "test_episodes",
+        "checkpoint_every", "time_limit", "tensorboard",
+    ),
+    "Hardware": ("device", "threads"),
+}  # fmt: skip
+TRAIN_EXAMPLES = """\b
+Examples:
+  fewshot train --out runs/sinusoid                      # MAML on sinusoids, a few minutes
+  fewshot train --algorithm protonet --dataset omniglot --data-root DIR --iterations 2000
+  fewshot train --resume runs/sinusoid --iterations 16000   # extend a finished run"""
+
+
+class SectionedCommand(click.Command):
+    """A command whose --help lists its options in sections (HELP_SECTIONS)."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        settings = {f.name for m in METHODS.values() for f in fields(m.settings)}
+        section_of = {name: title for title, names in HELP_SECTIONS.items() for name in names}
+        sections: dict[str, list] = {title: [] for title in [*HELP_SECTIONS, "Other"]}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            title = "Method" if param.name in settings else section_of.get(param.name, "Other")
+            sections[title].append(record)
+        for title, records in sections.items():
+            if records:
+                with formatter.section(f"{title} options"):
+                    formatter.write_dl(records)
 
 
 def training_options(skip: tuple[str, ...] = ()):
@@ -389,7 +449,7 @@ def main(debug: bool) -> None:
     """Meta-learning for PyTorch: meta-train a method, evaluate few-shot accuracy."""
 
 
-@main.command(name="train")
+@main.command(name="train", cls=SectionedCommand, epilog=TRAIN_EXAMPLES)
 @training_options()
 @friendly_errors
 def train_command(
@@ -495,7 +555,7 @@ def read_config_file(path: Path) -> dict:
     return values
 
 
-@main.command(name="tune")
+@main.command(name="tune", cls=SectionedCommand)
 @training_options(skip=TRAIN_ONLY_OPTIONS)
 @click.option(
     "--study-dir",
