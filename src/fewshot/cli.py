@@ -206,7 +206,10 @@ TRAIN_ONLY_OPTIONS = ("test_episodes", "resume", "out", "tensorboard")
 # The sections of `fewshot train --help` (and tune's), by option name; a method's own settings
 # go under "Method", anything unlisted under "Other".
 HELP_SECTIONS = {
-    "Data": ("dataset", "data_root", "download", "split", "image_size", "channels", "label_column"),
+    "Data": (
+        "dataset", "data_root", "download", "split", "image_size", "channels", "normalize",
+        "augment", "label_column",
+    ),
     "Episodes": ("ways", "shots", "queries", "train_ways", "train_queries"),
     "Method": ("algorithm",),
     "Optimisation": ("meta_batch", "outer_lr", "iterations", "seed", "init"),
@@ -288,6 +291,20 @@ def training_options(skip: tuple[str, ...] = ()):
             type=int,
             help="1: grayscale, 3: RGB (folder dataset) [default: 3 if a training image has "
             "colour, else 1].",
+        ),
+        "normalize": click.option(
+            "--normalize/--no-normalize",
+            default=None,
+            help="Standardise each channel with the training images' mean and standard "
+            "deviation (folder dataset; recorded, and applied by eval and adapt too) "
+            "[default: no].",
+        ),
+        "augment": click.option(
+            "--augment",
+            default=None,
+            help="Augment training episodes' images: flip (random horizontal flips), crop "
+            "(random crops of the image reflect-padded by 1/8 of its side), or flip,crop "
+            "(folder dataset) [default: none].",
         ),
         "label_column": click.option(
             "--label-column",

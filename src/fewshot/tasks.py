@@ -7,6 +7,7 @@ the same structure with a leading task dimension, so every algorithm takes one t
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -87,8 +88,10 @@ class TaskSampler:
         shots: int,
         queries: int,
         option_names: dict[str, str] | None = None,
+        transform: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None = None,
     ) -> None:
         require_positive(ways=ways, shots=shots, queries=queries)
+        self.transform = transform
         if len(inputs) != len(labels):
             raise DataError(f"got {len(inputs)} inputs but {len(labels)} labels.")
         classes, labels = torch.unique(labels, return_inverse=True)
@@ -138,6 +141,8 @@ class TaskSampler:
         picks = picks.view(t, n * (k + q)).index_select(1, self._support_first)
         x = self.inputs.index_select(0, picks.flatten())
         x = as_float(x).view(t, n * (k + q), *self.inputs.shape[1:])
+        if self.transform is not None:  # an image folder's augmentation and standardisation
+            x = self.transform(x, generator)
         return Task(
             support_x=x[:, : n * k],
             support_y=self._support_y.expand(t, -1),
@@ -184,7 +189,13 @@ class ExampleSampler:
     the part of `TaskSampler.sample(num_tasks, generator)`.
     """
 
-    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+    def __init__(
+        self,
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+        transform: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None = None,
+    ) -> None:
+        self.transform = transform
         if len(inputs) != len(labels):
             raise DataError(f"got {len(inputs)} inputs but {len(labels)} labels.")
         if len(inputs) == 0:
@@ -195,7 +206,10 @@ class ExampleSampler:
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> Batch:
         picks = torch.randint(len(self.inputs), (batch_size,), generator=generator)
-        return Batch(as_float(self.inputs[picks]), self.labels[picks])
+        x = as_float(self.inputs[picks])
+        return Batch(
+            x if self.transform is None else self.transform(x, generator), self.labels[picks]
+        )
 
 
 def check_episode_fits(

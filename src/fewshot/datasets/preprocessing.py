@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from fewshot.datasets.images import UNREADABLE, channels_of, image_files, open_flat, resized
+from fewshot.datasets.transforms import ImageTransform
 from fewshot.errors import ConfigError, DataError
 from fewshot.files import atomic_write_text
 from fewshot.tasks import Support, as_float
@@ -35,13 +36,16 @@ BORDER_FRACTION = 1 / 16  # of the image's side: the ring whose brightness names
 @dataclass(frozen=True)
 class Preprocessing:
     """How images reached a model: converted to `channels` (1 grayscale, 3 RGB), resized to
-    `image_size` x `image_size` with Lanczos filtering, scaled to [0, 1]; `background` is the
-    training images' background ("dark", "light", or None for no consistent one)."""
+    `image_size` x `image_size` with Lanczos filtering, scaled to [0, 1] (and standardised with
+    `mean` and `std` per channel, where the run asked for it); `background` is the training
+    images' background ("dark", "light", or None for no consistent one)."""
 
     image_size: int
     channels: int
     background: str | None
     source: str = ""
+    mean: list[float] | None = None  # per-channel standardisation (--normalize), in [0, 1] units
+    std: list[float] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,7 +88,10 @@ class Preprocessing:
         """Image files as one float batch (n, channels, size, size) in [0, 1], and which of
         them were inverted."""
         read = [self.read(path, invert, convert) for path in paths]
-        return as_float(torch.stack([x for x, _ in read])), [inverted for _, inverted in read]
+        images = as_float(torch.stack([x for x, _ in read]))
+        if self.mean is not None:
+            images = ImageTransform(tuple(self.mean), tuple(self.std))(images)
+        return images, [inverted for _, inverted in read]
 
     def read_support(
         self, folder: str | os.PathLike, invert: str = "auto", convert: bool = False

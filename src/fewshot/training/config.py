@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from fewshot.algorithms.registry import Method, Problem, Settings, get_method
+from fewshot.datasets.transforms import parse_augment
 from fewshot.errors import ConfigError, require_positive
 
 DATASETS = ("sinusoid", "omniglot", "folder", "csv")
@@ -22,13 +23,17 @@ DATASET_SETTINGS = {
     "split": ("omniglot",),
     "image_size": ("folder",),
     "channels": ("folder",),
+    "normalize": ("folder",),
+    "augment": ("folder",),
+    "pixel_mean": ("folder",),
+    "pixel_std": ("folder",),
     "label_column": ("csv",),
     "features": ("csv",),
 }
 # What the dataset fixes or defaults them to (image folders' channels come from their images).
 DATASET_VALUES = {
     "omniglot": {"split": "vinyals", "image_size": 28, "channels": 1},
-    "folder": {"image_size": 28},
+    "folder": {"image_size": 28, "normalize": False},
 }
 
 
@@ -47,6 +52,10 @@ class TrainConfig:
     split: str | None = None  # Omniglot's: vinyals or lake
     image_size: int | None = None  # an image folder's: 28 unless given (Omniglot: 28)
     channels: int | None = None  # an image folder's: from its images unless given (Omniglot: 1)
+    normalize: bool | None = None  # an image folder's: standardise each channel
+    augment: str | None = None  # an image folder's: "flip", "crop" or "flip,crop" in training
+    pixel_mean: list[float] | None = None  # with normalize: the training images', recorded
+    pixel_std: list[float] | None = None
     label_column: str | None = None  # --dataset csv: the column of each row's class
     features: int | None = None  # --dataset csv: the row's feature count, from the data
     ways: int = 5
@@ -138,6 +147,7 @@ class TrainConfig:
                 if self.dataset == "csv"
                 else "--label-column applies to --dataset csv only."
             )
+        parse_augment(self.augment)
         if self.test_episodes < 0:
             raise ConfigError(f"test_episodes must be >= 0, got {self.test_episodes}.")
         if self.channels not in (1, 3, None):  # None: an image folder's, until it is read

@@ -13,6 +13,7 @@ from fewshot.datasets.omniglot import load_omniglot, omniglot_split, resolve_dat
 from fewshot.datasets.preprocessing import Preprocessing, background_of, read_preprocessing
 from fewshot.datasets.sinusoid import SinusoidExamples, SinusoidTasks
 from fewshot.datasets.table import load_table, table_parts
+from fewshot.datasets.transforms import ImageTransform, parse_augment, pixel_statistics
 from fewshot.errors import ConfigError, DataError
 from fewshot.tasks import ExampleSampler, TaskSampler
 from fewshot.training.config import TrainConfig
@@ -50,10 +51,14 @@ def build_sources(
         )
         return TaskSources(train, held_out, held_out)
     samplers = {}
-    for part, (images, labels) in zip(parts, labelled_parts(config, data_root, download, parts)):
+    loaded = labelled_parts(config, data_root, download, parts)
+    if config.dataset == "folder" and config.normalize and config.pixel_mean is None:
+        config.pixel_mean, config.pixel_std = pixel_statistics(loaded[0][0])  # training images
+    for part, (images, labels) in zip(parts, loaded):
         train = part == "train"
+        transform = image_transform(config, train)
         if train and examples:
-            samplers[part] = ExampleSampler(images, labels)
+            samplers[part] = ExampleSampler(images, labels, transform)
             continue
         try:
             samplers[part] = TaskSampler(
@@ -63,10 +68,22 @@ def build_sources(
                 shots=config.shots,
                 queries=config.train_queries if train else config.queries,
                 option_names=TRAINING_EPISODE_OPTIONS if train else EPISODE_OPTIONS,
+                transform=transform,
             )
         except (ConfigError, DataError) as error:
             raise type(error)(f"{part} part: {error}") from None
     return TaskSources(samplers.get("train"), samplers.get("val"), samplers.get("test"))
+
+
+def image_transform(config: TrainConfig, train: bool) -> ImageTransform | None:
+    """An image folder's standardisation (`--normalize`), and for training episodes its
+    augmentation (`--augment`); None where there is neither."""
+    augment = parse_augment(config.augment) if train else ()
+    if config.pixel_mean is None and not augment:
+        return None
+    mean = None if config.pixel_mean is None else tuple(config.pixel_mean)
+    std = None if config.pixel_std is None else tuple(config.pixel_std)
+    return ImageTransform(mean, std, augment)
 
 
 def data_root_for(config: TrainConfig, data_root=None) -> Path | None:
@@ -122,7 +139,9 @@ def training_preprocessing(config: TrainConfig, train) -> Preprocessing | None:
         return None
     source = OMNIGLOT_SOURCE if config.dataset == "omniglot" else "an image folder, read as it is"
     background = background_of(train.inputs)
-    return Preprocessing(config.image_size, config.channels, background, source)
+    return Preprocessing(
+        config.image_size, config.channels, background, source, config.pixel_mean, config.pixel_std
+    )
 
 
 def recorded_preprocessing(run_dir: Path, config: TrainConfig) -> Preprocessing | None:
