@@ -23,9 +23,25 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide run folders from others
         os.replace(tmp, path)
+        fsync_folder(path.parent)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries to disk, so that a rename survives a power cut (POSIX; where a
+    folder cannot be opened, as on Windows, the rename stands as the OS keeps it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -4,18 +4,24 @@ folders; resume that extends a finished run exactly; --init from another run's w
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file
 
+import fewshot
+from fewshot import files
 from fewshot.cli import main
+from fewshot.datasets.sinusoid import SinusoidTasks
 from fewshot.training import TrainConfig, train
-from fewshot.training.state import STATE_FILE
+from fewshot.training.evaluation import evaluate
+from fewshot.training.state import STATE_FILE, load_state, restore_global_rngs
 
 SHORT = ["--val-every", "20", "--val-episodes", "5", "--checkpoint-every", "10"]
 
@@ -192,3 +198,63 @@ def test_init_starts_a_new_run_from_another_runs_best_weights(tmp_path):
         )  # fmt: skip
     )
     assert "does not handle" in line or f"--init {first}" in line
+
+
+def test_validation_and_test_episodes_come_from_separate_streams(tmp_path):
+    """The validation recorded in training is the "val" stream's; `fewshot eval --seed 1`
+    (the validation seed) draws other tasks, from the "eval" stream."""
+    run = tmp_path / "run"
+    ok("train", "--iterations", "10", "--val-every", "10", "--val-episodes", "5",
+       "--test-episodes", "0", "--out", run)  # fmt: skip
+    recorded = [r for r in training_lines(run) if r.get("split") == "val"][0]["mse"]
+    method, tasks = fewshot.load(run), SinusoidTasks(10, 10)
+    assert evaluate(method, tasks, 5, seed=1, stream="val").mean == pytest.approx(recorded)
+    assert evaluate(method, tasks, 5, seed=1).mean != pytest.approx(recorded)
+
+
+def test_every_validation_writes_a_checkpoint(tmp_path):
+    """Best weights and the resumable checkpoint never disagree: a run killed after a
+    validation resumes from it, whatever --checkpoint-every says."""
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_30(record):
+        if record["iteration"] == 30:
+            raise Killed
+
+    config = TrainConfig(iterations=40, val_every=20, val_episodes=5, checkpoint_every=1000)
+    with pytest.raises(Killed):
+        train(config, tmp_path / "run", progress=False, listeners=[kill_at_30])
+    assert load_state(tmp_path / "run" / STATE_FILE).iteration == 20
+
+
+def test_an_atomic_write_flushes_the_folder_after_the_rename(tmp_path, monkeypatch):
+
+    flushed = []
+    real = os.fsync
+
+    def recording_fsync(fd):
+        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(files.os, "fsync", recording_fsync)
+    files.atomic_write_text(tmp_path / "a.json", "{}")
+    assert flushed[-1] == str(tmp_path)
+    assert (tmp_path / "a.json").read_text() == "{}"
+
+
+def test_the_checkpoint_keeps_the_cuda_generators_and_restores_them(tmp_path, monkeypatch):
+    """Faked CUDA devices: their generator states go into the checkpoint and come back."""
+    devices = [torch.tensor([1, 2, 3], dtype=torch.uint8), torch.tensor([4, 5], dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: devices)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    run = tmp_path / "run"
+    train(TrainConfig(iterations=10, val_every=10, val_episodes=5), run, progress=False)
+    saved = load_state(run / STATE_FILE)
+    assert [t.tolist() for t in saved.cuda_rng] == [[1, 2, 3], [4, 5]]
+    restore_global_rngs(saved)
+    assert [t.tolist() for t in restored] == [[1, 2, 3], [4, 5]]

@@ -64,10 +64,13 @@ def evaluate(
     inner_steps: int | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    stream: str = "eval",
 ) -> EvalResult:
     """Evaluate on `episodes` episodes drawn from `tasks` (a sampler of held-out classes);
     `progress` shows a progress bar."""
-    return evaluate_episodes(algorithm, tasks, episodes, seed, inner_steps, device, progress)[0]
+    return evaluate_episodes(
+        algorithm, tasks, episodes, seed, inner_steps, device, progress, stream
+    )[0]
 
 
 def evaluate_episodes(
@@ -78,17 +81,21 @@ def evaluate_episodes(
     inner_steps: int | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    stream: str = "eval",
 ) -> tuple[EvalResult, torch.Tensor]:
     """`evaluate`'s result and each episode's accuracy (or MSE), float64, in the order the
     episodes are drawn (for paired comparisons).
 
-    The episodes come from `seed` alone, so two models evaluated with one seed are scored on
-    the same episodes. Random numbers that prediction itself draws (fine-tuning mini-batches,
+    The episodes come from `stream` and `seed` alone, so two models evaluated with one seed
+    are scored on the same episodes; meta-test episodes come from the "eval" stream, the
+    training loop's validation episodes from the "val" stream, so that no seed given to
+    `fewshot eval` evaluates on the validation tasks (sinusoid tasks share one distribution).
+    Random numbers that prediction itself draws (fine-tuning mini-batches,
     the order in which a support set is read) come from torch's generator seeded from `seed`
     too, and the caller's generator state is left as it was.
     """
     require_positive(episodes=episodes)
-    generator = stream_generator("eval", seed)
+    generator = stream_generator(stream, seed)
     was_training = algorithm.training
     algorithm.eval()
     scores = []

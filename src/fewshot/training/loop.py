@@ -51,6 +51,7 @@ from fewshot.training.factory import (
 from fewshot.training.state import (
     STATE_FILE,
     TrainingState,
+    capture_cuda_rngs,
     capture_global_rngs,
     load_state,
     restore_global_rngs,
@@ -180,6 +181,7 @@ class Run:
             best=None if self.best is None else self.best.to_dict(),
             elapsed=self.elapsed,
             scheduler=None if self.scheduler is None else self.scheduler.state_dict(),
+            cuda_rng=capture_cuda_rngs(),
         )
 
     def restore(self, state: TrainingState) -> None:
@@ -227,6 +229,7 @@ class Run:
             VALIDATION_SEED,
             device=self.device,
             progress=self.progress,
+            stream="val",
         )
         record = {"iteration": self.iteration, "split": "val", **result.to_dict()}
         if is_better(result, self.best):
@@ -274,7 +277,9 @@ class Run:
                     or out_of_time
                 ):
                     bar.write(f"iteration {iteration}: validation {self.validate()}")
-                if iteration % config.checkpoint_every == 0 or stop["signal"] is not None:
+                    # the best weights just written and the checkpoint stay of one trajectory
+                    self.save_checkpoint()
+                elif iteration % config.checkpoint_every == 0 or stop["signal"] is not None:
                     self.save_checkpoint()
                 if out_of_time:
                     bar.write(f"time limit of {config.time_limit} minutes reached")

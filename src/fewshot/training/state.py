@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +38,26 @@ class TrainingState:
     best: dict | None
     elapsed: float
     scheduler: dict | None = None  # the outer learning-rate schedule's state, if any
+    cuda_rng: list[torch.Tensor] = field(default_factory=list)  # one per CUDA device, if any
 
 
 def capture_global_rngs() -> tuple[torch.Tensor, Any, Any]:
     return torch.get_rng_state(), random.getstate(), np.random.get_state()
 
 
+def capture_cuda_rngs() -> list[torch.Tensor]:
+    """The generator state of every CUDA device (none without CUDA): dropout and other random
+    draws on a GPU come from these, not from the CPU generator."""
+    return torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+
+
 def restore_global_rngs(state: TrainingState) -> None:
     torch.set_rng_state(state.torch_rng)
+    # Restored where the same number of CUDA devices is there; on another machine they cannot
+    # match anyway.
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if state.cuda_rng and devices == len(state.cuda_rng):
+        torch.cuda.set_rng_state_all(state.cuda_rng)
     version, internal, gauss = state.python_rng
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state.numpy_rng
@@ -69,6 +81,7 @@ def save_state(path: Path, state: TrainingState) -> None:
         "best": state.best,
         "elapsed": state.elapsed,
         "scheduler": _pack(state.scheduler, "scheduler", tensors),
+        "cuda_rng": _pack(state.cuda_rng, "cuda_rng", tensors),
     }
     metadata = {"state": json.dumps(document)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
@@ -93,6 +106,7 @@ def load_state(path: Path) -> TrainingState:
             best=document["best"],
             elapsed=document["elapsed"],
             scheduler=_unpack(document.get("scheduler"), tensors),
+            cuda_rng=_unpack(document.get("cuda_rng", []), tensors),  # absent before they were kept
         )
     except (SafetensorError, OSError, KeyError, ValueError, TypeError) as error:
         raise CheckpointError(f"{path} is not a readable fewshot checkpoint ({error}).") from None
