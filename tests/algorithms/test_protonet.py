@@ -1,10 +1,12 @@
 """Prototypical Networks against a hand-worked case and float64 finite differences."""
 
+import pytest
 import torch
 from torch import nn
 
 from fewshot import ProtoNet, Task
 from fewshot.algorithms.protonet import class_means, squared_distances
+from fewshot.errors import DataError
 
 
 def test_hand_worked_two_way_episode():
@@ -58,3 +60,10 @@ def test_meta_gradient_matches_finite_differences():
             minus = net.meta_loss(tasks).item()
             flat[i] = original
             assert abs(p.grad.view(-1)[i] - (plus - minus) / (2 * eps)) < 1e-7
+
+
+def test_a_class_missing_from_a_support_set_is_refused_not_a_nan_prototype():
+    embeddings = torch.ones(2, 3, 4)
+    labels = torch.tensor([[0, 1, 2], [0, 2, 2]])  # task 1 lacks class 1
+    with pytest.raises(DataError, match="class 1 has no support example in task 1"):
+        class_means(embeddings, labels)

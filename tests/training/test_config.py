@@ -1,10 +1,17 @@
 """Resolution of a run's settings: the papers' defaults and the chunk size per setting."""
 
-import pytest
+import contextlib
+import dataclasses
+import re
 
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fewshot.algorithms import METHODS
 from fewshot.algorithms.gradient import default_chunk_size
 from fewshot.errors import ConfigError
-from fewshot.training.config import TrainConfig
+from fewshot.training.config import TrainConfig, run_setting_names
 
 
 def test_sinusoid_runs_the_whole_meta_batch_in_one_pass():
@@ -118,3 +125,38 @@ def test_one_way_classification_is_refused(dataset, ways):
 
 def test_sinusoid_regression_has_no_ways_to_refuse():
     assert TrainConfig(dataset="sinusoid", ways=1).resolved().train_ways == 1
+
+
+def test_config_values_of_the_wrong_type_are_one_line_errors():
+    cases = {
+        "inner_lr": ("fast", "inner_lr must be a number or null, got 'fast'"),
+        "ways": (None, "ways must be an integer, got None"),
+        "first_order": ("yes", "first_order must be true or false or null, got 'yes'"),
+        "iterations": (2.5, "iterations must be an integer or null, got 2.5"),
+    }
+    for name, (value, message) in cases.items():
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            TrainConfig.from_dict({name: value}).resolved()
+    assert TrainConfig.from_dict({"outer_lr": 1}).resolved().outer_lr == 1.0
+
+
+SETTING_NAMES = sorted(
+    set(run_setting_names())
+    | {f.name for method in METHODS.values() for f in dataclasses.fields(method.settings)}
+)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-10, 10**6) | st.floats() | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(), children),
+    max_leaves=5,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.dictionaries(st.sampled_from(SETTING_NAMES) | st.text(max_size=6), JSON_VALUES, max_size=6)
+)
+def test_any_json_config_is_accepted_or_refused_in_one_line(document):
+    """Whatever a config file holds, reading it either gives a configuration or a ConfigError
+    (the command line's one-line error), never another exception."""
+    with contextlib.suppress(ConfigError):
+        TrainConfig.from_dict(document).resolved()

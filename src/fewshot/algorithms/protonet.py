@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from fewshot.algorithms.metric import MetricLearner
 from fewshot.algorithms.registry import Method, Problem, Settings, register
+from fewshot.errors import DataError
 
 
 class ProtoNet(MetricLearner):
@@ -28,7 +29,14 @@ class ProtoNet(MetricLearner):
 def class_means(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-task class means: (tasks, n, d) embeddings and (tasks, n) labels -> (tasks, ways, d)."""
     one_hot = F.one_hot(labels, int(labels.max()) + 1).to(embeddings.dtype)
-    return one_hot.transpose(1, 2) @ embeddings / one_hot.sum(1).unsqueeze(-1)
+    counts = one_hot.sum(1)
+    if bool((counts == 0).any()):  # its prototype would be 0/0: NaN distances, NaN loss
+        task, label = (counts == 0).nonzero()[0].tolist()
+        raise DataError(
+            f"class {label} has no support example in task {task}; labels must be 0..ways-1, "
+            "each with at least one support example."
+        )
+    return one_hot.transpose(1, 2) @ embeddings / counts.unsqueeze(-1)
 
 
 def squared_distances(query: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:

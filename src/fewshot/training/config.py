@@ -9,6 +9,8 @@ dataset, so nothing here knows a method by name.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -170,10 +172,56 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
-        """From a flat dict of run and method settings; unknown keys are refused."""
+        """From a flat dict of run and method settings (a config file's, a run's config.json);
+        unknown keys, and values of the wrong type, are refused with one line."""
+        if not isinstance(values, dict):
+            raise ConfigError("settings must be one JSON object of names and values.")
         run_keys = {f.name for f in fields(cls)} - {"settings"}
-        run = {k: v for k, v in values.items() if k in run_keys}
+        run = checked_types({k: v for k, v in values.items() if k in run_keys}, cls)
         return cls(**run, settings={k: v for k, v in values.items() if k not in run_keys})
+
+
+def checked_types(values: dict, owner: type) -> dict:
+    """`values` with each checked against the type of `owner`'s field of that name (numbers
+    where numbers go, and so on; ints are accepted as floats); a ConfigError names the first
+    value that does not fit."""
+    hints = typing.get_type_hints(owner)
+    return {name: _checked(name, value, hints[name]) for name, value in values.items()}
+
+
+def _checked(name: str, value: Any, hint: Any) -> Any:
+    options = (
+        typing.get_args(hint)
+        if typing.get_origin(hint) in (typing.Union, types.UnionType)
+        else (hint,)
+    )
+    if value is None and type(None) in options:
+        return None
+    for kind in options:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if kind is str and isinstance(value, str):
+            return value
+        if typing.get_origin(kind) is list and isinstance(value, list):
+            return [_checked(name, item, typing.get_args(kind)[0]) for item in value]
+        if kind is Any:
+            return value
+    wanted = " or ".join(TYPE_NAMES.get(k, str(k)) for k in options)
+    raise ConfigError(f"{name} must be {wanted}, got {value!r}.")
+
+
+TYPE_NAMES = {
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    str: "a text",
+    type(None): "null",
+    list[float]: "a list of numbers",
+}
 
 
 def applies(name: str, dataset: str) -> bool:
@@ -227,4 +275,4 @@ def _settings_from_dict(name: str, settings_class: type[Settings], values: dict)
             f"{name}; its settings are {', '.join(sorted(known))}, and the run's are "
             f"{', '.join(run_setting_names())}."
         )
-    return settings_class(**values)
+    return settings_class(**checked_types(values, settings_class))
