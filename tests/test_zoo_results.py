@@ -9,6 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from fewshot.cli import main as fewshot_main
+from fewshot.training.evaluation import evaluate
+from fewshot.training.loop import load_run
 from tests.conftest import REPO
 
 spec = importlib.util.spec_from_file_location("zoo_results", REPO / "scripts" / "zoo_results.py")
@@ -56,3 +58,19 @@ def test_a_new_run_is_evaluated_into_the_table_and_stale_results_are_refused(tmp
     shutil.copy(zoo / "b-sinusoid" / "model.safetensors", zoo / "a-sinusoid" / "model.safetensors")
     with pytest.raises(click.ClickException, match="measured on other weights"):
         zoo_results.load_zoo(folders)
+
+
+@pytest.mark.slow
+@pytest.mark.omniglot
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "zoo").iterdir() if p.is_dir()))
+def test_a_short_evaluation_of_each_zoo_model_lands_near_its_recorded_figure(name, omniglot_root):
+    """The first 25 of the recorded 600 episodes (same seed, same draws), evaluated now, agree
+    with the recorded figure within the two intervals: a change to a method, the sampler or
+    the evaluator that moves a zoo model's accuracy shows here."""
+    run = REPO / "zoo" / name
+    reports = json.loads((run / "results.json").read_text())["reports"]
+    recorded = next(r["report"] for r in reports if not r["shape"] and r["policy"] is None)
+    config, algorithm, sources = load_run(run, omniglot_root)
+    short = evaluate(algorithm, sources.test, episodes=25, seed=recorded["seed"])
+    assert short.metric == recorded["metric"]
+    assert abs(short.mean - recorded[short.metric]) <= short.ci95 + recorded["ci95"]
