@@ -92,7 +92,12 @@ def conditions(data: dict) -> list[str]:
         f"- Allocator (--malloc {meta['malloc']}), in every child: {allocator_text}"
         + ("" if consistent else " — WARNING: children saw different settings"),
         "- One fresh process per row; warm-up steps, then the median of timed repeats "
-        "(each repeat averages several steps); speed-ups are ratios of medians of this run",
+        "(each repeat averages several steps); speed-ups are ratios of medians of this run, "
+        "per task or episode, of fewshot's default row over each row",
+        "- Memory is the process's resident set (RSS): its peak, its size once the workload is "
+        "set up, and the growth between them during the timed steps. The growth is not a step's "
+        "memory: memory that setup freed and the allocator kept is reused without growing RSS, "
+        "and the tuned allocator keeps freed memory; compare peaks across libraries",
     ]
     if meta.get("queries") is not None:
         lines.append(
@@ -125,7 +130,7 @@ def main_table(data: dict) -> list[str]:
         "fewshot speed-up",
         "Peak RSS MiB",
         "RSS after setup MiB",
-        "Peak − setup MiB",
+        "RSS growth in the steps MiB",
         *(["GPU peak MiB"] if cuda else []),
         "GFLOP/s (% of matmul)",
     ]
@@ -142,7 +147,7 @@ def main_table(data: dict) -> list[str]:
             f"{duration(r['median_s'])} ({duration(d['min_s'])}–{duration(d['max_s'])}), "
             f"{r['repeats']}×{r['steps_per_repeat']}",
             f"{d['throughput_per_s']:,.1f} {r['unit']}/s",
-            "—" if r["library"] == BASELINE or speedup is None else f"×{speedup:.2f}",
+            speedup_cell(r["library"], speedup),
             f"{r['peak_rss_mib']:.0f}",
             f"{r['rss_after_setup_mib']:.0f}",
             f"{r['peak_rss_mib'] - r['rss_after_setup_mib']:.0f}",
@@ -151,6 +156,16 @@ def main_table(data: dict) -> list[str]:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def speedup_cell(library: str, speedup: float | None) -> str:
+    """How many times faster fewshot's default row is than this one, per task or episode;
+    below 1 the row itself is faster (e.g. another fewshot setting), and the cell says so."""
+    if library == BASELINE or speedup is None:
+        return "—"
+    if speedup < 1:
+        return f"×{speedup:.2f} (this row ×{1 / speedup:.2f} faster)"
+    return f"×{speedup:.2f}"
 
 
 def flop_cell(row: dict) -> str:
