@@ -904,7 +904,7 @@ def adapt_command(
     check_inner_steps_apply(inner_steps, run_dir, type(method).__name__, method)
     if method.preprocessing is None:
         raise ConfigError(
-            f"{run_dir} was trained on --dataset {read_config(run_dir).dataset}; adapt reads "
+            f"{run_dir} was trained on --dataset {method.config.dataset}; adapt reads "
             "images, for runs trained on Omniglot or an image folder."
         )
     support_set, support_inverted = method.preprocessing.read_support(support, invert, convert)

@@ -456,21 +456,18 @@ def load(
     run_dir = Path(run_dir)
     config = checkpoint.read_config(run_dir)
     with_batch_norm(config, batch_norm)
-    trained_ways = config.ways
+    trained_ways, per_way_head = config.ways, has_per_way_head(config)
     override_test_episodes(config, episode)
     algorithm = build_algorithm(config)
     weights = run_dir / checkpoint.BEST_WEIGHTS
     tensors = checkpoint.read_weights(weights)  # a missing or damaged file is no ways problem
-    try:
-        checkpoint.fit_weights(algorithm, tensors, weights)
-    except CheckpointError:
-        if config.ways == trained_ways:
-            raise
+    if per_way_head and config.ways != trained_ways:
         raise ConfigError(
             f"{run_dir} was trained {trained_ways}-way and its {config.algorithm} model has "
             f"one output per way; evaluate it {trained_ways}-way (drop --ways)."
-        ) from None
-    algorithm.max_ways = trained_ways if has_per_way_head(config) else None
+        )
+    checkpoint.fit_weights(algorithm, tensors, weights)
+    algorithm.max_ways = trained_ways if per_way_head else None
     algorithm.preprocessing = recorded_preprocessing(run_dir, config)
     algorithm.config = config
     return algorithm.to(device).eval()
