@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 from safetensors.torch import load_file
 
 import fewshot
@@ -19,6 +18,7 @@ from fewshot.datasets.transforms import ImageTransform, parse_augment, pixel_sta
 from fewshot.errors import ConfigError
 from fewshot.training.loop import load_run
 from fewshot.training.state import STATE_FILE
+from tests.conftest import write_random_image_folder
 
 
 def test_flips_and_crops_are_the_drawn_ones():
@@ -53,20 +53,9 @@ def test_unknown_augmentations_are_refused():
         parse_augment("flip,rotate")
 
 
-def write_folder(root):
-    rng = np.random.default_rng(0)
-    for part, classes in (("train", 4), ("val", 3), ("test", 3)):
-        for c in range(classes):
-            for i in range(4):
-                path = root / part / f"c{c}" / f"{i}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                pixels = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(path)
-
-
 def test_a_normalised_augmented_run_records_evaluates_and_resumes_exactly(tmp_path):
     data = tmp_path / "data"
-    write_folder(data)
+    write_random_image_folder(data, channels=3)
     common = ["train", "--algorithm", "protonet", "--dataset", "folder", "--data-root",
               str(data), "--image-size", "16", "--ways", "3", "--train-ways", "3", "--shots",
               "1", "--queries", "2", "--train-queries", "2", "--val-every", "10",

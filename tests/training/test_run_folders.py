@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 from safetensors.torch import load_file
 
 import fewshot
@@ -22,6 +21,7 @@ from fewshot.datasets.sinusoid import SinusoidTasks
 from fewshot.training import TrainConfig, train
 from fewshot.training.evaluation import evaluate
 from fewshot.training.state import STATE_FILE, load_state, restore_global_rngs
+from tests.conftest import write_random_image_folder
 
 SHORT = ["--val-every", "20", "--val-episodes", "5", "--checkpoint-every", "10"]
 
@@ -96,19 +96,9 @@ def test_a_resumed_run_tests_the_episodes_it_was_given(tmp_path):
     assert "600 episodes" not in result.output
 
 
-def write_folder_dataset(root: Path) -> None:
-    rng = np.random.default_rng(0)
-    for part, classes in (("train", 4), ("val", 3), ("test", 3)):
-        for c in range(classes):
-            for i in range(4):
-                path = root / part / f"c{c}" / f"{i}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(path)
-
-
 def test_a_run_remembers_its_data_and_says_where_it_was_once_moved(tmp_path):
     data, run = tmp_path / "data", tmp_path / "run"
-    write_folder_dataset(data)
+    write_random_image_folder(data)
     ok("train", "--algorithm", "protonet", "--dataset", "folder", "--data-root", data,
        "--image-size", "16", "--ways", "3", "--train-ways", "3", "--shots", "1", "--queries",
        "2", "--train-queries", "2", "--iterations", "10", "--val-every", "10",
