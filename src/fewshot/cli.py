@@ -37,6 +37,7 @@ from fewshot.training.evaluation import (
     evaluate,
     evaluate_episodes,
     paired_difference,
+    prediction_mode,
 )
 from fewshot.training.loop import load, load_run, override_test_episodes, train
 from fewshot.training.tensorboard import TensorBoardLogger
@@ -909,8 +910,7 @@ def adapt_command(
         )
     support_set, support_inverted = method.preprocessing.read_support(support, invert, convert)
     queries, inverted = method.preprocessing.read_images(paths, invert, convert)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with prediction_mode(method, seed, device):
         predictor = method.adapt(support_set, inner_steps=inner_steps)
         probabilities = predictor.probabilities(queries)
     rows = [

@@ -8,10 +8,9 @@ only to draw, so `import fewshot` does not need it.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import textwrap
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from fewshot.errors import FewshotError
 from fewshot.tasks import Task, stream_generator
 from fewshot.training import checkpoint
 from fewshot.training.config import TrainConfig
-from fewshot.training.evaluation import EPISODES_PER_DRAW, evaluate
+from fewshot.training.evaluation import EPISODES_PER_DRAW, evaluate, prediction_mode
 from fewshot.training.factory import build_algorithm
 from fewshot.training.loop import load_run
 
@@ -167,20 +166,6 @@ def first_test_episode(sampler, seed: int) -> Task:
     """The first episode that `evaluate` draws with `seed`, with a leading task dimension of 1:
     the figures show an episode of the evaluation that `fewshot eval --seed` reports."""
     return sampler.sample(EPISODES_PER_DRAW, stream_generator("eval", seed))[:1]
-
-
-@contextlib.contextmanager
-def prediction_mode(algorithm: Algorithm, seed: int) -> Iterator[None]:
-    """As `evaluate` predicts: eval mode, no gradients kept, torch's random numbers (mini-batch
-    orders of fine-tuning) seeded from `seed`, and the caller's random state kept."""
-    was_training = algorithm.training
-    algorithm.eval()
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            yield
-    finally:
-        algorithm.train(was_training)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -96,29 +98,41 @@ def evaluate_episodes(
     """
     require_positive(episodes=episodes)
     generator = stream_generator(stream, seed)
-    was_training = algorithm.training
-    algorithm.eval()
     scores = []
-    device = torch.device(device)
-    forked = [device.index or 0] if device.type == "cuda" else []
     bar = progress_bar(
         desc="evaluating", total=episodes, unit="episode", disable=not progress, leave=False
     )
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=forked), bar:
-            torch.manual_seed(seed)
-            for start in range(0, episodes, EPISODES_PER_DRAW):
-                batch = tasks.sample(EPISODES_PER_DRAW, generator)[: episodes - start].to(device)
-                predictions = algorithm.predict(batch, inner_steps=inner_steps)
-                scores.append(episode_scores(predictions, batch.query_y).cpu())
-                bar.update(len(batch))
-    finally:
-        algorithm.train(was_training)
+    with prediction_mode(algorithm, seed, device), bar:
+        for start in range(0, episodes, EPISODES_PER_DRAW):
+            batch = tasks.sample(EPISODES_PER_DRAW, generator)[: episodes - start].to(device)
+            predictions = algorithm.predict(batch, inner_steps=inner_steps)
+            scores.append(episode_scores(predictions, batch.query_y).cpu())
+            bar.update(len(batch))
     scores = torch.cat(scores).double()
     ci95 = 1.96 * scores.std().item() / math.sqrt(len(scores)) if len(scores) > 1 else float("nan")
     metric = "mse" if batch.query_y.is_floating_point() else "accuracy"
     steps = reported_steps(algorithm, inner_steps)
     return EvalResult(metric, scores.mean().item(), ci95, len(scores), steps), scores
+
+
+@contextlib.contextmanager
+def prediction_mode(
+    algorithm: Algorithm, seed: int, device: torch.device | str = "cpu"
+) -> Iterator[None]:
+    """How a trained method predicts in evaluation, in figures and for `fewshot adapt`: eval
+    mode, no gradients kept, torch's random numbers (fine-tuning mini-batches, the order in
+    which a support set is read) seeded from `seed`, and the caller's generator states and
+    the method's mode put back after."""
+    device = torch.device(device)
+    forked = [device.index or 0] if device.type == "cuda" else []
+    was_training = algorithm.training
+    algorithm.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=forked):
+            torch.manual_seed(seed)
+            yield
+    finally:
+        algorithm.train(was_training)
 
 
 def adapts_by_steps(algorithm: Algorithm) -> bool:
