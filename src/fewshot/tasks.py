@@ -66,7 +66,8 @@ class Support:
 
 
 class TaskSampler:
-    """Draws N-way K-shot episodes with Q queries per class from a labelled dataset in memory.
+    """Draws N-way K-shot episodes with Q queries per class from a labelled dataset in memory
+    (or memory-mapped: only the examples of an episode are read, and `inputs` is never copied).
 
     Classes are drawn without replacement from the given data only (one split), and within each
     class the support and query examples are drawn without replacement, so they are disjoint.
@@ -97,8 +98,12 @@ class TaskSampler:
         classes, labels = torch.unique(labels, return_inverse=True)
         counts = torch.bincount(labels, minlength=len(classes))
         check_episode_fits(ways, shots, queries, counts, option_names)
+        # Episodes draw positions in the class-sorted order; `_order` maps them to rows of
+        # `inputs`, which are never copied (a large dataset, or a memory-mapped one, stays one
+        # copy). None where the rows are already sorted by class.
         order = torch.argsort(labels, stable=True)
-        self.inputs = inputs[order]
+        self.inputs = inputs
+        self._order = None if bool((labels[1:] >= labels[:-1]).all()) else order
         self.counts = counts
         self.offsets = torch.cumsum(counts, 0) - counts
         self.ways, self.shots, self.queries = ways, shots, queries
@@ -138,8 +143,10 @@ class TaskSampler:
             keys.add_(self._padding.index_select(0, classes))
         picks = keys.topk(k + q, dim=1, largest=False).indices
         picks.add_(self.offsets.index_select(0, classes).unsqueeze(1))
-        picks = picks.view(t, n * (k + q)).index_select(1, self._support_first)
-        x = self.inputs.index_select(0, picks.flatten())
+        picks = picks.view(t, n * (k + q)).index_select(1, self._support_first).flatten()
+        if self._order is not None:
+            picks = self._order.index_select(0, picks)
+        x = self.inputs.index_select(0, picks)
         x = as_float(x).view(t, n * (k + q), *self.inputs.shape[1:])
         if self.transform is not None:  # an image folder's augmentation and standardisation
             x = self.transform(x, generator)
