@@ -15,18 +15,19 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from fewshot.algorithms.registry import Method, Problem, Settings, get_method
+from fewshot.datasets.benchmarks import BENCHMARKS
 from fewshot.datasets.transforms import parse_augment
 from fewshot.errors import ConfigError, require_positive
 
-DATASETS = ("sinusoid", "omniglot", "folder", "csv")
+DATASETS = ("sinusoid", "omniglot", "folder", "csv", *BENCHMARKS)
 # Run settings that belong to some datasets only: given for another, they are refused; a run's
 # config.json holds them only where they apply.
 DATASET_SETTINGS = {
     "split": ("omniglot",),
-    "image_size": ("folder",),
+    "image_size": ("folder",),  # the benchmarks' is their published size (DATASET_VALUES)
     "channels": ("folder",),
     "normalize": ("folder",),
-    "augment": ("folder",),
+    "augment": ("folder", *BENCHMARKS),
     "pixel_mean": ("folder",),
     "pixel_std": ("folder",),
     "label_column": ("csv",),
@@ -36,6 +37,7 @@ DATASET_SETTINGS = {
 DATASET_VALUES = {
     "omniglot": {"split": "vinyals", "image_size": 28, "channels": 1},
     "folder": {"image_size": 28, "normalize": False},
+    **{name: {"image_size": b.image_size, "channels": 3} for name, b in BENCHMARKS.items()},
 }
 
 
@@ -96,7 +98,8 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}."
             )
-        defaults = method.defaults_for(self.dataset)
+        # the benchmarks take the methods' image defaults, as image folders do
+        defaults = method.defaults_for("folder" if self.dataset in BENCHMARKS else self.dataset)
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "settings"}
         check_dataset_settings(values)
         for name, value in DATASET_VALUES.get(self.dataset, {}).items():

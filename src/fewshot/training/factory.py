@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fewshot.algorithms import Algorithm, get_method
+from fewshot.datasets.benchmarks import BENCHMARKS, load_benchmark
 from fewshot.datasets.image_folder import load_image_folder
 from fewshot.datasets.omniglot import load_omniglot, omniglot_split, resolve_data_root
 from fewshot.datasets.preprocessing import Preprocessing, background_of, read_preprocessing
@@ -125,6 +126,8 @@ def labelled_parts(config: TrainConfig, data_root, download: bool, parts: tuple[
         if data_root is None:
             raise DataError("--dataset csv needs --data-root FILE.csv.")
         return table_parts(load_table(data_root, config.label_column), parts)
+    if config.dataset in BENCHMARKS:
+        return [load_benchmark(config.dataset, data_root, p, config.image_size) for p in parts]
     characters = load_omniglot(data_root, download=download)
     return [omniglot_split(characters, config.split, part) for part in parts]
 
@@ -137,6 +140,9 @@ def training_preprocessing(config: TrainConfig, train) -> Preprocessing | None:
     run folder; None for sinusoids and tables."""
     if config.dataset in ("sinusoid", "csv"):
         return None
+    if config.dataset in BENCHMARKS:  # photos: no common background (and reading every
+        # image's border would load a memory-mapped dataset whole)
+        return Preprocessing(config.image_size, 3, None, BENCHMARKS[config.dataset].source)
     source = OMNIGLOT_SOURCE if config.dataset == "omniglot" else "an image folder, read as it is"
     background = background_of(train.inputs)
     return Preprocessing(

@@ -1,0 +1,79 @@
+"""The field's image benchmarks by their `--dataset` names: each one's reader, its images'
+default side, and the folder `--data-root` names (docs/datasets.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fewshot.datasets.cifar import load_cifar_fs, load_fc100
+from fewshot.datasets.cub import load_cub
+from fewshot.datasets.imagenet import load_mini_imagenet, load_tiered_imagenet
+from fewshot.errors import ConfigError, DataError
+
+PARTS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A benchmark's reader `load(root, part, image_size)`, its images' usual side, and what
+    its data folder holds."""
+
+    load: Callable[[Path, str, int], tuple[torch.Tensor, torch.Tensor]]
+    image_size: int
+    holds: str
+    source: str
+
+
+BENCHMARKS = {
+    "mini-imagenet": Benchmark(
+        load_mini_imagenet,
+        84,
+        "train.csv, val.csv, test.csv and images/",
+        "miniImageNet's photos (Ravi & Larochelle's split), RGB",
+    ),
+    "tiered-imagenet": Benchmark(
+        load_tiered_imagenet,
+        84,
+        "train/, val/ and test/ of class folders",
+        "tieredImageNet's photos, RGB",
+    ),
+    "cifar-fs": Benchmark(
+        load_cifar_fs,
+        32,
+        "cifar-100-binary/ (train.bin, test.bin)",
+        "CIFAR-100's photos (CIFAR-FS split), RGB",
+    ),
+    "fc100": Benchmark(
+        load_fc100,
+        32,
+        "cifar-100-binary/ (train.bin, test.bin)",
+        "CIFAR-100's photos (FC100 split), RGB",
+    ),
+    "cub": Benchmark(
+        load_cub,
+        84,
+        "CUB_200_2011/images/",
+        "CUB-200-2011's bird photos (Chen et al.'s split), RGB",
+    ),
+}
+
+
+def load_benchmark(
+    name: str, data_root: str | Path | None, part: str, image_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (n, 3, size, size) uint8 and class labels of one part of a benchmark."""
+    benchmark = BENCHMARKS[name]
+    if part not in PARTS:
+        raise ConfigError(f"unknown split part {part!r}; choose one of {', '.join(PARTS)}.")
+    if data_root is None:
+        raise DataError(
+            f"--dataset {name} needs --data-root DIR, the folder that holds {benchmark.holds}."
+        )
+    root = Path(data_root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"--data-root {root} is not a folder; point it at {benchmark.holds}.")
+    return benchmark.load(root, part, image_size or benchmark.image_size)
