@@ -71,3 +71,9 @@ def test_bad_layouts_are_one_line(tmp_path):
     (tmp_path / "CUB_200_2011" / "images" / "birds").mkdir()
     with pytest.raises(DataError, match="birds is not a CUB-200-2011 class folder"):
         load_cub(tmp_path, "train")
+    only_one = tmp_path / "one" / "CUB_200_2011" / "images" / FOLDERS[0]
+    (tmp_path / "CUB_200_2011" / "images" / FOLDERS[0]).rename(
+        only_one.parent.mkdir(parents=True) or only_one
+    )
+    with pytest.raises(DataError, match="holds no images of cub-val's classes"):
+        load_cub(tmp_path / "one", "val")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import shutil
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +47,8 @@ def decoded_classes(
     (the index of their class in `classes`, a list of each class's image files); the images
     are decoded into the cache first if it does not hold them yet."""
     files = [path for found in classes for path in found]
+    if not files:
+        raise DataError(f"{root} holds no images of {name}'s classes; is the dataset complete?")
     labels = torch.arange(len(classes)).repeat_interleave(
         torch.tensor([len(found) for found in classes], dtype=torch.long)
     )
@@ -95,6 +98,8 @@ def read_cache(path: Path, key: str, shape: tuple[int, ...]) -> torch.Tensor | N
     except (OSError, ValueError, KeyError, TypeError):  # truncated, or not what it should be
         path.unlink(missing_ok=True)
         return None
+    if hasattr(mmap, "MADV_RANDOM"):  # episodes read scattered images: no read-ahead
+        mapped._mmap.madvise(mmap.MADV_RANDOM)
     return torch.from_numpy(mapped)
 
 
