@@ -1,14 +1,17 @@
 """miniImageNet (Ravi & Larochelle's CSV files) and tieredImageNet (class folders) read from
 tiny fixtures in their published layouts; the memory-mapped cache they are decoded into."""
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from PIL import Image
 
 from fewshot import TaskSampler
+from fewshot.cli import main
 from fewshot.datasets import image_cache
 from fewshot.datasets.imagenet import load_mini_imagenet, load_tiered_imagenet
 from fewshot.errors import DataError
@@ -221,3 +224,35 @@ def test_sampler_reads_episodes_from_the_mapped_cache(tmp_path, cache):
         assert sorted(c for found in classes for c in found) == [0, 1, 2]
         for query, way in zip(task.query_x[t], task.query_y[t]):
             assert class_of(query) == classes[way]
+
+
+def test_train_and_eval_on_mini_imagenet_from_the_command_line(tmp_path, cache):
+    write_mini(tmp_path / "mini")
+    args = [
+        "--algorithm",
+        "protonet",
+        "--dataset",
+        "mini-imagenet",
+        "--data-root",
+        tmp_path / "mini",
+    ]
+    episodes = ["--ways", "2", "--train-ways", "2", "--shots", "1", "--queries", "1"]
+    quick = ["--iterations", "2", "--val-every", "2", "--val-episodes", "2", "--test-episodes", "4"]
+    argv = ["train", *args, *episodes, "--train-queries", "1", *quick, "--out", tmp_path / "run"]
+    result = CliRunner().invoke(main, [str(a) for a in argv])
+    assert result.exit_code == 0, result.output
+    assert [name.split("-84px-")[0] for name in cache_files(cache)] == [
+        "mini-imagenet-test",
+        "mini-imagenet-train",
+        "mini-imagenet-val",
+    ]
+    recorded = json.loads((tmp_path / "run" / "preprocessing.json").read_text())
+    assert (recorded["image_size"], recorded["channels"]) == (84, 3)
+    result = CliRunner().invoke(main, ["eval", str(tmp_path / "run"), "--episodes", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["episodes"] == 4
+    result = CliRunner().invoke(
+        main, [str(a) for a in ["train", *args[:4], "--out", tmp_path / "r2"]]
+    )
+    assert result.exit_code == 2
+    assert "--dataset mini-imagenet needs --data-root DIR, the folder that holds" in result.output
