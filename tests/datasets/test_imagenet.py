@@ -256,3 +256,18 @@ def test_train_and_eval_on_mini_imagenet_from_the_command_line(tmp_path, cache):
     )
     assert result.exit_code == 2
     assert "--dataset mini-imagenet needs --data-root DIR, the folder that holds" in result.output
+
+
+def test_cache_folder_without_room_or_unwritable_is_one_line(tmp_path, monkeypatch):
+    write_mini(tmp_path / "mini", per_class=1)
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("FEWSHOT_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
+    with pytest.raises(DataError, match="could not write the image cache .* set FEWSHOT_CACHE_DIR"):
+        load_mini_imagenet(tmp_path / "mini", "val")
+    monkeypatch.setenv("FEWSHOT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(
+        image_cache.shutil, "disk_usage", lambda folder: type("U", (), {"free": 10})
+    )
+    with pytest.raises(DataError, match="need 0.0 GB in .*cache, which has 0.0 GB free"):
+        load_mini_imagenet(tmp_path / "mini", "val")
+    assert cache_files(tmp_path / "cache") == []

@@ -15,6 +15,7 @@ is complete or absent: an interrupted decode leaves no cache behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mmap
@@ -96,7 +97,8 @@ def read_cache(path: Path, key: str, shape: tuple[int, ...]) -> torch.Tensor | N
         offset = _check_header(path, key, shape)
         mapped = np.memmap(path, dtype=np.uint8, mode="c", offset=offset, shape=shape)
     except (OSError, ValueError, KeyError, TypeError):  # truncated, or not what it should be
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only folder: writing anew will say so
+            path.unlink()
         return None
     if hasattr(mmap, "MADV_RANDOM"):  # episodes read scattered images: no read-ahead
         mapped._mmap.madvise(mmap.MADV_RANDOM)
