@@ -26,7 +26,7 @@ from workloads import Workload
 
 import fewshot
 from fewshot.algorithms.registry import default_chunk_size
-from fewshot.models import body_and_head
+from fewshot.models import ResNet12, body_and_head
 from fewshot.tasks import Task
 from fewshot.training.loop import meta_step
 
@@ -35,6 +35,7 @@ OUTER_LR = 1e-3  # Adam, as in both papers
 PRESAMPLED = 4  # meta-batches drawn before timing and cycled through
 MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}  # square float32 matmul for the FLOP/s reference
 SAMPLING_BATCH = 32  # episodes per call for the "fewshot-batched" sampling row
+RANDOM_CLASSES = 20  # of 20 random 84x84 RGB images each, for the ResNet-12 workload
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 PerTask = tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], ...]
@@ -76,7 +77,7 @@ def build(workload: Workload, library: str, device: str, chunk_size: int | None 
         raise ValueError(f"{workload.name} runs {workload.libraries}, not {library!r}")
     torch.manual_seed(SEED)
     random.seed(SEED)  # learn2learn's samplers draw from Python's `random`
-    if workload.kind in ("sinusoid", "omniglot-maml"):
+    if workload.kind in ("sinusoid", "omniglot-maml", "resnet12-maml"):
         return build_maml(workload, library, torch.device(device), chunk_size)
     builders = {"matmul": build_matmul, "protonet": build_protonet, "sampling": build_sampling}
     return builders[workload.kind](workload, library, torch.device(device))
@@ -99,6 +100,12 @@ def draw_tasks(workload: Workload, device: torch.device) -> list[Task]:
     generator = torch.Generator().manual_seed(SEED)
     if workload.kind == "sinusoid":
         sampler = fewshot.SinusoidTasks(workload.shots, workload.queries)
+    elif workload.kind == "resnet12-maml":
+        images = torch.randint(0, 256, (RANDOM_CLASSES * 20, 3, 84, 84), generator=generator)
+        labels = torch.arange(RANDOM_CLASSES).repeat_interleave(20)
+        sampler = fewshot.TaskSampler(
+            images.to(torch.uint8), labels, workload.ways, workload.shots, workload.queries
+        )
     else:
         images, labels = omniglot_train()
         sampler = fewshot.TaskSampler(
@@ -129,7 +136,7 @@ def build_maml(
     model, loss_fn, inner_lr = maml_setting(workload)
     model = model.to(device)
     batches = draw_tasks(workload, device)
-    if library in ("fewshot", "fewshot-per-task", "fewshot-maml"):
+    if library.startswith("fewshot"):
         # "fewshot": vectorised with the chunk size `fewshot train` would use (default_chunk_size:
         # 4 tasks for these Conv4 workloads on a CPU, otherwise the whole meta-batch);
         # "fewshot-per-task": one task at a time.
@@ -139,7 +146,14 @@ def build_maml(
             chunk_size = default_chunk_size(dataset, workload.meta_batch, examples, device.type)
         method = "maml" if library == "fewshot-maml" else workload.method
         learner = fewshot_learner(
-            workload, method, model, loss_fn, inner_lr, library != "fewshot-per-task", chunk_size
+            workload,
+            method,
+            model,
+            loss_fn,
+            inner_lr,
+            library != "fewshot-per-task",
+            chunk_size,
+            checkpoint_inner=library == "fewshot-checkpoint",
         )
         optimizer = torch.optim.Adam(learner.parameters(), lr=OUTER_LR)
         # training_step is what meta_step runs: one chunk's graph at a time.
@@ -170,6 +184,7 @@ def fewshot_learner(
     inner_lr: float,
     vectorize: bool,
     chunk_size: int | None,
+    checkpoint_inner: bool = False,
 ) -> fewshot.GradientLearner:
     """fewshot's `method` around `model` (ANIL: around Conv4's body and head; MAML++ with every
     fix but DA, whose first-order phase would not compare with second-order MAML, and, for
@@ -181,6 +196,7 @@ def fewshot_learner(
         loss=loss_fn,
         vectorize=vectorize,
         chunk_size=chunk_size,
+        checkpoint_inner=checkpoint_inner,
     )
     if method == "anil":
         return fewshot.ANIL(*body_and_head(model), **settings)
@@ -200,6 +216,8 @@ def maml_setting(workload: Workload) -> tuple[nn.Module, LossFn, float]:
     """The paper's network (fresh weights from the global seed), loss and inner step size."""
     if workload.kind == "sinusoid":
         return fewshot.SinusoidMLP(), F.mse_loss, 0.01
+    if workload.kind == "resnet12-maml":  # Finn et al.'s miniImageNet step size
+        return ResNet12(3, workload.ways), F.cross_entropy, 0.01
     return fewshot.Conv4(out_features=workload.ways), F.cross_entropy, 0.4
 
 
@@ -231,8 +249,26 @@ def learn2learn_maml(
     import learn2learn as l2l
 
     wrappers = {"maml": l2l.algorithms.MAML, "meta-sgd": l2l.algorithms.MetaSGD}
+    if workload.kind == "resnet12-maml":
+        model = learn2learn_resnet12(model)
     maml = wrappers[workload.method](model, lr=inner_lr, first_order=workload.first_order)
     return learn2learn_loop(maml, nn.Identity(), loss_fn, workload), list(maml.parameters())
+
+
+def learn2learn_resnet12(model: ResNet12) -> nn.Module:
+    """learn2learn's own ResNet-12 (`l2l.vision.models.ResNet12`, DropBlock off) holding
+    fewshot's ResNet-12 weights: the same parameters in the same order, so the same
+    computation check also compares the two architectures."""
+    from learn2learn.vision.models import ResNet12 as L2LResNet12
+
+    width = model.embedding_size
+    theirs = L2LResNet12(
+        model.head.out_features, width, avg_pool=True, wider=width == 640, dropblock_dropout=0.0
+    ).to(next(model.parameters()).device)
+    with torch.no_grad():
+        for mine, their in zip(model.parameters(), theirs.parameters(), strict=True):
+            their.copy_(mine)
+    return theirs
 
 
 def learn2learn_anil(

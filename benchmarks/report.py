@@ -59,6 +59,7 @@ def markdown(data: dict) -> str:
         ["# fewshot benchmark"],
         conditions(data),
         main_table(data),
+        peer_ratio_table(data),
         flop_table(data),
         agreement(data),
         failures(data),
@@ -178,6 +179,41 @@ def flop_cell(row: dict) -> str:
     if "fraction_of_matmul" in row:
         text += f" ({100 * row['fraction_of_matmul']:.0f}%)"
     return text
+
+
+PEER = "learn2learn"  # the library the memory and time ratios divide by
+
+
+def peer_ratio_table(data: dict) -> list[str]:
+    """For workloads whose fewshot rows include a setting of their own (`fewshot-checkpoint`):
+    each row's peak RSS, its growth over setup and its median time, each as a ratio to
+    learn2learn's row of the same run."""
+    ok = [r for r in data["results"] if "error" not in r]
+    peers = {r["workload"]: r for r in ok if r["library"] == PEER}
+    workloads = {r["workload"] for r in ok if r["library"] == "fewshot-checkpoint"}
+    rows = [r for r in ok if r["workload"] in workloads and r["workload"] in peers]
+    if not rows:
+        return []
+    lines = [
+        f"Ratios to {PEER} (same run): peak RSS, RSS growth over setup (the steps' own memory) "
+        "and median time per meta-batch.",
+        "",
+        "| Workload | Library | Peak RSS MiB (× l2l) | RSS growth MiB (× l2l) "
+        "| Median time (× l2l) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        peer = peers[r["workload"]]
+        growth, peer_growth = (x["peak_rss_mib"] - x["rss_after_setup_mib"] for x in (r, peer))
+        cells = [
+            WORKLOADS[r["workload"]].title,
+            label(r["workload"], r["library"]),
+            f"{r['peak_rss_mib']:.0f} (×{r['peak_rss_mib'] / peer['peak_rss_mib']:.2f})",
+            f"{growth:.0f} (×{growth / peer_growth:.2f})",
+            f"{duration(r['median_s'])} (×{r['median_s'] / peer['median_s']:.2f})",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def flop_table(data: dict) -> list[str]:

@@ -85,6 +85,20 @@ OMNIGLOT_MAMLPP = replace(
     steps_per_repeat=3,
     count_flops=False,
 )
+# Finn et al.'s miniImageNet training episodes (5-way 1-shot, 15 queries, 5 inner steps, inner
+# step 0.01) on ResNet-12, second order; random 84x84 images stand in for miniImageNet.
+RESNET12_MAML = Workload(
+    "resnet12-maml",
+    "84x84 5-way 1-shot 15-query MAML on ResNet-12, 2nd order, 5 steps, 1 task",
+    "resnet12-maml",
+    ("fewshot", "fewshot-checkpoint", "learn2learn"),
+    "tasks",
+    warmup=0,  # the same-computation check before timing is a whole untimed meta-gradient
+    repeats=3,
+    steps_per_repeat=1,
+    meta_batch=1,
+    inner_steps=5,
+)
 WORKLOADS: dict[str, Workload] = {
     w.name: w
     for w in (
@@ -165,6 +179,7 @@ WORKLOADS: dict[str, Workload] = {
             ways=60,
             queries=5,
         ),
+        RESNET12_MAML,
         Workload(
             "omniglot-sampling",
             "Omniglot episode sampling, 5-way 1-shot 15 queries",
@@ -182,6 +197,7 @@ SAMPLING_LABELS = {"learn2learn": "learn2learn (MetaDataset + TaskDataset)"}
 LIBRARY_LABELS = {
     "fewshot": "fewshot (as `fewshot train` runs it)",
     "fewshot-per-task": "fewshot, vectorize=False (per task)",
+    "fewshot-checkpoint": "fewshot, checkpoint_inner=True",
     "fewshot-batched": "fewshot, 32 episodes per call",
     "fewshot-maml": "fewshot's MAML, same episodes and steps (overhead reference)",
     "learn2learn": "learn2learn (per-task loop)",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, replace_all_batch_norm_modules_, vmap
+from torch.utils.checkpoint import checkpoint
 
 from fewshot.algorithms.base import (
     Algorithm,
@@ -40,6 +42,7 @@ from fewshot.algorithms.base import (
 )
 from fewshot.algorithms.rules import InnerRule, Params
 from fewshot.errors import ConfigError, require_positive
+from fewshot.models import checkpoint_segments
 from fewshot.tasks import Task
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -145,6 +148,12 @@ class GradientLearner(Algorithm):
         running_statistics: keep the batch-norm layers' running statistics and normalise with
             them in eval mode (adaptation and prediction), as a network pretrained on ordinary
             batches does (the transfer-learning baselines); no query then sees another.
+        checkpoint_inner: activation checkpointing (`torch.utils.checkpoint`) in meta-training:
+            each second-order inner step keeps only its inputs and is recomputed in the backward
+            pass, and the query pass (and the encoder's) keeps only the inputs of its segments
+            (`models.checkpoint_segments`: Conv4's or ResNet-12's blocks), recomputed one at a
+            time. The same meta-gradient for less memory, at the cost of recomputing the
+            forward passes; the forward pass must be deterministic and free of side effects.
 
     Parameters with `requires_grad=False` stay fixed unless named in `adapted`.
     """
@@ -167,6 +176,7 @@ class GradientLearner(Algorithm):
         chunk_size: int | None = None,
         batch_norm: str = "transductive",
         running_statistics: bool = False,
+        checkpoint_inner: bool = False,
     ) -> None:
         super().__init__()
         require_positive(inner_steps=inner_steps)
@@ -198,6 +208,7 @@ class GradientLearner(Algorithm):
         self.inner_batch, self.eval_inner_batch = inner_batch, eval_inner_batch
         self.vectorize = vectorize
         self.chunk_size = chunk_size
+        self.checkpoint_inner = checkpoint_inner
         self.batch_norm = check_batch_norm_policy(batch_norm)
         self._task_buffers: Params | None = None
         self._chunk = slice(None)
@@ -340,29 +351,57 @@ class GradientLearner(Algorithm):
             for step in range(steps if names else 0):
                 params = _with_gradients(params, names)
                 xs, ys = _mini_batch(features, y, order, batch, step)
-                with inner_step(step):
-                    support_losses = self.per_task_loss(self._call_model(params, xs), ys)
-                # Summed over tasks: each task's copy receives exactly its own task's gradient.
-                grads = torch.autograd.grad(
-                    support_losses.sum(),
-                    [params[n] for n in names],
+                update = functools.partial(
+                    self._inner_update,
+                    step=step,
                     create_graph=create_graph,
-                    allow_unused=True,
+                    differentiable=differentiable,
                 )
-                updated, state = self.rule(
-                    {n: params[n] for n in names},
-                    dict(zip(names, grads)),
-                    support_losses if differentiable else support_losses.detach(),
-                    state,
-                    step,
-                )
-                params = {**params, **updated}
+                if create_graph and self.checkpoint_inner:
+                    # Kept: the step's inputs; recomputed in the backward pass: the rest.
+                    params, state, support_losses = checkpoint(
+                        update, params, state, xs, ys, use_reentrant=False
+                    )
+                else:
+                    params, state, support_losses = update(params, state, xs, ys)
                 if not differentiable:
                     params = {n: p.detach() for n, p in params.items()}
                     state = _detached(state)
                 path = [*path, params] if keep_all_steps else [params]
                 losses.append(support_losses.detach())
         return Trajectory(path, losses)
+
+    def _inner_update(
+        self,
+        params: Params,
+        state: object,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        step: int,
+        create_graph: bool,
+        differentiable: bool,
+    ) -> tuple[Params, object, torch.Tensor]:
+        """One inner step of every task: phi_{s+1} = rule(phi_s, grad L_support(phi_s), ...),
+        the rule's next state and the support losses L_support(phi_s), shaped (tasks,); the
+        rule reads the losses as constants unless `differentiable`."""
+        names = self.adapted_names
+        with inner_step(step):
+            losses = self.per_task_loss(self._call_model(params, x), y)
+        # Summed over tasks: each task's copy receives exactly its own task's gradient.
+        grads = torch.autograd.grad(
+            losses.sum(),
+            [params[n] for n in names],
+            create_graph=create_graph,
+            allow_unused=True,
+        )
+        updated, state = self.rule(
+            {n: params[n] for n in names},
+            dict(zip(names, grads)),
+            losses if differentiable else losses.detach(),
+            state,
+            step,
+        )
+        return {**params, **updated}, state, losses
 
     def _initial_params(self, tasks: int, differentiable: bool) -> Params:
         """phi_0 = theta for every task: differentiable views of the meta-learned parameters, or
@@ -382,7 +421,7 @@ class GradientLearner(Algorithm):
         """Outputs of the adapted parameters on the query sets, in the training-time batch-norm
         mode (the query set of a task as one batch); `encoder` overrides the encoder's weights."""
         with inner_step(max(steps - 1, 0)):
-            return self._call_model(params, self._encode(query_x, encoder))
+            return self._call_model(params, self._encode(query_x, encoder), self._segmented())
 
     def per_task_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Each task's loss, shape (tasks,)."""
@@ -392,12 +431,14 @@ class GradientLearner(Algorithm):
 
     # -- functional calls, vectorised over tasks --------------------------------------------
 
-    def _call_model(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+    def _call_model(self, params: Params, x: torch.Tensor, segmented: bool = False) -> torch.Tensor:
         """The model on every task: task i's inputs x[i] with parameters params[name][i] (and
-        buffers, under `per_task_buffers`)."""
+        buffers, under `per_task_buffers`); `segmented`: one checkpointed segment at a time."""
         buffers = self._task_buffers
         if buffers is not None:
             buffers = {n: b[self._chunk] for n, b in buffers.items()}
+        if segmented:
+            return self._in_segments(self.model, params, x, True, buffers)
         return self._on_every_task(self.model, params, x, True, task_buffers=buffers)
 
     def _encode(self, x: torch.Tensor, params: Params | None = None) -> torch.Tensor:
@@ -406,7 +447,38 @@ class GradientLearner(Algorithm):
         if self.encoder is None:
             return x
         params = dict(self.encoder.named_parameters()) if params is None else params
+        if self._segmented():
+            return self._in_segments(self.encoder, params, x, False, None)
         return self._on_every_task(self.encoder, params, x, params_per_task=False)
+
+    def _segmented(self) -> bool:
+        """Whether forward passes outside the inner steps run one checkpointed segment at a
+        time: with `checkpoint_inner`, where a graph is being recorded."""
+        return self.checkpoint_inner and torch.is_grad_enabled()
+
+    def _in_segments(
+        self,
+        module: nn.Module,
+        params: Params,
+        x: torch.Tensor,
+        params_per_task: bool,
+        task_buffers: Params | None,
+    ) -> torch.Tensor:
+        """`_on_every_task` one segment of `module` at a time (`models.checkpoint_segments`),
+        each under activation checkpointing: the backward pass keeps only the segments' inputs
+        and recomputes one segment's activations at a time."""
+        for prefix, part, stage in checkpoint_segments(module):
+            x = checkpoint(
+                self._on_every_task,
+                part,
+                _within(params, prefix),
+                x,
+                params_per_task,
+                _within(task_buffers, prefix),
+                stage,
+                use_reentrant=False,
+            )
+        return x
 
     def _on_every_task(
         self,
@@ -415,12 +487,16 @@ class GradientLearner(Algorithm):
         x: torch.Tensor,
         params_per_task: bool,
         task_buffers: Params | None = None,
+        stage: int | None = None,
     ) -> torch.Tensor:
         """`module` called on each task's inputs x[i], vectorised over tasks or one by one, with
         task i's slice of `params` (`params_per_task`) or the same `params` for all, and the
         module's buffers, or task i's slice of `task_buffers` (each task's own copy, for
-        buffers the forward pass updates in place, such as running statistics)."""
+        buffers the forward pass updates in place, such as running statistics). With `stage`,
+        `module(x, stage=stage)` (`models.checkpoint_segments`), whose x and result may be
+        tuples of tensors with a leading task dimension."""
         buffers = dict(module.named_buffers()) if task_buffers is None else task_buffers
+        call = _call if stage is None else functools.partial(_call, stage=stage)
         if self._vmapped(x):
             dims = (
                 None,
@@ -428,26 +504,27 @@ class GradientLearner(Algorithm):
                 None if task_buffers is None else 0,
                 0,
             )
-            return vmap(_call, in_dims=dims, randomness="different")(module, params, buffers, x)
+            return vmap(call, in_dims=dims, randomness="different")(module, params, buffers, x)
 
         def task_slice(values: Params, per_task: bool, i: int) -> Params:
             return {n: v[i] for n, v in values.items()} if per_task else values
 
-        return torch.stack(
-            [
-                _call(
-                    module,
-                    task_slice(params, params_per_task, i),
-                    task_slice(buffers, task_buffers is not None, i),
-                    x[i],
-                )
-                for i in range(len(x))
-            ]
-        )
+        outputs = [
+            call(
+                module,
+                task_slice(params, params_per_task, i),
+                task_slice(buffers, task_buffers is not None, i),
+                _task(x, i),
+            )
+            for i in range(_tasks(x))
+        ]
+        if isinstance(outputs[0], tuple):
+            return tuple(torch.stack(parts) for parts in zip(*outputs))
+        return torch.stack(outputs)
 
-    def _vmapped(self, x: torch.Tensor) -> bool:
+    def _vmapped(self, x: torch.Tensor | tuple) -> bool:
         # A single task runs faster as a plain call (Conv4 on CPU; docs/performance.md).
-        return self.vectorize and len(x) > 1
+        return self.vectorize and _tasks(x) > 1
 
 
 class GradientPredictor(Predictor):
@@ -496,8 +573,28 @@ class GradientPredictor(Predictor):
         return torch.stack(outputs)
 
 
-def _call(module: nn.Module, params: Params, buffers: Params, x: torch.Tensor) -> torch.Tensor:
-    return functional_call(module, (params, buffers), (x,))
+def _call(
+    module: nn.Module, params: Params, buffers: Params, x: torch.Tensor, **kwargs: object
+) -> torch.Tensor:
+    return functional_call(module, (params, buffers), (x,), kwargs)
+
+
+def _tasks(x: torch.Tensor | tuple) -> int:
+    """The number of tasks of inputs `x` (a tensor or a tuple of tensors): the first dim."""
+    return len(x[0] if isinstance(x, tuple) else x)
+
+
+def _task(x: torch.Tensor | tuple, i: int) -> torch.Tensor | tuple:
+    """Task i's slice of inputs `x`, a tensor or a tuple of tensors."""
+    return tuple(t[i] for t in x) if isinstance(x, tuple) else x[i]
+
+
+def _within(values: Params | None, prefix: str) -> Params | None:
+    """The entries of `values` under the submodule `prefix`, named relative to it."""
+    if values is None or not prefix:
+        return values
+    start = len(prefix) + 1
+    return {n[start:]: v for n, v in values.items() if n.startswith(prefix + ".")}
 
 
 def _with_batch_statistics_copy(model: nn.Module) -> nn.Module:
