@@ -27,11 +27,19 @@ from fewshot.algorithms.registry import default_text
 from fewshot.datasets.images import image_files
 from fewshot.datasets.preprocessing import INVERT_CHOICES
 from fewshot.devices import AUTO, resolve_device
-from fewshot.errors import ConfigError, DataError, FewshotError
+from fewshot.errors import (
+    ConfigError,
+    DataError,
+    DivergenceError,
+    FewshotError,
+    NothingToDo,
+    RunStopped,
+)
 from fewshot.files import atomic_write_text
 from fewshot.progress import format_table
 from fewshot.training.checkpoint import read_config
 from fewshot.training.config import DATASETS, TrainConfig
+from fewshot.training.distributed import environment_world
 from fewshot.training.evaluation import (
     adapts_by_steps,
     evaluate,
@@ -62,8 +70,14 @@ def one_line_errors() -> Iterator[None]:
     except FewshotError as error:
         if click.get_current_context().find_root().params.get("debug"):
             raise
-        click.echo(f"{error.prefix}: {error.cli_message}", err=True)
+        if not isinstance(error, AGREED_ERRORS) or environment_world().is_main:
+            click.echo(f"{error.prefix}: {error.cli_message}", err=True)
         raise SystemExit(error.exit_code) from None
+
+
+# Errors that every process of a distributed run raises alike (they follow agreed decisions):
+# rank 0 alone says them.
+AGREED_ERRORS = (DivergenceError, RunStopped, NothingToDo)
 
 
 def friendly_errors(command):
@@ -509,6 +523,8 @@ def train_command(
     finally:
         for listener in listeners:
             listener.close()
+    if not environment_world().is_main:  # under torchrun, rank 0 reports and tests
+        return
     click.echo(f"best validation: {best}")
     resolved = read_config(out)
     test_episodes = options["test_episodes"] if "test_episodes" in given else resolved.test_episodes

@@ -12,6 +12,7 @@ from fewshot import MetaLSTM
 from fewshot.algorithms.batchnorm import batch_statistics
 from fewshot.algorithms.metalstm import MetaLSTMRule, preprocess
 from fewshot.algorithms.rules import InnerRule
+from fewshot.training.loop import meta_step
 from tests.algorithms.test_maml import finite_difference_gradient, sinusoid_like_tasks, small_mlp
 from tests.algorithms.test_mamlpp import classification_tasks, small_batch_norm_net
 
@@ -143,11 +144,18 @@ def test_updates_run_for_every_task_at_once_with_each_tasks_own_state():
 
 
 def test_training_clips_the_meta_gradient_norm():
+    """The loop's meta-step clips the whole meta-gradient: the clipped gradient is the
+    unclipped one scaled to norm 1e-3 (an SGD step of rate 1 subtracts exactly it)."""
     torch.manual_seed(0)
     learner = MetaLSTM(small_mlp(), inner_steps=2, loss=F.mse_loss, gradient_clip=1e-3)
-    learner.training_step(sinusoid_like_tasks())
-    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in learner.parameters()]))
-    assert norm.item() == pytest.approx(1e-3, rel=1e-6)
+    tasks = sinusoid_like_tasks()
+    learner.training_step(tasks)
+    unclipped = [p.grad.clone() for p in learner.parameters()]
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in unclipped]))
+    before = [p.detach().clone() for p in learner.parameters()]
+    meta_step(learner, torch.optim.SGD(learner.parameters(), lr=1.0), tasks)
+    for start, end, grad in zip(before, learner.parameters(), unclipped):
+        torch.testing.assert_close(start - end.detach(), grad * (1e-3 / norm))
 
 
 def test_initial_step_size_outside_zero_one_is_refused():

@@ -117,6 +117,10 @@ class Algorithm(nn.Module):
             loss.backward()
         return {"loss": loss.item()}
 
+    # The norm the training loop's `meta_step` clips the whole outer gradient to (None: no
+    # clipping); a step over several processes clips their averaged gradient.
+    gradient_clip: float | None = None
+
     # Set by `fewshot.load` from the run folder: the number of outputs of a per-class head
     # (adapting to more classes is refused with one line), how the run's training images
     # were read (a `datasets.preprocessing.Preprocessing`, None for sinusoids and tables), and

@@ -173,12 +173,11 @@ class MetaLSTM(GradientLearner):
 
     def training_step(self, tasks: Task) -> dict[str, float]:
         """The meta-gradient of one meta-batch, with the support and query sets normalised by
-        their batch statistics (the paper's meta-training), its norm clipped."""
+        their batch statistics (the paper's meta-training); the training loop's `meta_step`
+        clips its norm to `gradient_clip` (after averaging it over processes, when there are
+        several)."""
         with batch_statistics():
-            metrics = super().training_step(tasks)
-        if self.gradient_clip is not None:
-            nn.utils.clip_grad_norm_(self.parameters(), self.gradient_clip)
-        return metrics
+            return super().training_step(tasks)
 
     def adapt_tasks(self, support_x, support_y, inner_steps=None):
         """With the inductive policy, each task keeps running averages of its support set's

@@ -33,9 +33,12 @@ class MetricLearner(Algorithm):
         batch_norm: at prediction, "inductive" normalises with the running statistics learnt in
             training, so no query influences another; "transductive" normalises a task's support
             and queries together with their own batch statistics. In training the support and
-            queries of a task always go through the encoder together, in one batch. The policy
-            covers every batch-norm layer of the method (the encoder's, and a scoring
-            module's, such as Relation Networks').
+            queries of a task always go through the encoder together, in one batch, apart
+            from the other tasks of the meta-batch: batch norm never pools statistics across
+            tasks, so a task's loss is the same alone or in any meta-batch. Prediction, under
+            either policy and in either module mode, never changes the running statistics.
+            The policy covers every batch-norm layer of the method (the encoder's, and a
+            scoring module's, such as Relation Networks').
     """
 
     def __init__(self, encoder: nn.Module, batch_norm: str = "inductive") -> None:

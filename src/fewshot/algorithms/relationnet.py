@@ -57,7 +57,11 @@ class RelationNet(MetricLearner):
         self.relation = RelationModule(feature_shape, hidden)
 
     def score(self, support_z, support_y, query_z):
-        """Relation scores (tasks, queries, ways), each in (0, 1)."""
+        """Relation scores (tasks, queries, ways), each in (0, 1).
+
+        Each task's pairs go through the relation module in a pass of their own, so that its
+        batch norm, in training mode, normalises them apart from other tasks' (as the encoder
+        does a task's examples): a task's scores never depend on the others in its batch."""
         ways = int(support_y.max()) + 1
         one_hot = F.one_hot(support_y, ways).to(support_z.dtype)  # (tasks, n, ways)
         classes = torch.einsum("tnk,tn...->tk...", one_hot, support_z)  # summed per class
@@ -69,7 +73,9 @@ class RelationNet(MetricLearner):
             ],
             dim=3,
         )
-        return self.relation(pairs.flatten(0, 2)).view(tasks, q, ways)
+        return torch.stack([self.relation(task.flatten(0, 1)) for task in pairs]).view(
+            tasks, q, ways
+        )
 
     def query_loss(self, scores: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
         """Mean squared error of the relation scores against one-hot labels."""

@@ -3,6 +3,9 @@
 A run can be stopped at any point (Ctrl-C, SIGTERM, SIGKILL) and resumed from its last
 checkpoint with bitwise-identical results on CPU: the checkpoint holds the weights, the optimizer,
 every random-generator state and the best result so far, and the metrics log is cut back to it.
+
+Launched by torchrun, the same loop runs in every process, each on its share of the meta-batch
+(`training.distributed`); rank 0 alone validates, logs and writes the run folder.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from fewshot.algorithms.base import Algorithm
 from fewshot.datasets.preprocessing import write_preprocessing
@@ -38,6 +42,17 @@ from fewshot.progress import progress_bar
 from fewshot.tasks import Task, stream_generator
 from fewshot.training import checkpoint
 from fewshot.training.config import TrainConfig
+from fewshot.training.distributed import (
+    SINGLE_PROCESS,
+    World,
+    agree,
+    average_step,
+    broadcast,
+    broadcast_module,
+    gather,
+    main_first,
+    process_group,
+)
 from fewshot.training.evaluation import EvalResult, evaluate
 from fewshot.training.factory import (
     TaskSources,
@@ -51,10 +66,9 @@ from fewshot.training.factory import (
 from fewshot.training.state import (
     STATE_FILE,
     TrainingState,
-    capture_cuda_rngs,
-    capture_global_rngs,
+    capture_rngs,
     load_state,
-    restore_global_rngs,
+    restore_rngs,
     save_state,
 )
 
@@ -71,20 +85,26 @@ def meta_step(
     optimizer: torch.optim.Optimizer,
     tasks: Task,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    world: World = SINGLE_PROCESS,
 ) -> dict[str, float]:
     """One outer update from the method's `training_step`, refused if not finite; returns the
     step's metrics.
 
+    In a distributed run, `tasks` is this process's share of the meta-batch, and the gradients
+    and metrics are averaged across processes (one all-reduce) before anything else. The norm
+    of the whole gradient is then clipped to the method's `gradient_clip`, where it has one.
     The update is skipped when the loss or any gradient is NaN or infinite, so the parameters
     stay at their last finite values.
     """
     optimizer.zero_grad(set_to_none=True)
-    metrics = algorithm.training_step(tasks)
+    metrics = average_step(world, algorithm, algorithm.training_step(tasks))
     if not math.isfinite(metrics["loss"]):
         raise NonFiniteError(f"loss is {metrics['loss']}")
     grads = [p.grad for p in algorithm.parameters() if p.grad is not None]
     if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
         raise NonFiniteError("a gradient is not finite")
+    if algorithm.gradient_clip:
+        torch.nn.utils.clip_grad_norm_(algorithm.parameters(), algorithm.gradient_clip)
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
@@ -153,35 +173,42 @@ class Run:
         sources: TaskSources,
         device: str,
         listeners: Sequence[Listener] = (),
+        world: World = SINGLE_PROCESS,
     ):
         self.config, self.run_dir, self.sources, self.device = config, run_dir, sources, device
-        self.listeners = listeners
+        self.listeners, self.world = listeners, world
         self.progress = False
-        seed_everything(config.seed)
+        seed_everything(config.seed)  # the same initial weights in every process
         self.algorithm = build_algorithm(config).to(device)
         self.optimizer, self.scheduler = self.algorithm.configure_optimizers(
             config.outer_lr, config.iterations
         )
-        self.generator = stream_generator("train", config.seed)
+        self.share = world.share(config.meta_batch)
+        self.generator = stream_generator(world.stream("train"), config.seed)
+        if world.rank > 0:  # its own dropout and augmentation draws
+            seed_everything(world.seed(config.seed))
         self.iteration = 0
         self.best: EvalResult | None = None
         self.elapsed = 0.0
         self.checkpointed = 0
 
     def state(self) -> TrainingState:
-        torch_rng, python_rng, numpy_rng = capture_global_rngs()
+        """The run's state, with every process's generators (gathered from all of them)."""
+        rngs = gather(self.world, capture_rngs(self.generator))
         return TrainingState(
             iteration=self.iteration,
             algorithm=self.algorithm.state_dict(),
             optimizer=self.optimizer.state_dict(),
-            sampler_rng=self.generator.get_state(),
-            torch_rng=torch_rng,
-            python_rng=python_rng,
-            numpy_rng=numpy_rng,
+            sampler_rng=rngs[0]["sampler_rng"],
+            torch_rng=rngs[0]["torch_rng"],
+            python_rng=rngs[0]["python_rng"],
+            numpy_rng=rngs[0]["numpy_rng"],
             best=None if self.best is None else self.best.to_dict(),
             elapsed=self.elapsed,
             scheduler=None if self.scheduler is None else self.scheduler.state_dict(),
-            cuda_rng=capture_cuda_rngs(),
+            cuda_rng=rngs[0]["cuda_rng"],
+            processes=self.world.size,
+            other_ranks=rngs[1:],
         )
 
     def restore(self, state: TrainingState) -> None:
@@ -194,21 +221,23 @@ class Run:
             )
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state.scheduler)
-        self.generator.set_state(state.sampler_rng)
-        restore_global_rngs(state)
+        restore_rngs(state.rngs(self.world.rank), self.generator)
         self.iteration, self.elapsed = state.iteration, state.elapsed
         self.best = None if state.best is None else EvalResult.from_dict(state.best)
         self.checkpointed = state.iteration
 
     def save_checkpoint(self) -> None:
-        save_state(self.run_dir / STATE_FILE, self.state())
+        """Write the resumable checkpoint (rank 0; every process takes part)."""
+        state = self.state()
+        if self.world.is_main:
+            save_state(self.run_dir / STATE_FILE, state)
         self.checkpointed = self.iteration
 
     def step(self) -> dict[str, float]:
-        # meta_batch tasks, or meta_batch examples for methods that train on examples
-        tasks = self.sources.train.sample(self.config.meta_batch, self.generator).to(self.device)
+        # this process's share of meta_batch tasks (or examples, for methods trained on them)
+        tasks = self.sources.train.sample(self.share, self.generator).to(self.device)
         try:
-            return meta_step(self.algorithm, self.optimizer, tasks, self.scheduler)
+            return meta_step(self.algorithm, self.optimizer, tasks, self.scheduler, self.world)
         except NonFiniteError as error:
             config = self.config
             rates = {**config.settings.learning_rates(), "outer_lr": config.outer_lr}
@@ -246,7 +275,8 @@ class Run:
             listener(record)
 
     def run(self, progress: bool) -> None:
-        config = self.config
+        config, main = self.config, self.world.is_main
+        progress = progress and main
         self.progress = progress
         started = time.perf_counter() - self.elapsed
         invocation_started = time.perf_counter()  # --time-limit counts per invocation
@@ -257,41 +287,55 @@ class Run:
             total=config.iterations,
             disable=not progress,
         )
-        bar.write(f"device: {describe_device(self.device)}")  # the run's first line
+        if main:
+            bar.write(f"device: {self.describe_processes()}")  # the run's first line
         with stop_requests() as stop:
             for iteration in bar:
                 metrics = self.step()
                 self.iteration = iteration
                 self.elapsed = time.perf_counter() - started
-                if iteration % LOG_EVERY == 0:
+                if main and iteration % LOG_EVERY == 0:
                     seconds = round(self.elapsed, 3)
                     self.record({"iteration": iteration, **metrics, "seconds": seconds})
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
-                out_of_time = (
-                    config.time_limit is not None
-                    and time.perf_counter() - invocation_started >= 60 * config.time_limit
+                agreed = agree(  # what one process decides, all do
+                    self.world,
+                    stop=stop["signal"] is not None,
+                    out_of_time=config.time_limit is not None
+                    and time.perf_counter() - invocation_started >= 60 * config.time_limit,
                 )
                 if (
                     iteration % config.val_every == 0
                     or iteration == config.iterations
-                    or out_of_time
+                    or agreed["out_of_time"]
                 ):
-                    bar.write(f"iteration {iteration}: validation {self.validate()}")
+                    if main:
+                        bar.write(f"iteration {iteration}: validation {self.validate()}")
                     # the best weights just written and the checkpoint stay of one trajectory
                     self.save_checkpoint()
-                elif iteration % config.checkpoint_every == 0 or stop["signal"] is not None:
+                elif iteration % config.checkpoint_every == 0 or agreed["stop"]:
                     self.save_checkpoint()
-                if out_of_time:
-                    bar.write(f"time limit of {config.time_limit} minutes reached")
+                if agreed["out_of_time"]:
+                    if main:
+                        bar.write(f"time limit of {config.time_limit} minutes reached")
                     break
-                if stop["signal"] is not None:
+                if agreed["stop"]:
+                    by = "another process"
+                    if stop["signal"] is not None:
+                        by = signal.Signals(stop["signal"]).name
                     raise RunStopped(
-                        f"stopped by {signal.Signals(stop['signal']).name} after iteration "
-                        f"{iteration}, checkpoint written; resume with: fewshot train --resume "
-                        f"{self.run_dir}"
+                        f"stopped by {by} after iteration {iteration}, checkpoint written; "
+                        f"resume with: fewshot train --resume {self.run_dir}"
                     )
         if self.checkpointed != self.iteration:  # the last iteration may have just written one
             self.save_checkpoint()
+
+    def describe_processes(self) -> str:
+        """The device line: "cpu (1 thread)", or "cpu (1 thread) x 2 processes (gloo)"."""
+        device = describe_device(self.device)
+        if not self.world.is_distributed:
+            return device
+        return f"{device} x {self.world.size} processes ({dist.get_backend()})"
 
 
 def train(
@@ -304,7 +348,7 @@ def train(
     resume: bool = False,
     listeners: Sequence[Listener] = (),
     iterations: int | None = None,
-) -> tuple[Algorithm, TaskSources, EvalResult]:
+) -> tuple[Algorithm, TaskSources, EvalResult | None]:
     """Meta-train as `config` says (or continue the run in `run_dir` with `resume=True`,
     to `iterations` in all if given: a finished run is extended).
 
@@ -315,16 +359,42 @@ def train(
     records its data folder (`config.data_root`) and, with `config.init`, starts from the best
     weights of that run. Returns the algorithm with its best weights loaded, the task samplers,
     and the best validation result.
+
+    Under torchrun (WORLD_SIZE > 1) every process calls this alike: it joins the process group
+    (gloo on CPU, nccl on GPU; each process takes the GPU of its local rank), trains on its
+    share of each meta-batch, and leaves the group at the end. Rank 0 reads and writes the run
+    folder and returns as above; the other ranks return the last weights and no result.
     """
-    run_dir = Path(run_dir)
+    with process_group(device) as world:
+        return train_in_world(
+            world, config, Path(run_dir), data_root, download, progress, resume, listeners,
+            iterations,
+        )  # fmt: skip
+
+
+def train_in_world(
+    world: World,
+    config: TrainConfig,
+    run_dir: Path,
+    data_root,
+    download: bool,
+    progress: bool,
+    resume: bool,
+    listeners: Sequence[Listener],
+    iterations: int | None,
+) -> tuple[Algorithm, TaskSources, EvalResult | None]:
+    """`train` in this process of `world`."""
     if resume:
-        config = checkpoint.read_config(run_dir)
-        state = load_state(run_dir / STATE_FILE)
+        config, state = broadcast(world, read_resumable(run_dir) if world.is_main else None)
+        check_same_processes(run_dir, state, world)
         extended = extend(config, run_dir, state.iteration, iterations)
     else:
-        config = config.resolved(device)
-        check_new_run_folder(run_dir)
-    sources = build_sources(config, data_root, download)  # fails early, before anything is written
+        config = config.resolved(world.device)
+        world.share(config.meta_batch)  # a meta-batch the processes cannot share is refused
+        if world.is_main:
+            check_new_run_folder(run_dir)
+    with main_first(world):  # a download or a decoding cache is written once
+        sources = build_sources(config, data_root, download)  # fails before anything is written
     if not resume:
         config.settings = config.settings.fit_data(sources.train)
         if config.dataset == "csv":
@@ -332,27 +402,54 @@ def train(
         if config.dataset == "folder" and config.channels is None:  # as its images have them
             config.channels = sources.train.inputs.shape[1]
         config.data_root = recorded_data_root(config, data_root)
-    run = Run(config, run_dir, sources, device, listeners)
+    main = world.is_main
+    run = Run(config, run_dir, sources, world.device, listeners if main else (), world)
     if resume:
         run.restore(state)
-        truncate_metrics(run_dir, state.iteration)
-        for stale in run_dir.glob("*.tmp"):  # left by a kill during a checkpoint write
-            stale.unlink()
-        if extended:
-            checkpoint.write_config(run_dir, config)
+        if main:
+            truncate_metrics(run_dir, state.iteration)
+            for stale in run_dir.glob("*.tmp"):  # left by a kill during a checkpoint write
+                stale.unlink()
+            if extended:
+                checkpoint.write_config(run_dir, config)
     else:
         if config.init is not None:
             config.init = str(Path(config.init).resolve())
-            start_from(run.algorithm, Path(config.init))
-        run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_config(run_dir, config)
-        preprocessing = training_preprocessing(config, sources.train)
-        if preprocessing is not None:
-            write_preprocessing(run_dir, preprocessing)
+            if main:
+                start_from(run.algorithm, Path(config.init))
+        broadcast_module(world, run.algorithm)  # rank 0's weights, in every process
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_config(run_dir, config)
+            preprocessing = training_preprocessing(config, sources.train)
+            if preprocessing is not None:
+                write_preprocessing(run_dir, preprocessing)
         run.save_checkpoint()  # so that a run killed before its first checkpoint can resume
     run.run(progress)
-    checkpoint.load_weights(run.algorithm, run_dir / checkpoint.BEST_WEIGHTS)
+    if main:
+        checkpoint.load_weights(run.algorithm, run_dir / checkpoint.BEST_WEIGHTS)
     return run.algorithm, sources, run.best
+
+
+def read_resumable(run_dir: Path) -> tuple[TrainConfig, TrainingState]:
+    """A run folder's configuration and its last checkpoint."""
+    return checkpoint.read_config(run_dir), load_state(run_dir / STATE_FILE)
+
+
+def check_same_processes(run_dir: Path, state: TrainingState, world: World) -> None:
+    """A run resumes with as many processes as it had: each draws its own tasks, and the
+    checkpoint holds that many task streams."""
+    if state.processes != world.size:
+        had = f"{state.processes} process{'es' if state.processes > 1 else ''}"
+        launch = (
+            f"torchrun --nproc-per-node {state.processes} -m fewshot train --resume {run_dir}"
+            if state.processes > 1
+            else f"fewshot train --resume {run_dir} (without torchrun)"
+        )
+        raise ConfigError(
+            f"{run_dir} was trained by {had} and this is {world.size}; resume it with {launch}, "
+            f"or start a new run from its weights with --init {run_dir}."
+        )
 
 
 def check_new_run_folder(run_dir: Path) -> None:

@@ -39,10 +39,46 @@ class TrainingState:
     elapsed: float
     scheduler: dict | None = None  # the outer learning-rate schedule's state, if any
     cuda_rng: list[torch.Tensor] = field(default_factory=list)  # one per CUDA device, if any
+    # A distributed run's processes (the fields above are rank 0's generators) and the
+    # generators of ranks 1, 2, ... (`capture_rngs`), which each draw their own tasks.
+    processes: int = 1
+    other_ranks: list[dict] = field(default_factory=list)
+
+    def rngs(self, rank: int) -> dict:
+        """The generator states of process `rank`, as `capture_rngs` gives them."""
+        if rank > 0:
+            return self.other_ranks[rank - 1]
+        return {
+            "sampler_rng": self.sampler_rng,
+            "torch_rng": self.torch_rng,
+            "python_rng": self.python_rng,
+            "numpy_rng": self.numpy_rng,
+            "cuda_rng": self.cuda_rng,
+        }
 
 
 def capture_global_rngs() -> tuple[torch.Tensor, Any, Any]:
     return torch.get_rng_state(), random.getstate(), np.random.get_state()
+
+
+def capture_rngs(sampler: torch.Generator) -> dict:
+    """This process's generator states: its task sampler's, torch's, Python's, NumPy's (as
+    JSON-ready lists) and CUDA's."""
+    torch_rng, python_rng, numpy_rng = capture_global_rngs()
+    name, keys, *rest = numpy_rng
+    return {
+        "sampler_rng": sampler.get_state(),
+        "torch_rng": torch_rng,
+        "python_rng": python_rng,
+        "numpy_rng": [name, np.asarray(keys).tolist(), *rest],
+        "cuda_rng": capture_cuda_rngs(),
+    }
+
+
+def restore_rngs(rngs: dict, sampler: torch.Generator) -> None:
+    """Put back the generator states `capture_rngs` took."""
+    sampler.set_state(rngs["sampler_rng"])
+    restore_global_rngs(rngs)
 
 
 def capture_cuda_rngs() -> list[torch.Tensor]:
@@ -51,16 +87,19 @@ def capture_cuda_rngs() -> list[torch.Tensor]:
     return torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
 
 
-def restore_global_rngs(state: TrainingState) -> None:
-    torch.set_rng_state(state.torch_rng)
+def restore_global_rngs(rngs: TrainingState | dict) -> None:
+    """Put back torch's, CUDA's, Python's and NumPy's generators (rank 0's, from a state)."""
+    if isinstance(rngs, TrainingState):
+        rngs = rngs.rngs(0)
+    torch.set_rng_state(rngs["torch_rng"])
     # Restored where the same number of CUDA devices is there; on another machine they cannot
     # match anyway.
     devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if state.cuda_rng and devices == len(state.cuda_rng):
-        torch.cuda.set_rng_state_all(state.cuda_rng)
-    version, internal, gauss = state.python_rng
+    if rngs["cuda_rng"] and devices == len(rngs["cuda_rng"]):
+        torch.cuda.set_rng_state_all(rngs["cuda_rng"])
+    version, internal, gauss = rngs["python_rng"]
     random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state.numpy_rng
+    name, keys, pos, has_gauss, cached = rngs["numpy_rng"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
@@ -82,6 +121,8 @@ def save_state(path: Path, state: TrainingState) -> None:
         "elapsed": state.elapsed,
         "scheduler": _pack(state.scheduler, "scheduler", tensors),
         "cuda_rng": _pack(state.cuda_rng, "cuda_rng", tensors),
+        "processes": state.processes,
+        "other_ranks": _pack(state.other_ranks, "other_ranks", tensors),
     }
     metadata = {"state": json.dumps(document)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
@@ -107,6 +148,8 @@ def load_state(path: Path) -> TrainingState:
             elapsed=document["elapsed"],
             scheduler=_unpack(document.get("scheduler"), tensors),
             cuda_rng=_unpack(document.get("cuda_rng", []), tensors),  # absent before they were kept
+            processes=document.get("processes", 1),
+            other_ranks=_unpack(document.get("other_ranks", []), tensors),
         )
     except (SafetensorError, OSError, KeyError, ValueError, TypeError) as error:
         raise CheckpointError(f"{path} is not a readable fewshot checkpoint ({error}).") from None

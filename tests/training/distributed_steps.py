@@ -1,0 +1,102 @@
+"""Run by torchrun from test_distributed.py: for every registered method, one outer step over 2
+processes (each on half the meta-batch) must equal one step of a single process on the whole
+meta-batch, computed here by every process on its own. Prints "same step: METHOD" for each.
+
+Methods trained on batches of examples normalise batch norm over each process's share of the
+batch (as DistributedDataParallel without SyncBatchNorm does), so for them the single-process
+step is the mean of the halves' gradients, each computed alone."""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import torch
+
+from fewshot.algorithms import METHODS, get_method
+from fewshot.tasks import Batch, ExampleSampler, Task, TaskSampler
+from fewshot.training.config import TrainConfig
+from fewshot.training.distributed import agree, process_group
+from fewshot.training.factory import build_algorithm
+from fewshot.training.loop import NonFiniteError, meta_step
+
+META_BATCH = 4
+CLASSES, PER_CLASS = 12, 6
+
+
+def halves(whole, size: int):
+    share = META_BATCH // size
+    if isinstance(whole, Task):
+        return [whole[r * share : (r + 1) * share] for r in range(size)]
+    return [Batch(whole.x[r * share : (r + 1) * share], whole.y[r * share : (r + 1) * share])
+            for r in range(size)]  # fmt: skip
+
+
+def step_on_halves_alone(algorithm, parts) -> None:
+    """theta <- theta - mean over parts of each part's gradient, in one process."""
+    total = [torch.zeros_like(p) for p in algorithm.parameters()]
+    for part in parts:
+        algorithm.zero_grad()
+        algorithm.training_step(part)
+        for sum_, p in zip(total, algorithm.parameters()):
+            if p.grad is not None:
+                sum_ += p.grad / len(parts)
+    with torch.no_grad():
+        for p, g in zip(algorithm.parameters(), total):
+            p -= g
+
+
+def main() -> int:
+    with process_group("cpu") as world:
+        images = torch.randint(0, 256, (CLASSES * PER_CLASS, 1, 28, 28), dtype=torch.uint8,
+                               generator=torch.Generator().manual_seed(0))  # fmt: skip
+        labels = torch.arange(CLASSES).repeat_interleave(PER_CLASS)
+        for name in METHODS:
+            config = TrainConfig(
+                algorithm=name, dataset="omniglot", ways=3, shots=1, queries=2, train_ways=3,
+                train_queries=2, meta_batch=META_BATCH,
+            ).resolved()  # fmt: skip
+            examples = get_method(name).algorithm.training_data == "examples"
+            sampler = (
+                ExampleSampler(images, labels)
+                if examples
+                else TaskSampler(images, labels, ways=3, shots=1, queries=2)
+            )
+            config.settings = config.settings.fit_data(sampler)
+            whole = sampler.sample(META_BATCH, torch.Generator().manual_seed(1))
+            torch.manual_seed(0)
+            alone = build_algorithm(config)
+            together = copy.deepcopy(alone)
+            if examples:
+                step_on_halves_alone(alone, halves(whole, world.size))
+            else:
+                meta_step(alone, torch.optim.SGD(alone.parameters(), lr=1.0), whole)
+            own = halves(whole, world.size)[world.rank]
+            meta_step(together, torch.optim.SGD(together.parameters(), lr=1.0), own, world=world)
+            for (key, a), b in zip(alone.named_parameters(), together.parameters()):
+                torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-5, msg=f"{name}: {key}")
+            print(f"same step: {name}", flush=True)
+        check_agreements(world, images, labels)
+    return 0
+
+
+def check_agreements(world, images, labels) -> None:
+    """What one process decides, both do: a stop request, and refusing a non-finite step."""
+    agreed = agree(world, stop=world.rank == 1, out_of_time=False)
+    assert agreed == {"stop": True, "out_of_time": False}, agreed
+    print("agreed: a stop request on one process stops both", flush=True)
+    config = TrainConfig(dataset="omniglot", ways=3, shots=1, queries=2, meta_batch=2).resolved()
+    algorithm = build_algorithm(config)
+    tasks = TaskSampler(images, labels, ways=3, shots=1, queries=2).sample(1)
+    if world.rank == 1:
+        tasks = Task(tasks.support_x * float("nan"), *tasks.tensors()[1:])
+    before = [p.detach().clone() for p in algorithm.parameters()]
+    try:
+        meta_step(algorithm, torch.optim.SGD(algorithm.parameters(), lr=1.0), tasks, world=world)
+    except NonFiniteError:
+        assert all(torch.equal(a, b) for a, b in zip(before, algorithm.parameters()))
+        print("agreed: a non-finite loss on one process stops both", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
