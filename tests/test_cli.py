@@ -1,6 +1,8 @@
 """The command line end to end on sinusoid, and its one-line errors."""
 
 import json
+import math
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -12,6 +14,38 @@ QUICK = ["--iterations", "20", "--val-every", "10", "--val-episodes", "25", "--t
 
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
+
+
+RESULT_LINE = re.compile(
+    r"(?P<metric>mse|accuracy) (?P<mean>[\d.]+)%? ± (?P<ci95>[\d.]+)%? "
+    r"\(95% CI, (?P<episodes>\d+) episodes\)(?: after (?P<steps>\d+) inner steps)?"
+)
+
+
+def printed_results(output: str, prefix: str) -> list[dict]:
+    """The figures of the output's lines starting with `prefix` ("meta-test", "best
+    validation:"), as printed: mean and ci95 (accuracy in %), episodes, inner steps."""
+    results = []
+    for line in output.splitlines():
+        if line.startswith(prefix):
+            match = RESULT_LINE.search(line)
+            assert match, line
+            values = match.groupdict()
+            results.append(
+                {
+                    "metric": values["metric"],
+                    "mean": float(values["mean"]),
+                    "ci95": float(values["ci95"]),
+                    "episodes": int(values["episodes"]),
+                    "steps": None if values["steps"] is None else int(values["steps"]),
+                }
+            )
+    return results
+
+
+def as_printed(value: float, metric: str) -> float:
+    """A figure rounded as the command line prints it."""
+    return round(100 * value, 2) if metric == "accuracy" else round(value, 4)
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +62,22 @@ def test_train_writes_a_run_folder_and_reports_mse(sinusoid_run):
     config = json.loads((out / "config.json").read_text())
     assert config["inner_lr"] == 0.01 and config["meta_batch"] == 25 and config["shots"] == 10
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in lines if r.get("split") == "val"] == [10, 20]
-    for steps in (0, 1, 10):
-        assert f"after {steps} inner steps" in output
+    validations = [r for r in lines if r.get("split") == "val"]
+    assert [r["iteration"] for r in validations] == [10, 20]
+    # the best validation printed is the lowest one recorded
+    best = min(validations, key=lambda r: r["mse"])
+    assert printed_results(output, "best validation:") == [
+        {"metric": "mse", "mean": as_printed(best["mse"], "mse"),
+         "ci95": as_printed(best["ci95"], "mse"), "episodes": 25, "steps": 10}
+    ]  # fmt: skip
+    # the meta-test figures printed are those `fewshot eval` gets again from the run folder
+    tested = printed_results(output, "meta-test")
+    assert [t["steps"] for t in tested] == [0, 1, 10]
+    report = json.loads(run("eval", out, "--episodes", "25", "--json").output)
+    for t in tested:
+        assert t["episodes"] == 25 and math.isfinite(t["mean"]) and t["ci95"] > 0
+        assert t["mean"] == as_printed(report["mse_by_inner_steps"][str(t["steps"])], "mse")
+        assert t["ci95"] == as_printed(report["ci95_by_inner_steps"][str(t["steps"])], "mse")
 
 
 def test_eval_json_reports_the_protocol(sinusoid_run):
@@ -235,10 +282,15 @@ def test_every_gradient_method_trains_and_evaluates_from_the_command_line(tmp_pa
         assert all("inner_loss" in r for r in training)
     evaluated = run("eval", out, "--episodes", "10")
     assert evaluated.exit_code == 0 and f"{method}, batch norm: transductive" in evaluated.output
+    transductive = json.loads(run("eval", out, "--episodes", "10", "--json").output)
+    printed = printed_results(evaluated.output, "meta-test")[-1]
+    assert printed["mean"] == as_printed(transductive["mse"], "mse") and printed["steps"] > 0
     inductive = json.loads(
         run("eval", out, "--episodes", "10", "--batch-norm", "inductive", "--json").output
     )
     assert inductive["batch_norm"] == "inductive"
+    # the sinusoid network has no batch norm: the policy cannot change a single figure
+    assert inductive["mse_by_inner_steps"] == transductive["mse_by_inner_steps"]
 
 
 def test_methods_lists_every_registered_method_with_its_paper_and_settings():
@@ -338,6 +390,9 @@ def test_the_metric_and_fine_tuning_methods_train_and_evaluate_on_omniglot(
         run("eval", out, "--data-root", omniglot_root, "--episodes", "5", "--json").output
     )
     assert report["algorithm"] == method and 0 <= report["accuracy"] <= 1
+    # a mean over 5 episodes of 5-way, 15-query accuracies counts whole correct answers
+    correct = report["accuracy"] * 5 * 5 * 15
+    assert correct == pytest.approx(round(correct), abs=1e-3)
     three_way = run(
         "eval", out, "--data-root", omniglot_root, "--episodes", "3", "--ways", "3", "--json"
     )
