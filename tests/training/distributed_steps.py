@@ -1,6 +1,7 @@
 """Run by torchrun from test_distributed.py: for every registered method, one outer step over 2
 processes (each on half the meta-batch) must equal one step of a single process on the whole
-meta-batch, computed here by every process on its own. Prints "same step: METHOD" for each.
+meta-batch, computed here by every process on its own. Each process checks; process 0 prints
+"same step: METHOD" for each (a failed check on either ends the job with an error).
 
 Methods trained on batches of examples normalise batch norm over each process's share of the
 batch (as DistributedDataParallel without SyncBatchNorm does), so for them the single-process
@@ -46,6 +47,12 @@ def step_on_halves_alone(algorithm, parts) -> None:
             p -= g
 
 
+def say(world, line: str) -> None:
+    """Print from process 0 alone: two processes' lines would interleave on one pipe."""
+    if world.is_main:
+        print(line, flush=True)
+
+
 def main() -> int:
     with process_group("cpu") as world:
         images = torch.randint(0, 256, (CLASSES * PER_CLASS, 1, 28, 28), dtype=torch.uint8,
@@ -75,7 +82,7 @@ def main() -> int:
             meta_step(together, torch.optim.SGD(together.parameters(), lr=1.0), own, world=world)
             for (key, a), b in zip(alone.named_parameters(), together.parameters()):
                 torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-5, msg=f"{name}: {key}")
-            print(f"same step: {name}", flush=True)
+            say(world, f"same step: {name}")
         check_agreements(world, images, labels)
     return 0
 
@@ -84,7 +91,7 @@ def check_agreements(world, images, labels) -> None:
     """What one process decides, both do: a stop request, and refusing a non-finite step."""
     agreed = agree(world, stop=world.rank == 1, out_of_time=False)
     assert agreed == {"stop": True, "out_of_time": False}, agreed
-    print("agreed: a stop request on one process stops both", flush=True)
+    say(world, "agreed: a stop request on one process stops both")
     config = TrainConfig(dataset="omniglot", ways=3, shots=1, queries=2, meta_batch=2).resolved()
     algorithm = build_algorithm(config)
     tasks = TaskSampler(images, labels, ways=3, shots=1, queries=2).sample(1)
@@ -95,7 +102,9 @@ def check_agreements(world, images, labels) -> None:
         meta_step(algorithm, torch.optim.SGD(algorithm.parameters(), lr=1.0), tasks, world=world)
     except NonFiniteError:
         assert all(torch.equal(a, b) for a, b in zip(before, algorithm.parameters()))
-        print("agreed: a non-finite loss on one process stops both", flush=True)
+        say(world, "agreed: a non-finite loss on one process stops both")
+    else:
+        raise AssertionError("a non-finite loss on process 1 did not stop process 0's step")
 
 
 if __name__ == "__main__":

@@ -123,10 +123,10 @@ def test_every_method_takes_the_same_step_on_two_processes_as_on_one():
     result = torchrun(2, str(HERE / "distributed_steps.py"))
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    for name in METHODS:
-        assert lines.count(f"same step: {name}") == 2, name  # said by both processes
-    assert lines.count("agreed: a stop request on one process stops both") == 2
-    assert lines.count("agreed: a non-finite loss on one process stops both") == 2
+    for name in METHODS:  # process 0's lines; a failed check on either fails the job
+        assert f"same step: {name}" in lines, name
+    assert "agreed: a stop request on one process stops both" in lines
+    assert "agreed: a non-finite loss on one process stops both" in lines
 
 
 def test_a_failing_process_ends_the_whole_job_with_its_message(tmp_path):

@@ -121,6 +121,17 @@ def omniglot_split(
     return images.unsqueeze(1).contiguous(), labels
 
 
+def alphabet_groups(characters: Characters, labels: torch.Tensor, split: str) -> torch.Tensor:
+    """The alphabet of each class of an `omniglot_split` part's `labels`, in sorted class
+    order, as group indices (Meta-Dataset draws all classes of an episode from one alphabet).
+    A rotated character (vinyals) stays in its character's alphabet."""
+    classes = torch.unique(labels)
+    characters_of = classes // 4 if split == "vinyals" else classes
+    alphabets = [characters.names[i].split("/")[1] for i in characters_of.tolist()]
+    names = sorted(set(alphabets))
+    return torch.tensor([names.index(a) for a in alphabets])
+
+
 def _split_characters(names: list[str], split: str) -> dict[str, list[int]]:
     order = sorted(range(len(names)), key=names.__getitem__)
     if split == "vinyals":

@@ -103,8 +103,10 @@ def evaluate_episodes(
         desc="evaluating", total=episodes, unit="episode", disable=not progress, leave=False
     )
     with prediction_mode(algorithm, seed, device), bar:
-        for start in range(0, episodes, EPISODES_PER_DRAW):
-            batch = tasks.sample(EPISODES_PER_DRAW, generator)[: episodes - start].to(device)
+        # episodes of varying size (Meta-Dataset's) come one at a time
+        per_draw = 1 if getattr(tasks, "varies", False) else EPISODES_PER_DRAW
+        for start in range(0, episodes, per_draw):
+            batch = tasks.sample(per_draw, generator)[: episodes - start].to(device)
             predictions = algorithm.predict(batch, inner_steps=inner_steps)
             scores.append(episode_scores(predictions, batch.query_y).cpu())
             bar.update(len(batch))

@@ -10,11 +10,17 @@ from pathlib import Path
 from fewshot.algorithms import Algorithm, get_method
 from fewshot.datasets.benchmarks import BENCHMARKS, load_benchmark
 from fewshot.datasets.image_folder import load_image_folder
-from fewshot.datasets.omniglot import load_omniglot, omniglot_split, resolve_data_root
+from fewshot.datasets.omniglot import (
+    alphabet_groups,
+    load_omniglot,
+    omniglot_split,
+    resolve_data_root,
+)
 from fewshot.datasets.preprocessing import Preprocessing, background_of, read_preprocessing
 from fewshot.datasets.sinusoid import SinusoidExamples, SinusoidTasks
 from fewshot.datasets.table import load_table, table_parts
 from fewshot.datasets.transforms import ImageTransform, parse_augment, pixel_statistics
+from fewshot.episodes import MetaDatasetSampler
 from fewshot.errors import ConfigError, DataError
 from fewshot.tasks import ExampleSampler, TaskSampler
 from fewshot.training.config import TrainConfig
@@ -174,3 +180,18 @@ def has_per_way_head(config: TrainConfig) -> bool:
     built = build_algorithm(config).state_dict()
     wider = build_algorithm(dataclasses.replace(config, ways=config.ways + 1)).state_dict()
     return any(built[name].shape != wider[name].shape for name in built)
+
+
+def meta_dataset_sampler(
+    config: TrainConfig, data_root=None, download: bool = False, part: str = "test"
+) -> MetaDatasetSampler:
+    """Meta-Dataset's episodes (5 to 50 ways, imbalanced shots) over one part of the
+    configured dataset; for Omniglot, every episode's classes from one alphabet."""
+    if config.dataset == "sinusoid":
+        raise ConfigError("Meta-Dataset episodes are classification episodes; not for sinusoid.")
+    ((images, labels),) = labelled_parts(config, data_root, download, (part,))
+    groups = None
+    if config.dataset == "omniglot":
+        characters = load_omniglot(data_root_for(config, data_root), download=download)
+        groups = alphabet_groups(characters, labels, config.split)
+    return MetaDatasetSampler(images, labels, groups, transform=image_transform(config, False))
