@@ -159,6 +159,7 @@ def test_each_process_takes_the_gpu_of_its_local_rank_and_the_backend_follows_th
     assert rank_device(World(3, 4, local_rank=1), "cuda") == "cuda:1"
     assert rank_device(World(3, 4, local_rank=1), "cpu") == "cpu"
     assert rank_device(World(), "cuda:1") == "cuda:1"  # one process: as given
+    assert rank_device(World(1, 2), "mps") == "mps"  # a device without numbers
     with pytest.raises(ConfigError, match="each of the 4 processes needs its own"):
         rank_device(World(3, 4, local_rank=1), "cuda:1")
     assert backend_for("cuda:1") == "nccl" and backend_for("cpu") == "gloo"

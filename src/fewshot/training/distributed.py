@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fewshot.devices import NUMBERED_ACCELERATORS
 from fewshot.errors import ConfigError, FewshotError
 
 
@@ -86,18 +87,23 @@ SINGLE_PROCESS = World()
 
 
 def environment_world() -> World:
-    """The world torchrun (or any launcher setting RANK and WORLD_SIZE) placed us in."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    """The world this process is in: the process group already joined, if any (e.g. by a
+    script of your own), else the one torchrun (or any launcher setting RANK and WORLD_SIZE)
+    describes."""
+    if dist.is_available() and dist.is_initialized():
+        rank, size = dist.get_rank(), dist.get_world_size()
+    else:
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
     if size <= 1:
         return SINGLE_PROCESS
-    rank = int(os.environ["RANK"])
     return World(rank, size, int(os.environ.get("LOCAL_RANK", rank)))
 
 
 def rank_device(world: World, device: str) -> str:
     """The device of this rank: each process of a CUDA run takes the GPU of its local rank."""
     kind = torch.device(device)
-    if not world.is_distributed or kind.type == "cpu":
+    if not world.is_distributed or kind.type not in NUMBERED_ACCELERATORS:
         return device
     if kind.index is not None:
         raise ConfigError(
