@@ -36,6 +36,7 @@ from fewshot.errors import (
     RunStopped,
 )
 from fewshot.files import atomic_write_text
+from fewshot.models import BACKBONES
 from fewshot.progress import format_table
 from fewshot.training.checkpoint import read_config
 from fewshot.training.config import DATASETS, TrainConfig
@@ -226,7 +227,7 @@ HELP_SECTIONS = {
         "augment", "label_column",
     ),
     "Episodes": ("ways", "shots", "queries", "train_ways", "train_queries"),
-    "Method": ("algorithm",),
+    "Method": ("algorithm", "backbone"),
     "Optimisation": ("meta_batch", "outer_lr", "iterations", "seed", "init"),
     "Run and checkpoints": (
         "out", "resume", "config_file", "val_every", "val_episodes", "test_episodes",
@@ -296,6 +297,14 @@ def training_options(skip: tuple[str, ...] = ()):
             default="vinyals",
             type=click.Choice(["vinyals", "lake"]),
             help="Omniglot class split (see docs/datasets.md).",
+        ),
+        "backbone": click.option(
+            "--backbone",
+            default="conv4",
+            type=click.Choice(BACKBONES),
+            help="The network for images: Conv4, ResNet-12 of 64-160-320-640 filters (Lee et "
+            "al. 2019) or of 64-128-256-512 (resnet12-narrow, Oreshkin et al. 2018) "
+            "(docs/models.md).",
         ),
         "image_size": click.option(
             "--image-size", default=28, type=int, help="Side of the images (folder dataset)."

@@ -53,17 +53,24 @@ class Problem:
     channels: int = 1
     image_size: int = 28
     features: int | None = None  # of a table's rows
+    backbone: str = "conv4"  # images' network: `models.BACKBONES`
 
     @property
     def regression(self) -> bool:
         return self.dataset == "sinusoid"
 
     def network(self, head: bool = True, track_running_stats: bool = False) -> nn.Module:
-        """The literature's network for this problem (`models.default_model`): with a
-        `ways`-way head, or without one (an embedding network)."""
+        """The literature's network for this problem (`models.default_model`, images: the
+        `backbone`): with a `ways`-way head, or without one (an embedding network)."""
         ways = self.ways if head else None
         return default_model(
-            self.dataset, ways, self.channels, self.image_size, track_running_stats, self.features
+            self.dataset,
+            ways,
+            self.channels,
+            self.image_size,
+            track_running_stats,
+            self.features,
+            self.backbone,
         )
 
     @property
@@ -170,9 +177,19 @@ class GradientSettings(InnerLoopSettings):
     first_order: bool | None = setting(
         "Treat inner gradients as constants (no second-order term).", fallback=False
     )
+    checkpoint_inner: bool | None = setting(
+        "Activation checkpointing in meta-training: each second-order inner step, and the query "
+        "pass block by block, is recomputed in the backward pass instead of kept; the same "
+        "meta-gradient in less memory, for more time (docs/performance.md).",
+        fallback=False,
+    )
 
     def learner_arguments(self, problem: Problem) -> dict[str, Any]:
-        return {**super().learner_arguments(problem), "first_order": self.first_order}
+        return {
+            **super().learner_arguments(problem),
+            "first_order": self.first_order,
+            "checkpoint_inner": self.checkpoint_inner,
+        }
 
 
 @dataclass(frozen=True)

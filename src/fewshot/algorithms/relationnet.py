@@ -103,6 +103,11 @@ class RelationNetSettings(Settings):
 
 
 def build(settings: RelationNetSettings, problem: Problem) -> RelationNet:
+    if problem.backbone != "conv4":
+        raise ConfigError(
+            "relationnet has its own embedding module (Sung et al.'s, feature maps for its "
+            "relation module); drop --backbone."
+        )
     encoder = RelationEncoder(problem.channels, image_size=problem.image_size)
     return RelationNet(
         encoder, encoder.output_shape, settings.relation_hidden, batch_norm=settings.batch_norm

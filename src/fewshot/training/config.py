@@ -18,12 +18,14 @@ from fewshot.algorithms.registry import Method, Problem, Settings, get_method
 from fewshot.datasets.benchmarks import BENCHMARKS
 from fewshot.datasets.transforms import parse_augment
 from fewshot.errors import ConfigError, require_positive
+from fewshot.models import BACKBONES
 
 DATASETS = ("sinusoid", "omniglot", "folder", "csv", *BENCHMARKS)
 # Run settings that belong to some datasets only: given for another, they are refused; a run's
 # config.json holds them only where they apply.
 DATASET_SETTINGS = {
     "split": ("omniglot",),
+    "backbone": ("omniglot", "folder", *BENCHMARKS),
     "image_size": ("folder",),  # the benchmarks' is their published size (DATASET_VALUES)
     "channels": ("folder",),
     "normalize": ("folder",),
@@ -35,9 +37,12 @@ DATASET_SETTINGS = {
 }
 # What the dataset fixes or defaults them to (image folders' channels come from their images).
 DATASET_VALUES = {
-    "omniglot": {"split": "vinyals", "image_size": 28, "channels": 1},
-    "folder": {"image_size": 28, "normalize": False},
-    **{name: {"image_size": b.image_size, "channels": 3} for name, b in BENCHMARKS.items()},
+    "omniglot": {"split": "vinyals", "image_size": 28, "channels": 1, "backbone": "conv4"},
+    "folder": {"image_size": 28, "normalize": False, "backbone": "conv4"},
+    **{
+        name: {"image_size": b.image_size, "channels": 3, "backbone": "conv4"}
+        for name, b in BENCHMARKS.items()
+    },
 }
 
 
@@ -54,6 +59,7 @@ class TrainConfig:
     algorithm: str = "maml"
     dataset: str = "sinusoid"
     split: str | None = None  # Omniglot's: vinyals or lake
+    backbone: str | None = None  # images' network (models.BACKBONES): conv4 unless given
     image_size: int | None = None  # an image folder's: 28 unless given (Omniglot: 28)
     channels: int | None = None  # an image folder's: from its images unless given (Omniglot: 1)
     normalize: bool | None = None  # an image folder's: standardise each channel
@@ -87,7 +93,14 @@ class TrainConfig:
 
     @property
     def problem(self) -> Problem:
-        return Problem(self.dataset, self.ways, self.channels, self.image_size, self.features)
+        return Problem(
+            self.dataset,
+            self.ways,
+            self.channels,
+            self.image_size,
+            self.features,
+            self.backbone or "conv4",
+        )
 
     def resolved(self, device: str = "cpu") -> TrainConfig:
         """A copy with every `None` replaced by its default for training on `device`, checked
@@ -153,6 +166,10 @@ class TrainConfig:
                 else "--label-column applies to --dataset csv only."
             )
         parse_augment(self.augment)
+        if self.backbone not in (None, *BACKBONES):
+            raise ConfigError(
+                f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}."
+            )
         if self.test_episodes < 0:
             raise ConfigError(f"test_episodes must be >= 0, got {self.test_episodes}.")
         if self.channels not in (1, 3, None):  # None: an image folder's, until it is read
