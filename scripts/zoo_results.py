@@ -9,7 +9,8 @@ tables cannot drift from the models.
 A zoo folder is a run folder plus `card.json`: the method's name for the table, the papers'
 figures by episode shape ("papers": {"5w1s": "98.7"}), the training budget and command, the
 batch-norm policies evaluated besides the run's own ("policies") and other test-episode shapes
-it is evaluated on ("shapes": [{"ways": 20}], as `fewshot eval --ways 20`). `--evaluate`
+it is evaluated on ("shapes": [{"ways": 20}], as `fewshot eval --ways 20`; {"sampler":
+"meta-dataset"} for Meta-Dataset's episodes, as `fewshot eval --sampler meta-dataset`). `--evaluate`
 writes `results.json` with what `fewshot eval --json` reports for each of them and the SHA-256
 of the weights it evaluated; the tables are made from those files alone,
 and a results file whose weights changed is refused as stale.
@@ -54,7 +55,12 @@ def zoo_folders(zoo: Path, names: tuple[str, ...] = ()) -> list[Path]:
 def evaluate_folder(folder: Path, data_root: Path | None) -> dict:
     """What `fewshot eval --json` reports for the run's own policy and episodes, for the card's
     other policies ("policies") and for its other episode shapes ("shapes": {"ways": 20}, ...)."""
-    from fewshot.cli import set_threads, test_report
+    from fewshot.cli import (
+        META_DATASET_REPORT,
+        meta_dataset_test_episodes,
+        set_threads,
+        test_report,
+    )
     from fewshot.training import load_run
 
     card = json.loads((folder / "card.json").read_text())
@@ -66,9 +72,15 @@ def evaluate_folder(folder: Path, data_root: Path | None) -> dict:
         if key in earlier:  # measured on these very weights already
             reports.append(earlier[key])
             continue
-        config, algorithm, sources = load_run(folder, data_root, batch_norm=policy, episode=shape)
+        episode = {k: v for k, v in shape.items() if k != "sampler"}
+        config, algorithm, sources = load_run(folder, data_root, batch_norm=policy, episode=episode)
         set_threads(config.dataset, None)
-        report = test_report(algorithm, config, sources.test, EPISODES, SEED, None, "cpu")
+        test = sources.test
+        if shape.get("sampler") == "meta-dataset":
+            test = meta_dataset_test_episodes(folder, config, algorithm, episode, data_root, False)
+        report = test_report(algorithm, config, test, EPISODES, SEED, None, "cpu")
+        if shape.get("sampler") == "meta-dataset":
+            report.update(META_DATASET_REPORT)
         click.echo(f"{folder.name} {shape or ''} {policy or ''}: {report.pop('lines')[-1]}")
         reports.append({"shape": shape, "policy": policy, "report": report})
     return {"model_sha256": weights_digest(folder), "episodes": EPISODES, "seed": SEED,
@@ -124,12 +136,13 @@ def omniglot_table(zoo: list[tuple[Path, dict, dict]]) -> str:
             if entry["policy"] is None:
                 report = entry["report"]
                 others = [] if entry["shape"] else [e for e in results["reports"] if e["policy"]]
-                key = (report["ways"], report["shots"])
+                key = (report["ways"], report["shots"])  # (None, None): Meta-Dataset's
                 sections.setdefault(key, []).append((card, entry, others, folder, main))
     lines = []
-    for (ways, shots), rows in sorted(sections.items(), key=lambda item: (item[0][1], item[0][0])):
+    for (ways, shots), rows in sorted(sections.items(), key=section_order):
+        title = f"{ways}-way {shots}-shot" if ways else META_DATASET_TITLE
         lines += [
-            f"**{ways}-way {shots}-shot**",
+            f"**{title}**",
             "",
             "| method | `fewshot eval` | batch norm | accuracy (95% CI) | paper | training budget "
             "| training command |",
@@ -138,7 +151,8 @@ def omniglot_table(zoo: list[tuple[Path, dict, dict]]) -> str:
         rows.sort(key=lambda row: -row[1]["report"]["accuracy"])
         for card, entry, others, folder, main in rows:
             report = entry["report"]
-            method, paper = card["method"], (card.get("papers") or {}).get(f"{ways}w{shots}s")
+            key = f"{ways}w{shots}s" if ways else "meta-dataset"
+            method, paper = card["method"], (card.get("papers") or {}).get(key)
             if entry["shape"]:
                 method += f" (trained {main['ways']}-way {main['shots']}-shot)"
             lines.append(
@@ -153,6 +167,18 @@ def omniglot_table(zoo: list[tuple[Path, dict, dict]]) -> str:
                 )
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+META_DATASET_TITLE = (
+    "Meta-Dataset's episodes (5 to 50 ways from one alphabet, class-imbalanced shots, up to 10 "
+    "queries per class)"
+)
+
+
+def section_order(item) -> tuple:
+    """Sections by shots, then ways; Meta-Dataset's last."""
+    (ways, shots), _ = item
+    return (ways is None, shots or 0, ways or 0)
 
 
 def sinusoid_table(zoo: list[tuple[Path, dict, dict]]) -> str:

@@ -48,6 +48,7 @@ from fewshot.training.evaluation import (
     paired_difference,
     prediction_mode,
 )
+from fewshot.training.factory import meta_dataset_sampler
 from fewshot.training.loop import load, load_run, override_test_episodes, train
 from fewshot.training.tensorboard import TensorBoardLogger
 
@@ -522,7 +523,8 @@ def train_command(
         config = TrainConfig.from_dict({**base, **{k: options[k] for k in given}})
         out = out or fresh_run_folder(config)
     set_threads(config.dataset, threads)
-    listeners = [TensorBoardLogger(out)] if tensorboard else []
+    main_process = environment_world().is_main  # under torchrun, rank 0 logs and reports
+    listeners = [TensorBoardLogger(out)] if tensorboard and main_process else []
     extend_to = options["iterations"] if resume is not None and "iterations" in given else None
     try:
         algorithm, sources, best = train(
@@ -532,7 +534,7 @@ def train_command(
     finally:
         for listener in listeners:
             listener.close()
-    if not environment_world().is_main:  # under torchrun, rank 0 reports and tests
+    if not main_process:
         return
     click.echo(f"best validation: {best}")
     resolved = read_config(out)
@@ -719,17 +721,30 @@ def tune_command(
     type=click.Choice(BATCH_NORM_POLICIES),
     help="Batch-norm policy at prediction [default: the run's, which is its method's paper's].",
 )
+@click.option(
+    "--sampler",
+    default="fixed",
+    type=click.Choice(["fixed", "meta-dataset"]),
+    help="Test episodes: the run's N-way K-shot ones, or Meta-Dataset's (5 to 50 ways, "
+    "imbalanced shots, up to 10 queries per class; Omniglot's from one alphabet).",
+)
 @evaluation_options
 @friendly_errors
 def eval_command(
-    run_dir, data_root, download, episodes, inner_steps, batch_norm, seed, device, as_json, **shape
-):
+    run_dir, data_root, download, episodes, inner_steps, batch_norm, sampler, seed, device,
+    as_json, **shape,
+):  # fmt: skip
     """Meta-test accuracy (or MSE) ± 95% CI of RUN_DIR's best checkpoint on held-out classes."""
     check_evaluation_request(episodes, shape)
     config, algorithm, sources = load_run(run_dir, data_root, download, device, batch_norm, shape)
     check_inner_steps_apply(inner_steps, run_dir, config.algorithm, algorithm)
     set_threads(config.dataset, None)
-    report = test_report(algorithm, config, sources.test, episodes, seed, inner_steps, device)
+    test = sources.test
+    if sampler == "meta-dataset":
+        test = meta_dataset_test_episodes(run_dir, config, algorithm, shape, data_root, download)
+    report = test_report(algorithm, config, test, episodes, seed, inner_steps, device)
+    if sampler == "meta-dataset":
+        report.update(META_DATASET_REPORT)
     lines = report.pop("lines")
     if as_json:
         click.echo(json.dumps(report))
@@ -737,6 +752,27 @@ def eval_command(
         click.echo(f"{config.algorithm}, batch norm: {BATCH_NORM_NOTES[algorithm.batch_norm]}")
         for line in lines:
             click.echo(f"meta-test {line}")
+
+
+# What a report on Meta-Dataset's episodes says of them: their ways, shots and queries vary.
+META_DATASET_REPORT = {"sampler": "meta-dataset", "ways": None, "shots": None, "queries": None}
+
+
+def meta_dataset_test_episodes(run_dir, config, algorithm, shape, data_root, download):
+    """The test part's Meta-Dataset episodes, for a model that can answer them."""
+    given = [f"--{name}" for name, value in shape.items() if value is not None]
+    if given:
+        raise ConfigError(
+            f"--sampler meta-dataset draws each episode's ways, shots and queries; drop "
+            f"{', '.join(given)}."
+        )
+    if algorithm.max_ways is not None:
+        raise ConfigError(
+            f"Meta-Dataset episodes have up to 50 ways, but {run_dir}'s {config.algorithm} "
+            f"model has a {algorithm.max_ways}-way head; evaluate a method without a per-class "
+            "head (protonet, matchingnet, relationnet)."
+        )
+    return meta_dataset_sampler(config, data_root, download)
 
 
 def check_evaluation_request(episodes: int, shape: dict) -> None:

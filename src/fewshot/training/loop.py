@@ -323,9 +323,12 @@ class Run:
                     by = "another process"
                     if stop["signal"] is not None:
                         by = signal.Signals(stop["signal"]).name
+                    resume = f"fewshot train --resume {self.run_dir}"
+                    if self.world.is_distributed:
+                        resume = f"torchrun (as launched) -m {resume}"
                     raise RunStopped(
                         f"stopped by {by} after iteration {iteration}, checkpoint written; "
-                        f"resume with: fewshot train --resume {self.run_dir}"
+                        f"resume with: {resume}"
                     )
         if self.checkpointed != self.iteration:  # the last iteration may have just written one
             self.save_checkpoint()
