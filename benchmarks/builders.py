@@ -141,9 +141,9 @@ def build_maml(
         # 4 tasks for these Conv4 workloads on a CPU, otherwise the whole meta-batch);
         # "fewshot-per-task": one task at a time.
         if chunk_size is None:
-            dataset = "sinusoid" if workload.kind == "sinusoid" else "omniglot"
+            images = workload.kind != "sinusoid"
             examples = workload.ways * (workload.shots + workload.queries)
-            chunk_size = default_chunk_size(dataset, workload.meta_batch, examples, device.type)
+            chunk_size = default_chunk_size(images, workload.meta_batch, examples, device.type)
         method = "maml" if library == "fewshot-maml" else workload.method
         learner = fewshot_learner(
             workload,

@@ -31,6 +31,17 @@ def test_images_on_a_cpu_are_vectorised_in_chunks_of_about_40_images_unless_told
     )
 
 
+def test_the_benchmarks_images_are_chunked_like_omniglots_and_tables_are_not():
+    """miniImageNet's 5-way 1-shot 1-query tasks hold 10 images, as Omniglot's do."""
+    for dataset in ("mini-imagenet", "tiered-imagenet", "cifar-fs", "fc100", "cub"):
+        config = TrainConfig(dataset=dataset, train_queries=1, meta_batch=4).resolved()
+        assert config.settings.chunk_size == 4, dataset
+        config = TrainConfig(dataset=dataset, meta_batch=4).resolved()  # 15 queries: 80 images
+        assert config.settings.chunk_size == 1, dataset
+    table = TrainConfig(dataset="csv", label_column="y", meta_batch=32).resolved()
+    assert table.settings.chunk_size == 32
+
+
 def test_config_files_written_before_chunk_size_existed_still_load():
     old = {"algorithm": "maml", "dataset": "omniglot", "vectorize": False}
     config = TrainConfig.from_dict(old).resolved()
@@ -101,10 +112,11 @@ def test_each_method_resolves_to_its_papers_defaults_on_each_dataset(method, dat
     # None on purpose: the pretraining head's size comes from the training data when the run
     # starts; Matching Networks' processing steps follow each support set's size; a table's
     # label column and feature count exist only for --dataset csv; the data folder is recorded
-    # when a run starts; init names a run to start from, when asked
+    # when a run starts; init names a run to start from, when asked; an image dataset's
+    # augmentation is none unless asked
     unset = (
         "time_limit", "classes", "processing_steps", "label_column", "features", "data_root",
-        "init",
+        "init", "augment",
     )  # fmt: skip
     assert None not in (config[k] for k in config if k not in unset)
 
@@ -160,3 +172,20 @@ def test_any_json_config_is_accepted_or_refused_in_one_line(document):
     (the command line's one-line error), never another exception."""
     with contextlib.suppress(ConfigError):
         TrainConfig.from_dict(document).resolved()
+
+
+def test_the_natural_image_benchmarks_take_the_papers_mini_imagenet_settings():
+    """MAML's (Finn et al. sec. 5.2), Meta-SGD's one step, ProtoNet's 30-way training
+    episodes; a method without miniImageNet settings keeps its image ones."""
+    for dataset in ("mini-imagenet", "tiered-imagenet", "cub"):
+        maml = TrainConfig(algorithm="maml", dataset=dataset).resolved()
+        assert (maml.meta_batch, maml.queries) == (4, 15), dataset
+        assert (maml.settings.inner_steps, maml.settings.eval_inner_steps) == (5, 10)
+        assert maml.settings.inner_lr == 0.01
+    metasgd = TrainConfig(algorithm="meta-sgd", dataset="mini-imagenet").resolved()
+    assert (metasgd.settings.inner_steps, metasgd.settings.eval_inner_steps) == (1, 1)
+    protonet = TrainConfig(algorithm="protonet", dataset="mini-imagenet").resolved()
+    assert (protonet.train_ways, protonet.ways, protonet.train_queries) == (30, 5, 15)
+    reptile = TrainConfig(algorithm="reptile", dataset="mini-imagenet").resolved()
+    omniglot = TrainConfig(algorithm="reptile", dataset="omniglot").resolved()
+    assert reptile.settings == omniglot.settings and reptile.meta_batch == omniglot.meta_batch

@@ -54,7 +54,11 @@ def build(settings: MetaSGDSettings, problem: Problem) -> MetaSGD:
 
 
 # Li et al. train with one inner step and adapt with one; the rest is MAML's setting.
-_ONE_STEP = {"sinusoid": dict(eval_inner_steps=1), "omniglot": dict(eval_inner_steps=1)}
+_ONE_STEP = {
+    "sinusoid": dict(eval_inner_steps=1),
+    "omniglot": dict(eval_inner_steps=1),
+    "mini-imagenet": dict(inner_steps=1, eval_inner_steps=1),
+}
 register(
     Method(
         name="meta-sgd",

@@ -75,6 +75,19 @@ register(
                 iterations=20000,
                 val_every=500,
             ),
+            # Snell et al., sec. 3.2: 30-way training episodes for 1-shot, 15 queries per
+            # class; they halve Adam's rate every 2,000 episodes and stop early, fewshot keeps
+            # it constant for 20,000 episodes and keeps the best validated weights.
+            "mini-imagenet": dict(
+                shots=1,
+                queries=15,
+                train_ways=30,
+                train_queries=15,
+                meta_batch=1,
+                outer_lr=1e-3,
+                iterations=20000,
+                val_every=500,
+            ),
         },
     )
 )

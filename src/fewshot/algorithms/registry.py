@@ -144,7 +144,7 @@ class InnerLoopSettings(Settings):
             values["eval_inner_steps"] = values["inner_steps"]
         if values["chunk_size"] is None:
             examples = run.train_ways * (run.shots + run.train_queries)
-            images = run.dataset in ("omniglot", "folder")
+            images = run.dataset not in ("sinusoid", "csv")  # Omniglot, folders, benchmarks
             values["chunk_size"] = default_chunk_size(images, run.meta_batch, examples, device)
         return type(self)(**values)
 

@@ -111,8 +111,7 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}."
             )
-        # the benchmarks take the methods' image defaults, as image folders do
-        defaults = method.defaults_for("folder" if self.dataset in BENCHMARKS else self.dataset)
+        defaults = method.defaults_for(defaults_key(self.dataset, method.defaults))
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "settings"}
         check_dataset_settings(values)
         for name, value in DATASET_VALUES.get(self.dataset, {}).items():
@@ -242,6 +241,15 @@ TYPE_NAMES = {
     type(None): "null",
     list[float]: "a list of numbers",
 }
+
+
+def defaults_key(dataset: str, defaults: dict) -> str:
+    """Whose paper defaults a dataset takes: its own where the method has them; the natural-image
+    benchmarks take the method's miniImageNet ones where it has them (the papers' usual setting
+    for them), else its image defaults, as image folders do."""
+    if dataset in defaults or dataset not in BENCHMARKS:
+        return dataset
+    return "mini-imagenet" if "mini-imagenet" in defaults else "folder"
 
 
 def applies(name: str, dataset: str) -> bool:
