@@ -277,15 +277,18 @@ def training_options(skip: tuple[str, ...] = ()):
             default="sinusoid",
             type=click.Choice(DATASETS),
             help="Sinusoid regression (built in), Omniglot (the official zips), your own image "
-            "folder (--data-root with train/, val/, test/ of class folders), or the rows of your "
-            "own CSV file (--data-root FILE.csv --label-column NAME).",
+            "folder (--data-root with train/, val/, test/ of class folders), the rows of your "
+            "own CSV file (--data-root FILE.csv --label-column NAME), or a benchmark in its "
+            "published layout: mini-imagenet, tiered-imagenet, cifar-fs, fc100, cub "
+            "(docs/datasets.md).",
         ),
         "data_root": click.option(
             "--data-root",
             type=click.Path(path_type=Path),
             default=None,
             help="Omniglot: folder with images_background.zip and images_evaluation.zip; folder "
-            "dataset: folder with train/, val/, test/; csv: the CSV file "
+            "dataset: folder with train/, val/, test/; csv: the CSV file; a benchmark: its "
+            "folder as published (docs/datasets.md) "
             "[default: $FEWSHOT_DATA_ROOT, else ~/.local/share/fewshot].",
         ),
         "download": click.option(
