@@ -55,12 +55,7 @@ def zoo_folders(zoo: Path, names: tuple[str, ...] = ()) -> list[Path]:
 def evaluate_folder(folder: Path, data_root: Path | None) -> dict:
     """What `fewshot eval --json` reports for the run's own policy and episodes, for the card's
     other policies ("policies") and for its other episode shapes ("shapes": {"ways": 20}, ...)."""
-    from fewshot.cli import (
-        META_DATASET_REPORT,
-        meta_dataset_test_episodes,
-        set_threads,
-        test_report,
-    )
+    from fewshot.cli import check_meta_dataset_evaluation, set_threads, test_report
     from fewshot.training import load_run
 
     card = json.loads((folder / "card.json").read_text())
@@ -72,15 +67,10 @@ def evaluate_folder(folder: Path, data_root: Path | None) -> dict:
         if key in earlier:  # measured on these very weights already
             reports.append(earlier[key])
             continue
-        episode = {k: v for k, v in shape.items() if k != "sampler"}
-        config, algorithm, sources = load_run(folder, data_root, batch_norm=policy, episode=episode)
+        config, algorithm, sources = load_run(folder, data_root, batch_norm=policy, episode=shape)
+        check_meta_dataset_evaluation(folder, config, algorithm, {})
         set_threads(config.dataset, None)
-        test = sources.test
-        if shape.get("sampler") == "meta-dataset":
-            test = meta_dataset_test_episodes(folder, config, algorithm, episode, data_root, False)
-        report = test_report(algorithm, config, test, EPISODES, SEED, None, "cpu")
-        if shape.get("sampler") == "meta-dataset":
-            report.update(META_DATASET_REPORT)
+        report = test_report(algorithm, config, sources.test, EPISODES, SEED, None, "cpu")
         click.echo(f"{folder.name} {shape or ''} {policy or ''}: {report.pop('lines')[-1]}")
         reports.append({"shape": shape, "policy": policy, "report": report})
     return {"model_sha256": weights_digest(folder), "episodes": EPISODES, "seed": SEED,

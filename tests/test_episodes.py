@@ -16,6 +16,7 @@ from fewshot.cli import main
 from fewshot.datasets.omniglot import alphabet_groups, omniglot_split
 from fewshot.episodes import MetaDatasetSampler
 from fewshot.errors import ConfigError
+from fewshot.training.checkpoint import read_metrics
 
 ZOO = Path(__file__).parent.parent / "zoo"
 
@@ -216,3 +217,44 @@ def test_meta_dataset_episodes_a_model_cannot_answer_are_refused_in_one_line(run
     )
     assert result.exit_code == 2 and result.output.count("\n") == 1
     assert message in result.output, result.output
+
+
+def test_a_metric_method_trains_validates_and_is_tested_on_meta_dataset_episodes(
+    tmp_path, omniglot_root
+):
+    out = tmp_path / "proto-md"
+    quick = ["--iterations", "6", "--val-every", "3", "--val-episodes", "3", "--test-episodes", "3"]
+    result = CliRunner().invoke(main, [
+        "train", "--algorithm", "protonet", "--dataset", "omniglot", "--data-root",
+        str(omniglot_root), "--sampler", "meta-dataset", *quick, "--out", str(out),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["sampler"] == "meta-dataset"
+    validations = [r for r in read_metrics(out) if r.get("split") == "val"]
+    assert [r["iteration"] for r in validations] == [3, 6]
+    assert all(r["episodes"] == 3 and 0 <= r["accuracy"] <= 1 for r in validations)
+    # fewshot eval takes the run's episodes unless told: Meta-Dataset's, or fixed ones
+    run = ["eval", str(out), "--episodes", "3", "--json"]
+    own = json.loads(CliRunner().invoke(main, run).output)
+    fixed = json.loads(CliRunner().invoke(main, [*run, "--sampler", "fixed"]).output)
+    assert own["sampler"] == "meta-dataset" and own["ways"] is None
+    assert "sampler" not in fixed and (fixed["ways"], fixed["shots"]) == (5, 1)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset", "omniglot", "--algorithm", "maml"], "maml's model has one output per way"),
+        (
+            ["--dataset", "omniglot", "--algorithm", "protonet", "--meta-batch", "2"],
+            "use --meta-batch 1",
+        ),  # fmt: skip
+        (["--dataset", "sinusoid"], "--sampler applies to --dataset"),
+    ],
+)
+def test_training_on_meta_dataset_episodes_refuses_what_cannot_work(tmp_path, args, message):
+    command = ["train", *args, "--sampler", "meta-dataset", "--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(main, command)
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert message in result.output, result.output
+    assert not (tmp_path / "run").exists()

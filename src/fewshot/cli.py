@@ -39,7 +39,7 @@ from fewshot.files import atomic_write_text
 from fewshot.models import BACKBONES
 from fewshot.progress import format_table
 from fewshot.training.checkpoint import read_config
-from fewshot.training.config import DATASETS, TrainConfig
+from fewshot.training.config import DATASETS, SAMPLERS, TrainConfig
 from fewshot.training.distributed import environment_world
 from fewshot.training.evaluation import (
     adapts_by_steps,
@@ -48,7 +48,6 @@ from fewshot.training.evaluation import (
     paired_difference,
     prediction_mode,
 )
-from fewshot.training.factory import meta_dataset_sampler
 from fewshot.training.loop import load, load_run, override_test_episodes, train
 from fewshot.training.tensorboard import TensorBoardLogger
 
@@ -227,7 +226,7 @@ HELP_SECTIONS = {
         "dataset", "data_root", "download", "split", "image_size", "channels", "normalize",
         "augment", "label_column",
     ),
-    "Episodes": ("ways", "shots", "queries", "train_ways", "train_queries"),
+    "Episodes": ("ways", "shots", "queries", "train_ways", "train_queries", "sampler"),
     "Method": ("algorithm", "backbone"),
     "Optimisation": ("meta_batch", "outer_lr", "iterations", "seed", "init"),
     "Run and checkpoints": (
@@ -361,6 +360,15 @@ def training_options(skip: tuple[str, ...] = ()):
             type=int,
             help=f"Queries per class in training episodes {PAPER}, else --queries.",
         ),
+        "sampler": click.option(
+            "--sampler",
+            default="fixed",
+            type=click.Choice(SAMPLERS),
+            help="Episodes of a classification dataset: N-way K-shot (--ways, --shots, "
+            "--queries), or Meta-Dataset's: 5 to 50 ways, imbalanced shots, up to 10 queries "
+            "per class, Omniglot's from one alphabet; one episode per process at a time "
+            "(--meta-batch 1), for methods without a per-class head (docs/datasets.md).",
+        ),
         "meta_batch": click.option(
             "--meta-batch",
             default=None,
@@ -484,6 +492,8 @@ def test_report(algorithm, config, sampler, episodes, seed, inner_steps, device)
         "algorithm": config.algorithm,
         "batch_norm": algorithm.batch_norm,
     }
+    if config.sampler == "meta-dataset":  # each episode has its own ways, shots and queries
+        episode_settings.update(sampler="meta-dataset", ways=None, shots=None, queries=None)
     return {**report, **episode_settings}
 
 
@@ -726,10 +736,11 @@ def tune_command(
 )
 @click.option(
     "--sampler",
-    default="fixed",
-    type=click.Choice(["fixed", "meta-dataset"]),
-    help="Test episodes: the run's N-way K-shot ones, or Meta-Dataset's (5 to 50 ways, "
-    "imbalanced shots, up to 10 queries per class; Omniglot's from one alphabet).",
+    default=None,
+    type=click.Choice(SAMPLERS),
+    help="Test episodes: N-way K-shot ones (fixed), or Meta-Dataset's (5 to 50 ways, "
+    "imbalanced shots, up to 10 queries per class; Omniglot's from one alphabet) [default: "
+    "the run's].",
 )
 @evaluation_options
 @friendly_errors
@@ -739,15 +750,12 @@ def eval_command(
 ):  # fmt: skip
     """Meta-test accuracy (or MSE) ± 95% CI of RUN_DIR's best checkpoint on held-out classes."""
     check_evaluation_request(episodes, shape)
-    config, algorithm, sources = load_run(run_dir, data_root, download, device, batch_norm, shape)
+    episode = {**shape, "sampler": sampler}
+    config, algorithm, sources = load_run(run_dir, data_root, download, device, batch_norm, episode)
+    check_meta_dataset_evaluation(run_dir, config, algorithm, shape)
     check_inner_steps_apply(inner_steps, run_dir, config.algorithm, algorithm)
     set_threads(config.dataset, None)
-    test = sources.test
-    if sampler == "meta-dataset":
-        test = meta_dataset_test_episodes(run_dir, config, algorithm, shape, data_root, download)
-    report = test_report(algorithm, config, test, episodes, seed, inner_steps, device)
-    if sampler == "meta-dataset":
-        report.update(META_DATASET_REPORT)
+    report = test_report(algorithm, config, sources.test, episodes, seed, inner_steps, device)
     lines = report.pop("lines")
     if as_json:
         click.echo(json.dumps(report))
@@ -757,12 +765,11 @@ def eval_command(
             click.echo(f"meta-test {line}")
 
 
-# What a report on Meta-Dataset's episodes says of them: their ways, shots and queries vary.
-META_DATASET_REPORT = {"sampler": "meta-dataset", "ways": None, "shots": None, "queries": None}
-
-
-def meta_dataset_test_episodes(run_dir, config, algorithm, shape, data_root, download):
-    """The test part's Meta-Dataset episodes, for a model that can answer them."""
+def check_meta_dataset_evaluation(run_dir, config, algorithm, shape: dict) -> None:
+    """Meta-Dataset's test episodes (the run's, or asked for) take no fixed ways, shots or
+    queries, and only a model without a per-class head can answer them."""
+    if config.sampler != "meta-dataset":
+        return
     given = [f"--{name}" for name, value in shape.items() if value is not None]
     if given:
         raise ConfigError(
@@ -775,7 +782,6 @@ def meta_dataset_test_episodes(run_dir, config, algorithm, shape, data_root, dow
             f"model has a {algorithm.max_ways}-way head; evaluate a method without a per-class "
             "head (protonet, matchingnet, relationnet)."
         )
-    return meta_dataset_sampler(config, data_root, download)
 
 
 def check_evaluation_request(episodes: int, shape: dict) -> None:

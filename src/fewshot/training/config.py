@@ -21,6 +21,9 @@ from fewshot.errors import ConfigError, require_positive
 from fewshot.models import BACKBONES
 
 DATASETS = ("sinusoid", "omniglot", "folder", "csv", *BENCHMARKS)
+# A classification dataset's episodes: N-way K-shot ("fixed"), or Meta-Dataset's, of varying
+# ways and imbalanced shots (`fewshot.episodes`).
+SAMPLERS = ("fixed", "meta-dataset")
 # Run settings that belong to some datasets only: given for another, they are refused; a run's
 # config.json holds them only where they apply.
 DATASET_SETTINGS = {
@@ -34,16 +37,21 @@ DATASET_SETTINGS = {
     "pixel_std": ("folder",),
     "label_column": ("csv",),
     "features": ("csv",),
+    "sampler": ("omniglot", "folder", "csv", *BENCHMARKS),
 }
 # What the dataset fixes or defaults them to (image folders' channels come from their images).
 DATASET_VALUES = {
-    "omniglot": {"split": "vinyals", "image_size": 28, "channels": 1, "backbone": "conv4"},
-    "folder": {"image_size": 28, "normalize": False, "backbone": "conv4"},
+    "omniglot": {
+        "split": "vinyals", "image_size": 28, "channels": 1, "backbone": "conv4",
+        "sampler": "fixed",
+    },
+    "folder": {"image_size": 28, "normalize": False, "backbone": "conv4", "sampler": "fixed"},
+    "csv": {"sampler": "fixed"},
     **{
-        name: {"image_size": b.image_size, "channels": 3, "backbone": "conv4"}
+        name: {"image_size": b.image_size, "channels": 3, "backbone": "conv4", "sampler": "fixed"}
         for name, b in BENCHMARKS.items()
     },
-}
+}  # fmt: skip
 
 
 @dataclass
@@ -68,6 +76,7 @@ class TrainConfig:
     pixel_std: list[float] | None = None
     label_column: str | None = None  # --dataset csv: the column of each row's class
     features: int | None = None  # --dataset csv: the row's feature count, from the data
+    sampler: str | None = None  # a classification dataset's: one of SAMPLERS
     ways: int = 5
     shots: int | None = None
     queries: int | None = None
@@ -165,6 +174,10 @@ class TrainConfig:
                 else "--label-column applies to --dataset csv only."
             )
         parse_augment(self.augment)
+        if self.sampler not in (None, *SAMPLERS):
+            raise ConfigError(
+                f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}."
+            )
         if self.backbone not in (None, *BACKBONES):
             raise ConfigError(
                 f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}."

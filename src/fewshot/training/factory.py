@@ -50,6 +50,8 @@ def build_sources(
 ) -> TaskSources:
     examples = get_method(config.algorithm).algorithm.training_data == "examples"
     if config.dataset == "sinusoid":
+        if config.sampler == "meta-dataset":
+            raise ConfigError("Meta-Dataset's episodes are classification episodes, not sinusoids.")
         # Sinusoid tasks are continuous: "held out" means never drawn in training, which the
         # separate random streams of training and evaluation (`stream_generator`) ensure.
         held_out = SinusoidTasks(config.shots, config.queries)
@@ -59,6 +61,7 @@ def build_sources(
         return TaskSources(train, held_out, held_out)
     samplers = {}
     loaded = labelled_parts(config, data_root, download, parts)
+    groups = class_groups(config, data_root, download)
     if config.dataset == "folder" and config.normalize and config.pixel_mean is None:
         config.pixel_mean, config.pixel_std = pixel_statistics(loaded[0][0])  # training images
     for part, (images, labels) in zip(parts, loaded):
@@ -68,6 +71,11 @@ def build_sources(
             samplers[part] = ExampleSampler(images, labels, transform)
             continue
         try:
+            if config.sampler == "meta-dataset":
+                samplers[part] = MetaDatasetSampler(
+                    images, labels, groups(labels), transform=transform
+                )
+                continue
             samplers[part] = TaskSampler(
                 images,
                 labels,
@@ -182,16 +190,10 @@ def has_per_way_head(config: TrainConfig) -> bool:
     return any(built[name].shape != wider[name].shape for name in built)
 
 
-def meta_dataset_sampler(
-    config: TrainConfig, data_root=None, download: bool = False, part: str = "test"
-) -> MetaDatasetSampler:
-    """Meta-Dataset's episodes (5 to 50 ways, imbalanced shots) over one part of the
-    configured dataset; for Omniglot, every episode's classes from one alphabet."""
-    if config.dataset == "sinusoid":
-        raise ConfigError("Meta-Dataset episodes are classification episodes; not for sinusoid.")
-    ((images, labels),) = labelled_parts(config, data_root, download, (part,))
-    groups = None
-    if config.dataset == "omniglot":
-        characters = load_omniglot(data_root_for(config, data_root), download=download)
-        groups = alphabet_groups(characters, labels, config.split)
-    return MetaDatasetSampler(images, labels, groups, transform=image_transform(config, False))
+def class_groups(config: TrainConfig, data_root, download: bool):
+    """What groups a part's classes for Meta-Dataset's episodes: Omniglot's alphabets (a
+    function of the part's labels); None for the other datasets and for fixed episodes."""
+    if config.sampler != "meta-dataset" or config.dataset != "omniglot":
+        return lambda labels: None
+    characters = load_omniglot(data_root_for(config, data_root), download=download)
+    return lambda labels: alphabet_groups(characters, labels, config.split)

@@ -41,7 +41,7 @@ from fewshot.files import atomic_write_text
 from fewshot.progress import progress_bar
 from fewshot.tasks import Task, stream_generator
 from fewshot.training import checkpoint
-from fewshot.training.config import TrainConfig
+from fewshot.training.config import SAMPLERS, TrainConfig
 from fewshot.training.distributed import (
     SINGLE_PROCESS,
     World,
@@ -394,6 +394,7 @@ def train_in_world(
     else:
         config = config.resolved(world.device)
         world.share(config.meta_batch)  # a meta-batch the processes cannot share is refused
+        check_meta_dataset_training(config, world)
         if world.is_main:
             check_new_run_folder(run_dir)
     with main_first(world):  # a download or a decoding cache is written once
@@ -432,6 +433,24 @@ def train_in_world(
     if main:
         checkpoint.load_weights(run.algorithm, run_dir / checkpoint.BEST_WEIGHTS)
     return run.algorithm, sources, run.best
+
+
+def check_meta_dataset_training(config: TrainConfig, world: World) -> None:
+    """Meta-Dataset's episodes differ in size, so each process trains on one at a time, and
+    only a method without a per-class head can answer their 5 to 50 ways."""
+    if config.sampler != "meta-dataset":
+        return
+    if has_per_way_head(config):
+        raise ConfigError(
+            f"Meta-Dataset's episodes have 5 to 50 ways, but {config.algorithm}'s model has one "
+            "output per way; use a method without a per-class head (protonet, matchingnet, "
+            "relationnet)."
+        )
+    if world.share(config.meta_batch) != 1:
+        raise ConfigError(
+            f"--sampler meta-dataset trains on one episode at a time in each process: use "
+            f"--meta-batch {world.size}."
+        )
 
 
 def read_resumable(run_dir: Path) -> tuple[TrainConfig, TrainingState]:
@@ -531,11 +550,17 @@ def start_from(algorithm: Algorithm, init_run: Path) -> None:
 
 
 def override_test_episodes(config: TrainConfig, episode: dict | None) -> None:
-    """Set the "ways", "shots" or "queries" given (not None) in `episode` on `config`."""
+    """Set the "ways", "shots", "queries" or "sampler" given (not None) in `episode` on
+    `config`."""
     for name, value in (episode or {}).items():
-        if value is not None:
+        if value is None:
+            continue
+        if name == "sampler":
+            if value not in SAMPLERS:
+                raise ConfigError(f"sampler must be one of {', '.join(SAMPLERS)}, got {value!r}.")
+        else:
             require_positive(**{name: value})
-            setattr(config, name, value)
+        setattr(config, name, value)
 
 
 def load(
