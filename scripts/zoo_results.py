@@ -68,7 +68,8 @@ def evaluate_folder(folder: Path, data_root: Path | None) -> dict:
             reports.append(earlier[key])
             continue
         config, algorithm, sources = load_run(folder, data_root, batch_norm=policy, episode=shape)
-        check_meta_dataset_evaluation(folder, config, algorithm, {})
+        shape_given = {k: v for k, v in shape.items() if k != "sampler"}
+        check_meta_dataset_evaluation(folder, config, algorithm, shape_given)
         set_threads(config.dataset, None)
         report = test_report(algorithm, config, sources.test, EPISODES, SEED, None, "cpu")
         click.echo(f"{folder.name} {shape or ''} {policy or ''}: {report.pop('lines')[-1]}")

@@ -100,6 +100,14 @@ def test_the_support_size_is_uniform_per_class_before_the_cap():
     assert_uniform(per_class, range(1, 11))
 
 
+def test_a_class_contributes_at_most_a_hundred_to_the_support_size():
+    """Two classes of 300 examples (q = 10): each adds floor(beta * 100 + 1), so S <= 200."""
+    sampler = MetaDatasetSampler(*dataset([300] * 2), min_ways=2, max_ways=2)
+    sizes = [s.support_size for s in shapes(sampler, 2000)]
+    assert max(sizes) <= 200 and max(sizes) > 190
+    assert_uniform([size // 2 for size in sizes], range(1, 101))
+
+
 def test_the_support_size_is_capped_at_five_hundred():
     """Classes of 300 examples: each contributes up to 100, so 50 ways could ask for 5,000."""
     sampler = MetaDatasetSampler(*dataset([300] * 60))
@@ -250,6 +258,7 @@ def test_a_metric_method_trains_validates_and_is_tested_on_meta_dataset_episodes
             "use --meta-batch 1",
         ),  # fmt: skip
         (["--dataset", "sinusoid"], "--sampler applies to --dataset"),
+        (["--dataset", "omniglot", "--algorithm", "protonet", "--shots", "5"], "drop --shots"),
     ],
 )
 def test_training_on_meta_dataset_episodes_refuses_what_cannot_work(tmp_path, args, message):

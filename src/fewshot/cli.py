@@ -39,7 +39,7 @@ from fewshot.files import atomic_write_text
 from fewshot.models import BACKBONES
 from fewshot.progress import format_table
 from fewshot.training.checkpoint import read_config
-from fewshot.training.config import DATASETS, SAMPLERS, TrainConfig
+from fewshot.training.config import DATASETS, SAMPLERS, TrainConfig, check_episode_settings
 from fewshot.training.distributed import environment_world
 from fewshot.training.evaluation import (
     adapts_by_steps,
@@ -516,6 +516,7 @@ def train_command(
     continues from it (with `--iterations N`, a finished run is extended to N).
     """
     given = explicitly_given(options)
+    main_process = environment_world().is_main  # under torchrun, rank 0 reads, logs, reports
     if resume is not None:
         refused = given - {"iterations", "test_episodes"}
         if refused or config_file is not None:
@@ -524,7 +525,8 @@ def train_command(
                 f"--resume continues {resume} with the settings in its config.json (only "
                 f"--iterations may extend it); drop {flags or '--config'}."
             )
-        out, config = resume, read_config(resume)
+        # rank 0 reads the run folder and sends it to the others, which may not reach it
+        out, config = resume, read_config(resume) if main_process else None
     else:
         base = read_config_file(config_file) if config_file else {}
         own = command_options_from_file(
@@ -533,10 +535,11 @@ def train_command(
         )  # fmt: skip
         data_root, download, device = own["data_root"], own["download"], own["device"]
         threads, out, tensorboard = own["threads"], own["out"], own["tensorboard"]
-        config = TrainConfig.from_dict({**base, **{k: options[k] for k in given}})
+        settings = {**base, **{k: options[k] for k in given}}
+        check_episode_settings(settings)
+        config = TrainConfig.from_dict(settings)
         out = out or fresh_run_folder(config)
-    set_threads(config.dataset, threads)
-    main_process = environment_world().is_main  # under torchrun, rank 0 logs and reports
+    set_threads(None if config is None else config.dataset, threads)
     listeners = [TensorBoardLogger(out)] if tensorboard and main_process else []
     extend_to = options["iterations"] if resume is not None and "iterations" in given else None
     try:
@@ -775,7 +778,7 @@ def check_meta_dataset_evaluation(run_dir, config, algorithm, shape: dict) -> No
         raise ConfigError(
             f"--sampler meta-dataset draws each episode's ways, shots and queries; drop "
             f"{', '.join(given)}."
-        )
+        )  # (fewshot train refuses them too: TrainConfig.check)
     if algorithm.max_ways is not None:
         raise ConfigError(
             f"Meta-Dataset episodes have up to 50 ways, but {run_dir}'s {config.algorithm} "

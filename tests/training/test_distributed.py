@@ -17,8 +17,15 @@ from fewshot.algorithms import METHODS
 from fewshot.cli import main
 from fewshot.errors import ConfigError
 from fewshot.tasks import Task, stream_generator
+from fewshot.training import distributed
 from fewshot.training.checkpoint import read_config, read_metrics
-from fewshot.training.distributed import World, backend_for, rank_device
+from fewshot.training.distributed import (
+    World,
+    backend_for,
+    backend_reason,
+    from_another_process,
+    rank_device,
+)
 from fewshot.training.factory import build_algorithm, build_sources
 from fewshot.training.loop import meta_step, seed_everything
 from fewshot.training.state import STATE_FILE, load_state
@@ -115,7 +122,7 @@ def test_resuming_with_another_number_of_processes_is_refused_in_one_line(
     result = CliRunner().invoke(main, ["train", "--resume", str(run), "--iterations", "30"])
     assert result.exit_code == 2
     assert "was trained by 2 processes and this is 1" in result.output
-    assert "torchrun --nproc-per-node 2" in result.output
+    assert "torchrun starting 2 processes in all" in result.output
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing written
 
 
@@ -155,14 +162,29 @@ def test_each_rank_has_its_own_streams_and_rank_zero_keeps_the_single_process_on
     assert World(0, 2).seed(7) == 7 and World(1, 2).seed(7) != 7
 
 
-def test_each_process_takes_the_gpu_of_its_local_rank_and_the_backend_follows_the_device():
+def test_each_process_takes_the_gpu_of_its_local_rank_and_the_backend_follows_the_device(
+    monkeypatch,
+):
+    # this machine has no GPU: the device count is faked at 2, as on a 2-GPU machine
+    monkeypatch.setattr(distributed, "accelerator_count", lambda kind: 2)
     assert rank_device(World(3, 4, local_rank=1), "cuda") == "cuda:1"
     assert rank_device(World(3, 4, local_rank=1), "cpu") == "cpu"
     assert rank_device(World(), "cuda:1") == "cuda:1"  # one process: as given
-    assert rank_device(World(1, 2), "mps") == "mps"  # a device without numbers
+    assert rank_device(World(), "mps") == "mps"
     with pytest.raises(ConfigError, match="each of the 4 processes needs its own"):
         rank_device(World(3, 4, local_rank=1), "cuda:1")
+    with pytest.raises(ConfigError, match="would take GPU 2, but this machine has 2"):
+        rank_device(World(2, 4, local_rank=2), "cuda")
+    with pytest.raises(ConfigError, match="trains on CPUs \\(gloo\\) or CUDA GPUs"):
+        rank_device(World(1, 2), "mps")
     assert backend_for("cuda:1") == "nccl" and backend_for("cpu") == "gloo"
+
+
+def test_only_errors_of_a_gone_process_are_reported_as_such():
+    assert from_another_process(RuntimeError("[pair.cc:553] Connection closed by peer [1.2.3.4]"))
+    assert not from_another_process(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"))
+    reason = backend_reason(RuntimeError("[pair.cc:553] Connection closed by peer [::1]:5. More"))
+    assert reason == "Connection closed by peer [::1]:5"
 
 
 def test_config_of_a_distributed_run_records_the_whole_meta_batch(two_process_run):

@@ -117,9 +117,18 @@ class Algorithm(nn.Module):
             loss.backward()
         return {"loss": loss.item()}
 
-    # The norm the training loop's `meta_step` clips the whole outer gradient to (None: no
-    # clipping); a step over several processes clips their averaged gradient.
+    # The norm `clip_gradients` clips the whole outer gradient to (None: no clipping).
     gradient_clip: float | None = None
+
+    def clip_gradients(self) -> None:
+        """Clip the norm of the whole outer gradient to `gradient_clip` (nothing without one).
+
+        The training loop's `meta_step` calls it after `training_step` (and, over several
+        processes, after averaging their gradients); a loop of your own calls it before
+        `optimizer.step()`.
+        """
+        if self.gradient_clip:
+            nn.utils.clip_grad_norm_(self.parameters(), self.gradient_clip)
 
     # Set by `fewshot.load` from the run folder: the number of outputs of a per-class head
     # (adapting to more classes is refused with one line), how the run's training images

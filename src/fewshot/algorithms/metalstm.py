@@ -140,7 +140,9 @@ class MetaLSTM(GradientLearner):
         inner_steps: updates T per task in meta-training.
         hidden_size: the first LSTM's hidden size.
         initial_step_size: the input gate's initial value (`MetaLSTMRule`).
-        gradient_clip: the meta-gradient's norm is clipped to this (None: no clipping).
+        gradient_clip: the meta-gradient's norm is clipped to this (None: no clipping) by
+            `clip_gradients`, which `meta_step` calls; a loop of your own calls it before
+            `optimizer.step()`.
         options: `GradientLearner`'s other keyword arguments (eval_inner_steps, loss, adapted,
             inner_batch, eval_inner_batch, vectorize, chunk_size, batch_norm).
     """
@@ -173,9 +175,9 @@ class MetaLSTM(GradientLearner):
 
     def training_step(self, tasks: Task) -> dict[str, float]:
         """The meta-gradient of one meta-batch, with the support and query sets normalised by
-        their batch statistics (the paper's meta-training); the training loop's `meta_step`
-        clips its norm to `gradient_clip` (after averaging it over processes, when there are
-        several)."""
+        their batch statistics (the paper's meta-training). Its norm is clipped to
+        `gradient_clip` by `clip_gradients`, which `meta_step` calls after it (after averaging
+        the gradient over processes, when there are several)."""
         with batch_statistics():
             return super().training_step(tasks)
 

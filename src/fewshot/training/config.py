@@ -270,6 +270,20 @@ def applies(name: str, dataset: str) -> bool:
     return dataset in DATASET_SETTINGS.get(name, (dataset,))
 
 
+def check_episode_settings(given: dict) -> None:
+    """Meta-Dataset's episodes draw their own shots and queries: giving them (`given`: the
+    settings a user gave) is refused rather than ignored."""
+    if given.get("sampler") != "meta-dataset":
+        return
+    names = ("shots", "queries", "train_ways", "train_queries")
+    given = [name for name in names if given.get(name) is not None]
+    if given:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+        raise ConfigError(
+            f"--sampler meta-dataset draws each episode's ways, shots and queries; drop {flags}."
+        )
+
+
 def check_dataset_settings(values: dict) -> None:
     """Refuse a run setting given for a dataset it does not belong to (e.g. --split with
     sinusoids): it would do nothing."""

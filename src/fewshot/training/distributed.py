@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fewshot.devices import NUMBERED_ACCELERATORS
+from fewshot.devices import accelerator_count
 from fewshot.errors import ConfigError, FewshotError
 
 
@@ -43,6 +43,12 @@ class PeerFailed(FewshotError):
 # How long a collective waits for the other processes; rank 0 validates while the others wait
 # at the next checkpoint, so this bounds a validation's length, not a training step's.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+# How long the other processes wait for rank 0 to download a dataset or decode its cache (an
+# hour for tieredImageNet's first run here).
+PREPARATION_TIMEOUT = datetime.timedelta(hours=12)
+# Words of the errors a collective raises when another process has gone (gloo raises some as
+# plain RuntimeErrors).
+PEER_GONE = ("Connection closed", "Connection reset", "Broken pipe", "timed out", "Timed out")
 
 
 @dataclass(frozen=True)
@@ -103,12 +109,23 @@ def environment_world() -> World:
 def rank_device(world: World, device: str) -> str:
     """The device of this rank: each process of a CUDA run takes the GPU of its local rank."""
     kind = torch.device(device)
-    if not world.is_distributed or kind.type not in NUMBERED_ACCELERATORS:
+    if not world.is_distributed or kind.type == "cpu":
         return device
+    if kind.type != "cuda":
+        raise ConfigError(
+            f"--device {device}: a run of several processes trains on CPUs (gloo) or CUDA GPUs "
+            "(nccl); give --device cpu or cuda."
+        )
     if kind.index is not None:
         raise ConfigError(
             f"--device {device} names one GPU, but each of the {world.size} processes needs its "
             f"own; give --device {kind.type} (each process takes the GPU of its LOCAL_RANK)."
+        )
+    if world.local_rank >= accelerator_count(kind.type):
+        raise ConfigError(
+            f"process {world.rank} would take GPU {world.local_rank}, but this machine has "
+            f"{accelerator_count(kind.type)}; start at most that many processes per machine "
+            "(--nproc-per-node)."
         )
     return f"{kind.type}:{world.local_rank}"
 
@@ -141,13 +158,19 @@ def collective(world: World) -> Iterator[None]:
     """Turn the error a collective raises when another rank has died into one line."""
     try:
         yield
-    except RuntimeError as error:  # DistBackendError and gloo's connection errors
-        if not world.is_distributed:
+    except RuntimeError as error:
+        if not world.is_distributed or not from_another_process(error):
             raise
         raise PeerFailed(
             f"process {world.rank} of {world.size}: another process of this run stopped "
             f"(its message is above), so this one stops too ({backend_reason(error)})."
         ) from None
+
+
+def from_another_process(error: RuntimeError) -> bool:
+    """Whether a collective's error says that another process is gone (or silent too long),
+    rather than that this one failed (out of memory, a tensor on the wrong device)."""
+    return isinstance(error, dist.DistError) or any(words in str(error) for words in PEER_GONE)
 
 
 def backend_reason(error: Exception) -> str:
@@ -162,18 +185,20 @@ def main_first(world: World) -> contextlib.AbstractContextManager:
 
     @contextlib.contextmanager
     def ordered() -> Iterator[None]:
+        with collective(world):  # a group whose barrier outwaits a long first decode
+            group = dist.new_group(backend="gloo", timeout=PREPARATION_TIMEOUT)
         if not world.is_main:
-            barrier(world)
+            barrier(world, group)
         yield
         if world.is_main:
-            barrier(world)
+            barrier(world, group)
 
     return ordered() if world.is_distributed else contextlib.nullcontext()
 
 
-def barrier(world: World) -> None:
+def barrier(world: World, group=None) -> None:
     with collective(world):
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def broadcast_module(world: World, module: nn.Module) -> None:
@@ -243,16 +268,6 @@ def gather(world: World, value: Any) -> list[Any]:
     with collective(world):
         dist.all_gather_object(values, value)
     return values
-
-
-def scatter(world: World, values: list[Any] | None) -> Any:
-    """Rank r's entry of rank 0's `values` (ignored elsewhere)."""
-    if not world.is_distributed:
-        return values[0]
-    received: list[Any] = [None]
-    with collective(world):
-        dist.scatter_object_list(received, values if world.is_main else None, src=0)
-    return received[0]
 
 
 def broadcast(world: World, value: Any) -> Any:

@@ -103,8 +103,7 @@ def meta_step(
     grads = [p.grad for p in algorithm.parameters() if p.grad is not None]
     if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
         raise NonFiniteError("a gradient is not finite")
-    if algorithm.gradient_clip:
-        torch.nn.utils.clip_grad_norm_(algorithm.parameters(), algorithm.gradient_clip)
+    algorithm.clip_gradients()
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
@@ -393,8 +392,8 @@ def train_in_world(
         extended = extend(config, run_dir, state.iteration, iterations)
     else:
         config = config.resolved(world.device)
-        world.share(config.meta_batch)  # a meta-batch the processes cannot share is refused
         check_meta_dataset_training(config, world)
+        world.share(config.meta_batch)  # a meta-batch the processes cannot share is refused
         if world.is_main:
             check_new_run_folder(run_dir)
     with main_first(world):  # a download or a decoding cache is written once
@@ -464,7 +463,8 @@ def check_same_processes(run_dir: Path, state: TrainingState, world: World) -> N
     if state.processes != world.size:
         had = f"{state.processes} process{'es' if state.processes > 1 else ''}"
         launch = (
-            f"torchrun --nproc-per-node {state.processes} -m fewshot train --resume {run_dir}"
+            f"torchrun starting {state.processes} processes in all: torchrun ... -m fewshot "
+            f"train --resume {run_dir}"
             if state.processes > 1
             else f"fewshot train --resume {run_dir} (without torchrun)"
         )
