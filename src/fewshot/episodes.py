@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from fewshot.errors import ConfigError, DataError
-from fewshot.tasks import Task, as_float
+from fewshot.tasks import ClassIndex, Task, as_float
 
 
 @dataclass(frozen=True)
@@ -69,24 +69,20 @@ class MetaDatasetSampler:
         max_support_per_class: int = 100,
         transform: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None = None,
     ) -> None:
-        if len(inputs) != len(labels):
-            raise DataError(f"got {len(inputs)} inputs but {len(labels)} labels.")
+        self.index = ClassIndex.of(inputs, labels)  # inputs stay put, never copied
+        self.counts, self.offsets = self.index.counts, self.index.offsets
         if not 2 <= min_ways <= max_ways:
             raise ConfigError(f"ways must satisfy 2 <= min_ways <= max_ways, got {min_ways}, "
                               f"{max_ways}.")  # fmt: skip
         if max_support < max_ways:
             raise ConfigError(f"max_support ({max_support}) must allow one shot per way "
                               f"(max_ways {max_ways}).")  # fmt: skip
-        classes, labels = torch.unique(labels, return_inverse=True)
-        self.counts = torch.bincount(labels, minlength=len(classes))
         if int(self.counts.min()) < 2:
             raise DataError("every class needs 2 examples or more (a support and a query one).")
         self.inputs, self.transform = inputs, transform
-        self.order = torch.argsort(labels, stable=True)  # positions by class; inputs stay put
-        self.offsets = torch.cumsum(self.counts, 0) - self.counts
         self.min_ways, self.max_ways, self.max_queries = min_ways, max_ways, max_queries
         self.max_support, self.max_support_per_class = max_support, max_support_per_class
-        self.pools = self._class_pools(groups, len(classes))
+        self.pools = self._class_pools(groups, len(self.counts))
 
     @property
     def num_classes(self) -> int:
@@ -143,7 +139,7 @@ class MetaDatasetSampler:
             picks = torch.randperm(int(self.counts[c]), generator=generator)[
                 : shots + shape.queries
             ]
-            rows = self.order[self.offsets[c] + picks]
+            rows = self.index.rows(self.offsets[c] + picks)
             support.append(rows[:shots])
             query.append(rows[shots:])
         rows = torch.cat(support + query)

@@ -65,6 +65,35 @@ class Support:
         object.__setattr__(self, "x", as_float(self.x))  # uint8 images scale to [0, 1]
 
 
+@dataclass(frozen=True)
+class ClassIndex:
+    """Where each class's examples lie in a labelled dataset, without moving them.
+
+    Classes are the sorted distinct labels; class c's examples are positions `offsets[c]` to
+    `offsets[c] + counts[c] - 1` of the class-sorted order, and `rows` maps such positions to
+    rows of the inputs, which are never copied (a large dataset, or a memory-mapped one, stays
+    one copy).
+    """
+
+    counts: torch.Tensor
+    offsets: torch.Tensor
+    order: torch.Tensor | None  # class-sorted position -> row; None where rows are sorted
+
+    @classmethod
+    def of(cls, inputs: torch.Tensor, labels: torch.Tensor) -> ClassIndex:
+        if len(inputs) != len(labels):
+            raise DataError(f"got {len(inputs)} inputs but {len(labels)} labels.")
+        classes, labels = torch.unique(labels, return_inverse=True)
+        counts = torch.bincount(labels, minlength=len(classes))
+        already_sorted = bool((labels[1:] >= labels[:-1]).all())
+        order = None if already_sorted else torch.argsort(labels, stable=True)
+        return cls(counts, torch.cumsum(counts, 0) - counts, order)
+
+    def rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """The rows of the inputs at class-sorted `positions`."""
+        return positions if self.order is None else self.order.index_select(0, positions)
+
+
 class TaskSampler:
     """Draws N-way K-shot episodes with Q queries per class from a labelled dataset in memory
     (or memory-mapped: only the examples of an episode are read, and `inputs` is never copied).
@@ -93,19 +122,12 @@ class TaskSampler:
     ) -> None:
         require_positive(ways=ways, shots=shots, queries=queries)
         self.transform = transform
-        if len(inputs) != len(labels):
-            raise DataError(f"got {len(inputs)} inputs but {len(labels)} labels.")
-        classes, labels = torch.unique(labels, return_inverse=True)
-        counts = torch.bincount(labels, minlength=len(classes))
+        # Episodes draw positions in the class-sorted order, then read those rows of `inputs`.
+        self.index = ClassIndex.of(inputs, labels)
+        counts = self.counts = self.index.counts
+        self.offsets = self.index.offsets
         check_episode_fits(ways, shots, queries, counts, option_names)
-        # Episodes draw positions in the class-sorted order; `_order` maps them to rows of
-        # `inputs`, which are never copied (a large dataset, or a memory-mapped one, stays one
-        # copy). None where the rows are already sorted by class.
-        order = torch.argsort(labels, stable=True)
         self.inputs = inputs
-        self._order = None if bool((labels[1:] >= labels[:-1]).all()) else order
-        self.counts = counts
-        self.offsets = torch.cumsum(counts, 0) - counts
         self.ways, self.shots, self.queries = ways, shots, queries
         # Added to an example's random key: 0 for a class's real examples, 2 (past every key)
         # for the slots beyond its size, so a smallest-keys draw never picks them. Not needed
@@ -144,9 +166,7 @@ class TaskSampler:
         picks = keys.topk(k + q, dim=1, largest=False).indices
         picks.add_(self.offsets.index_select(0, classes).unsqueeze(1))
         picks = picks.view(t, n * (k + q)).index_select(1, self._support_first).flatten()
-        if self._order is not None:
-            picks = self._order.index_select(0, picks)
-        x = self.inputs.index_select(0, picks)
+        x = self.inputs.index_select(0, self.index.rows(picks))
         x = as_float(x).view(t, n * (k + q), *self.inputs.shape[1:])
         if self.transform is not None:  # an image folder's augmentation and standardisation
             x = self.transform(x, generator)
