@@ -61,10 +61,9 @@ def build_sources(
         return TaskSources(train, held_out, held_out)
     samplers = {}
     loaded = labelled_parts(config, data_root, download, parts)
-    groups = class_groups(config, data_root, download)
     if config.dataset == "folder" and config.normalize and config.pixel_mean is None:
         config.pixel_mean, config.pixel_std = pixel_statistics(loaded[0][0])  # training images
-    for part, (images, labels) in zip(parts, loaded):
+    for part, (images, labels, groups) in zip(parts, loaded):
         train = part == "train"
         transform = image_transform(config, train)
         if train and examples:
@@ -72,9 +71,7 @@ def build_sources(
             continue
         try:
             if config.sampler == "meta-dataset":
-                samplers[part] = MetaDatasetSampler(
-                    images, labels, groups(labels), transform=transform
-                )
+                samplers[part] = MetaDatasetSampler(images, labels, groups, transform=transform)
                 continue
             samplers[part] = TaskSampler(
                 images,
@@ -123,7 +120,9 @@ def data_root_for(config: TrainConfig, data_root=None) -> Path | None:
 
 
 def labelled_parts(config: TrainConfig, data_root, download: bool, parts: tuple[str, ...]):
-    """(images, labels) of each requested part of the configured image dataset."""
+    """(images, labels, groups) of each requested part of the configured image dataset, groups
+    being what Meta-Dataset's episodes draw their classes from (`MetaDatasetSampler`):
+    Omniglot's alphabets with `--sampler meta-dataset`, else None."""
     data_root = data_root_for(config, data_root)
     if config.dataset == "folder":
         if data_root is None:
@@ -134,16 +133,22 @@ def labelled_parts(config: TrainConfig, data_root, download: bool, parts: tuple[
                 Path(data_root) / part, config.image_size, channels
             )
             channels = images.shape[1]
-            loaded.append((images, labels))
+            loaded.append((images, labels, None))
         return loaded
     if config.dataset == "csv":
         if data_root is None:
             raise DataError("--dataset csv needs --data-root FILE.csv.")
-        return table_parts(load_table(data_root, config.label_column), parts)
+        table = load_table(data_root, config.label_column)
+        return [(x, y, None) for x, y in table_parts(table, parts)]
     if config.dataset in BENCHMARKS:
-        return [load_benchmark(config.dataset, data_root, p, config.image_size) for p in parts]
+        return [
+            (*load_benchmark(config.dataset, data_root, p, config.image_size), None) for p in parts
+        ]
     characters = load_omniglot(data_root, download=download)
-    return [omniglot_split(characters, config.split, part) for part in parts]
+    split = [omniglot_split(characters, config.split, part) for part in parts]
+    if config.sampler != "meta-dataset":
+        return [(x, y, None) for x, y in split]
+    return [(x, y, alphabet_groups(characters, y, config.split)) for x, y in split]
 
 
 OMNIGLOT_SOURCE = "Omniglot's black-on-white drawings, inverted so that strokes are bright"
@@ -188,12 +193,3 @@ def has_per_way_head(config: TrainConfig) -> bool:
     built = build_algorithm(config).state_dict()
     wider = build_algorithm(dataclasses.replace(config, ways=config.ways + 1)).state_dict()
     return any(built[name].shape != wider[name].shape for name in built)
-
-
-def class_groups(config: TrainConfig, data_root, download: bool):
-    """What groups a part's classes for Meta-Dataset's episodes: Omniglot's alphabets (a
-    function of the part's labels); None for the other datasets and for fixed episodes."""
-    if config.sampler != "meta-dataset" or config.dataset != "omniglot":
-        return lambda labels: None
-    characters = load_omniglot(data_root_for(config, data_root), download=download)
-    return lambda labels: alphabet_groups(characters, labels, config.split)
