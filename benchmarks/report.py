@@ -194,13 +194,21 @@ def peer_ratio_table(data: dict) -> list[str]:
     rows = [r for r in ok if r["workload"] in workloads and r["workload"] in peers]
     if not rows:
         return []
+    allocated = all(r.get("peak_allocated_mib") for r in rows)
     lines = [
-        f"Ratios to {PEER} (same run): peak RSS, RSS growth over setup (the steps' own memory) "
-        "and median time per meta-batch.",
+        f"Ratios to {PEER} (same run): peak RSS, RSS growth over setup (the steps' own memory), "
+        + (
+            "the peak of the memory torch allocated for tensors in one meta-batch (untimed, "
+            "after the timed ones; on a GPU, `max_memory_allocated`) "
+            if allocated
+            else ""
+        )
+        + "and median time per meta-batch.",
         "",
         "| Workload | Library | Peak RSS MiB (× l2l) | RSS growth MiB (× l2l) "
-        "| Median time (× l2l) |",
-        "|---|---|---|---|---|",
+        + ("| Peak allocated MiB (× l2l) " if allocated else "")
+        + "| Median time (× l2l) |",
+        "|---|---|---|---|---|" + ("---|" if allocated else ""),
     ]
     for r in rows:
         peer = peers[r["workload"]]
@@ -210,6 +218,11 @@ def peer_ratio_table(data: dict) -> list[str]:
             label(r["workload"], r["library"]),
             f"{r['peak_rss_mib']:.0f} (×{r['peak_rss_mib'] / peer['peak_rss_mib']:.2f})",
             f"{growth:.0f} (×{growth / peer_growth:.2f})",
+        ]
+        if allocated:
+            ratio = r["peak_allocated_mib"] / peer["peak_allocated_mib"]
+            cells.append(f"{r['peak_allocated_mib']:.0f} (×{ratio:.2f})")
+        cells += [
             f"{duration(r['median_s'])} (×{r['median_s'] / peer['median_s']:.2f})",
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -90,6 +90,8 @@ def run_single(
         "flops_per_step": bench.flops_per_step,
         "env": child_environment(device),
     }
+    if workload.count_allocations:
+        result["peak_allocated_mib"] = peak_allocated_mib(lambda: bench.step(0), device)
     if workload.count_flops:
         result["flops_executed"] = count_flops(lambda: bench.step(0))
         if bench.reference_flops is not None:
@@ -136,6 +138,32 @@ def count_flops(step: Callable[[], object]) -> int:
     with FlopCounterMode(display=False) as counter:
         step()
     return int(counter.get_total_flops())
+
+
+def peak_allocated_mib(step: Callable[[], object], device: str) -> float:
+    """The most memory torch's allocator held for tensors during one `step`, above what it
+    held before: the memory the step needs, without the freed memory that the C allocator
+    keeps and RSS counts. CUDA: `max_memory_allocated`; CPU: the profiler's record of every
+    allocation and free, summed in order."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = prof.profiler.kineto_results.events()
+    changes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    held = peak = 0
+    for _, nbytes in changes:
+        held += nbytes
+        peak = max(peak, held)
+    return peak / 2**20
 
 
 def cuda_sync() -> None:

@@ -15,8 +15,10 @@ class Workload:
 
     `kind` selects the builder; `unit` names what throughput counts; each timed repeat runs
     `steps_per_repeat` steps after `warmup` untimed ones, and the median repeat is reported.
-    `method` is the gradient-based method of the "sinusoid" and "omniglot-maml" kinds: "maml",
-    "meta-sgd", "anil", "maml++" or "maml++-last-step" (MAML++ once MSL's epochs are over).
+    `count_allocations` adds one untimed step that records the peak of the memory torch
+    allocates for tensors (`run.peak_allocated_mib`). `method` is the gradient-based method of
+    the "sinusoid" and "omniglot-maml" kinds: "maml", "meta-sgd", "anil", "maml++" or
+    "maml++-last-step" (MAML++ once MSL's epochs are over).
     """
 
     name: str
@@ -34,6 +36,7 @@ class Workload:
     inner_steps: int = 1
     first_order: bool = False
     count_flops: bool = False
+    count_allocations: bool = False
     method: str = "maml"
 
 
@@ -98,6 +101,7 @@ RESNET12_MAML = Workload(
     steps_per_repeat=1,
     meta_batch=1,
     inner_steps=5,
+    count_allocations=True,
 )
 WORKLOADS: dict[str, Workload] = {
     w.name: w

@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from fewshot import ANIL, MAML, MAMLpp, MetaSGD, Task
+from fewshot.algorithms.gradient import plain_tail
 from fewshot.errors import ConfigError
-from fewshot.models import Conv4, ResNet12, body_and_head
+from fewshot.models import Conv4, ResNet12, body_and_head, checkpoint_segments
 
 
 def image_tasks(num_tasks=3, ways=3, shots=2, queries=2, channels=1, seed=0) -> Task:
@@ -142,3 +143,76 @@ def test_maml_plus_plus_refuses_checkpointing_with_per_step_running_statistics()
         MAMLpp(small_conv4(), checkpoint_inner=True)
     learner = MAMLpp(small_conv4(), inner_steps=2, bnrs=False, da=False, checkpoint_inner=True)
     assert learner.checkpoint_inner
+
+
+def test_checkpointed_meta_gradient_by_autograd_grad():
+    """The recomputed inner steps answer `torch.autograd.grad` as `backward` does (they return
+    their inputs' gradients rather than accumulating them), and refuse a second derivative."""
+    tasks = image_tasks(num_tasks=2)
+    model = small_resnet12()
+    plain = MAML(model, inner_lr=0.3, inner_steps=2)
+    checkpointed = MAML(model, inner_lr=0.3, inner_steps=2, checkpoint_inner=True)
+    expected = torch.autograd.grad(plain.meta_loss(tasks), list(plain.parameters()))
+    loss = checkpointed.meta_loss(tasks)
+    grads = torch.autograd.grad(loss, list(checkpointed.parameters()), create_graph=True)
+    for a, b in zip(grads, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward"):
+        sum(g.sum() for g in grads).backward()
+
+
+@pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "per-task"])
+def test_inner_steps_run_the_model_once_each_before_the_backward_pass(vectorize):
+    """A recomputed inner step computes its forward pass once in the forward pass (its inner
+    gradient reuses it) and once more in the backward pass: 3 steps + 1 query pass = 4, then
+    3 more."""
+    tasks = image_tasks(num_tasks=2)
+    maml = MAML(
+        small_conv4(), inner_lr=0.3, inner_steps=3, vectorize=vectorize, checkpoint_inner=True
+    )
+    calls = []
+
+    def count(module, inputs):  # before the call: a recomputation may stop inside it
+        if inputs[0].device.type != "meta":  # the measure of the segments' sizes
+            calls.append(1)
+
+    maml.model.features[0].register_forward_pre_hook(count)
+    loss = maml.meta_loss(tasks)
+    forward_calls = len(calls) // (1 if vectorize else 2)  # one call per task without vmap
+    loss.backward()
+    backward_calls = len(calls) // (1 if vectorize else 2) - forward_calls
+    assert (forward_calls, backward_calls) == (4, 4)
+
+
+def test_plain_tail_keeps_the_trailing_segments_no_larger_than_the_largest_checkpointed():
+    assert plain_tail([10, 40, 20, 8, 6, 0]) == 4  # 20 + 8 + 6 + 0 = 34 <= 40
+    assert plain_tail([10, 40, 30, 8, 6, 0]) == 3  # 30 + 14 > 40
+    assert plain_tail([50, 10]) == 1
+    assert plain_tail([10]) == 0  # a single segment is checkpointed
+    assert plain_tail(None) == 0  # sizes unknown (no meta implementation): all checkpointed
+
+
+def test_resnet12_recomputes_its_first_blocks_and_keeps_its_last_at_84x84():
+    """At miniImageNet's size, blocks 3 and 4 of ResNet-12 save less together than block 1's
+    last stage (75 queries: about 720 MB against 620 MB), so only blocks 1 and 2 and the first
+    stage of block 3 are recomputed; the sizes are measured on the meta device."""
+    torch.manual_seed(0)
+    model = ResNet12(3, 5).float()  # as trained (the tests' default dtype is float64)
+    maml = MAML(model, inner_lr=0.01, checkpoint_inner=True, vectorize=False)
+    params = {n: p.expand(1, *p.shape) for n, p in maml.model.named_parameters()}
+    segments = [
+        (
+            part,
+            {n[len(prefix) + 1 :]: v for n, v in params.items() if n.startswith(prefix + ".")},
+            True,
+            None,
+            stage,
+        )
+        for prefix, part, stage in checkpoint_segments(maml.model)
+    ]
+    saved = maml._saved_bytes(segments, torch.empty(1, 75, 3, 84, 84, dtype=torch.float32))
+    mib = [s / 2**20 for s in saved]
+    # Block 1's last stage: its input, 4 more maps of 75 x 64 x 84 x 84 floats, the pooling's
+    # int64 indices and the shortcut's input.
+    assert mib[2] == pytest.approx(5 * 129.2 + 64.6 + 6.5, rel=0.01)
+    assert plain_tail(saved) == 8  # block 3's stages 1-2, block 4, pooling and head

@@ -31,8 +31,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.func import functional_call, replace_all_batch_norm_modules_, vmap
-from torch.utils.checkpoint import checkpoint
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map_only, tree_unflatten
+from torch.utils.checkpoint import checkpoint, get_device_states, set_device_states
 
 from fewshot.algorithms.base import (
     Algorithm,
@@ -148,12 +150,13 @@ class GradientLearner(Algorithm):
         running_statistics: keep the batch-norm layers' running statistics and normalise with
             them in eval mode (adaptation and prediction), as a network pretrained on ordinary
             batches does (the transfer-learning baselines); no query then sees another.
-        checkpoint_inner: activation checkpointing (`torch.utils.checkpoint`) in meta-training:
-            each second-order inner step keeps only its inputs and is recomputed in the backward
-            pass, and the query pass (and the encoder's) keeps only the inputs of its segments
-            (`models.checkpoint_segments`: Conv4's or ResNet-12's blocks), recomputed one at a
-            time. The same meta-gradient for less memory, at the cost of recomputing the
-            forward passes; the forward pass must be deterministic and free of side effects.
+        checkpoint_inner: activation checkpointing in meta-training: each second-order inner
+            step keeps only its inputs and is computed again, with its graph, in the backward
+            pass (`RecomputedStep`); the query pass (and the encoder's) keeps only the inputs
+            of its segments (`models.checkpoint_segments`), recomputed one at a time, but for
+            the trailing segments that save no more, together, than the largest (`plain_tail`).
+            The same meta-gradient for less memory, at the cost of computing the forward
+            passes again; the forward pass must be deterministic and free of side effects.
 
     Parameters with `requires_grad=False` stay fixed unless named in `adapted`.
     """
@@ -211,6 +214,7 @@ class GradientLearner(Algorithm):
         self.checkpoint_inner = checkpoint_inner
         self.batch_norm = check_batch_norm_policy(batch_norm)
         self._task_buffers: Params | None = None
+        self._plain_tails: dict[tuple, int] = {}  # `_in_segments`'s plans, by module and shapes
         self._chunk = slice(None)
 
     @property
@@ -358,9 +362,8 @@ class GradientLearner(Algorithm):
                     differentiable=differentiable,
                 )
                 if create_graph and self.checkpoint_inner:
-                    # Kept: the step's inputs; recomputed in the backward pass: the rest.
-                    params, state, support_losses = checkpoint(
-                        update, params, state, xs, ys, use_reentrant=False
+                    params, state, support_losses = self._recomputed_update(
+                        params, state, xs, ys, step
                     )
                 else:
                     params, state, support_losses = update(params, state, xs, ys)
@@ -401,6 +404,36 @@ class GradientLearner(Algorithm):
             state,
             step,
         )
+        return {**params, **updated}, state, losses
+
+    def _recomputed_update(
+        self, params: Params, state: object, x: torch.Tensor, y: torch.Tensor, step: int
+    ) -> tuple[Params, object, torch.Tensor]:
+        """The second-order `_inner_update`, keeping only its inputs (`RecomputedStep`): its
+        forward pass and its inner gradient are computed again, with their graph, when the
+        meta-gradient reaches this step."""
+        inputs, spec = tree_flatten((params, state, x, y))
+        tensors = [i for i, v in enumerate(inputs) if isinstance(v, torch.Tensor)]
+        results = {}
+
+        def run(values: list[torch.Tensor], create_graph: bool) -> list[torch.Tensor]:
+            leaves = list(inputs)
+            for i, value in zip(tensors, values, strict=True):
+                leaves[i] = value
+            p, s, xs, ys = tree_unflatten(leaves, spec)
+            p, s, losses = self._inner_update(
+                _with_gradients(p, self.adapted_names), s, xs, ys, step, create_graph, True
+            )
+            flat, results["spec"] = tree_flatten(({n: p[n] for n in self.adapted_names}, s, losses))
+            results["flat"] = flat
+            return [v for v in flat if isinstance(v, torch.Tensor)]
+
+        learned = [p for p in self.parameters() if p.requires_grad]
+        outputs = iter(
+            RecomputedStep.apply(run, len(tensors), *(inputs[i] for i in tensors), *learned)
+        )
+        flat = [next(outputs) if isinstance(v, torch.Tensor) else v for v in results["flat"]]
+        updated, state, losses = tree_unflatten(flat, results["spec"])
         return {**params, **updated}, state, losses
 
     def _initial_params(self, tasks: int, differentiable: bool) -> Params:
@@ -465,20 +498,55 @@ class GradientLearner(Algorithm):
         task_buffers: Params | None,
     ) -> torch.Tensor:
         """`_on_every_task` one segment of `module` at a time (`models.checkpoint_segments`),
-        each under activation checkpointing: the backward pass keeps only the segments' inputs
-        and recomputes one segment's activations at a time."""
-        for prefix, part, stage in checkpoint_segments(module):
-            x = checkpoint(
-                self._on_every_task,
-                part,
-                _within(params, prefix),
-                x,
-                params_per_task,
-                _within(task_buffers, prefix),
-                stage,
-                use_reentrant=False,
-            )
+        each under activation checkpointing but the last few (`plain_tail`): the backward pass
+        keeps only the checkpointed segments' inputs and recomputes one segment's activations
+        at a time."""
+        segments = [
+            (part, _within(params, prefix), params_per_task, _within(task_buffers, prefix), stage)
+            for prefix, part, stage in checkpoint_segments(module)
+        ]
+        key = (id(module), params_per_task, *((t.shape, t.dtype) for t in tree_leaves(x)))
+        if key not in self._plain_tails:
+            self._plain_tails[key] = plain_tail(self._saved_bytes(segments, x))
+        plain = self._plain_tails[key]
+        for k, (part, part_params, per_task, buffers, stage) in enumerate(segments):
+            args = (part, part_params, x, per_task, buffers, stage)
+            if k >= len(segments) - plain:
+                x = self._on_every_task(*args)
+            else:
+                x = checkpoint(self._on_every_task, *args, use_reentrant=False)
         return x
+
+    def _saved_bytes(self, segments: list[tuple], x: torch.Tensor | tuple) -> list[int] | None:
+        """The bytes each segment saves for the backward pass on inputs shaped as `x`, measured
+        on the meta device (shapes only, nothing computed); None where an operation has no
+        meta implementation."""
+        saved, seen = [], {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if id(t) not in seen:  # a tensor saved by several operations is kept once
+                seen[id(t)] = t
+                saved[-1] += t.numel() * t.element_size()
+            return t
+
+        def on_meta(values):
+            return tree_map_only(
+                torch.Tensor,
+                lambda t: torch.empty_like(t, device="meta").requires_grad_(t.requires_grad),
+                values,
+            )
+
+        x = on_meta(x)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                for part, part_params, per_task, buffers, stage in segments:
+                    saved.append(0)
+                    x = self._on_every_task(
+                        part, on_meta(part_params), x, per_task, on_meta(buffers), stage
+                    )
+        except (NotImplementedError, RuntimeError):
+            return None
+        return saved
 
     def _on_every_task(
         self,
@@ -518,9 +586,7 @@ class GradientLearner(Algorithm):
             )
             for i in range(_tasks(x))
         ]
-        if isinstance(outputs[0], tuple):
-            return tuple(torch.stack(parts) for parts in zip(*outputs))
-        return torch.stack(outputs)
+        return _stacked(outputs)
 
     def _vmapped(self, x: torch.Tensor | tuple) -> bool:
         # A single task runs faster as a plain call (Conv4 on CPU; docs/performance.md).
@@ -587,6 +653,85 @@ def _tasks(x: torch.Tensor | tuple) -> int:
 def _task(x: torch.Tensor | tuple, i: int) -> torch.Tensor | tuple:
     """Task i's slice of inputs `x`, a tensor or a tuple of tensors."""
     return tuple(t[i] for t in x) if isinstance(x, tuple) else x[i]
+
+
+class RecomputedStep(torch.autograd.Function):
+    """A second-order inner step that keeps only its inputs, for `checkpoint_inner`.
+
+    Forward: phi_{s+1} from phi_s with a first-order inner gradient and no graph kept.
+    Backward: the step again from the kept inputs, now recording its graph (`create_graph`:
+    the inner gradient's own graph), and the vector-Jacobian product through it. Unlike
+    `torch.utils.checkpoint` around the step, the forward pass does not discard the
+    activations its own inner gradient needs at once (which would recompute them there too).
+    `run(values, create_graph)` computes the step's output tensors from its input tensors; the
+    `parameters` after the first `inputs` are the learner's, which `run` may read directly
+    (the rule's step sizes): their gradients are returned too.
+    """
+
+    @staticmethod
+    def forward(ctx, run, inputs: int, *tensors: torch.Tensor):
+        ctx.run = run
+        ctx.parameters = tensors[inputs:]
+        ctx.save_for_backward(*tensors[:inputs])
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.devices, ctx.device_rngs = get_device_states(*tensors)
+        with torch.enable_grad():
+            outputs = run(_fresh_leaves(tensors[:inputs]), False)
+        return tuple(t.detach() for t in outputs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *output_grads):
+        inputs = _fresh_leaves(ctx.saved_tensors)
+        with torch.random.fork_rng(devices=ctx.devices), torch.enable_grad():
+            torch.set_rng_state(ctx.cpu_rng)
+            set_device_states(ctx.devices, ctx.device_rngs)
+            outputs = ctx.run(inputs, True)
+        pairs = [
+            (out, grad)
+            for out, grad in zip(outputs, output_grads, strict=True)
+            if grad is not None and out.requires_grad
+        ]
+        wanted = [t for t in (*inputs, *ctx.parameters) if t.requires_grad]
+        grads = iter(
+            torch.autograd.grad(
+                [out for out, _ in pairs], wanted, [grad for _, grad in pairs], allow_unused=True
+            )
+            if pairs
+            else [None] * len(wanted)
+        )
+        return (
+            None,
+            None,
+            *(next(grads) if t.requires_grad else None for t in (*inputs, *ctx.parameters)),
+        )
+
+
+def _fresh_leaves(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """Detached copies of `tensors` (no data copied) that require gradients where they did."""
+    return [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+
+
+def _stacked(outputs: list) -> torch.Tensor | tuple:
+    """Per-task outputs (tensors or tuples of tensors) stacked along a new task dim; one task's
+    as a view, since a copy of each activation would cost memory and time."""
+    if isinstance(outputs[0], tuple):
+        return tuple(_stacked(list(parts)) for parts in zip(*outputs))
+    if len(outputs) == 1:
+        return outputs[0].unsqueeze(0)
+    return torch.stack(outputs)
+
+
+def plain_tail(saved: list[int] | None) -> int:
+    """How many trailing segments run without checkpointing, given each segment's saved bytes:
+    as many as save, together, no more than the largest checkpointed segment. Their
+    activations are freed early in the backward pass, before any segment is recomputed, so
+    they do not raise its peak, and their forward passes are not run twice. None (unknown
+    sizes): none."""
+    tail = 0
+    while saved and tail < len(saved) - 1 and sum(saved[-tail - 1 :]) <= max(saved[: -tail - 1]):
+        tail += 1
+    return tail
 
 
 def _within(values: Params | None, prefix: str) -> Params | None:
