@@ -226,6 +226,17 @@ def peer_ratio_table(data: dict) -> list[str]:
             f"{duration(r['median_s'])} (×{r['median_s'] / peer['median_s']:.2f})",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    rounds = [r for r in rows if r.get("round_medians_s")]
+    if rounds:
+        lines += [
+            "",
+            "Median time of each round (fresh processes; every other round in reverse "
+            "order), in run order:",
+            "",
+        ]
+        for r in rounds:
+            medians = ", ".join(duration(s) for s in r["round_medians_s"])
+            lines.append(f"- {label(r['workload'], r['library'])}: {medians}")
     return lines
 
 

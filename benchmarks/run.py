@@ -296,15 +296,22 @@ def run_all(args: argparse.Namespace) -> dict:
     if "matmul" not in names:
         names = ["matmul", *names]
     env = child_env(args.malloc)
-    results = []
-    for name in names:
-        for library in workloads.WORKLOADS[name].libraries:
-            if args.libraries and library not in (*args.libraries, "torch"):
-                continue
+    rows = [
+        (name, library)
+        for name in names
+        for library in workloads.WORKLOADS[name].libraries
+        if not args.libraries or library in (*args.libraries, "torch")
+    ]
+    rounds: dict[tuple[str, str], list[dict]] = {row: [] for row in rows}
+    for round_ in range(args.rounds):
+        # Every other round in reverse order, so a machine that slows down or speeds up over
+        # the run weighs on every row alike.
+        for name, library in rows if round_ % 2 == 0 else rows[::-1]:
             print(f"[bench] {name} / {library} ...", end=" ", flush=True, file=sys.stderr)
             result = spawn(args.python, name, library, args, env)
-            results.append(result)
+            rounds[(name, library)].append(result)
             print(progress_line(result), flush=True, file=sys.stderr)
+    results = [merge_rounds(rounds[row]) for row in rows]
     return {
         "meta": {
             **machine_info(),
@@ -314,12 +321,28 @@ def run_all(args: argparse.Namespace) -> dict:
             "quick": args.quick,
             "chunk_size": args.chunk_size,
             "queries": args.queries,
+            "rounds": args.rounds,
             "python": args.python,
             "git": git_revision(),
             "command": " ".join(sys.argv),
         },
         "results": results,
     }
+
+
+def merge_rounds(results: list[dict]) -> dict:
+    """One row from its rounds (fresh processes): every timed step of every round, their
+    median, and the memory figures of the round with the highest peak RSS; the first error if
+    a round failed."""
+    failed = [r for r in results if "error" in r]
+    if failed or len(results) == 1:
+        return (failed or results)[0]
+    merged = dict(max(results, key=lambda r: r["peak_rss_mib"]))
+    merged["seconds_per_step"] = [s for r in results for s in r["seconds_per_step"]]
+    merged["median_s"] = median(merged["seconds_per_step"])
+    merged["repeats"] = sum(r["repeats"] for r in results)
+    merged["round_medians_s"] = [r["median_s"] for r in results]
+    return merged
 
 
 def progress_line(result: dict) -> str:
@@ -361,6 +384,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--queries",
         type=int,
         help="queries per class for every selected workload, instead of its paper's",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every row this many times, in fresh processes, every other round in reverse "
+        "order; times pool all rounds' steps, memory is the round with the highest peak",
     )
     parser.add_argument("--workloads", type=lambda s: s.split(","), help="comma-separated subset")
     parser.add_argument("--libraries", type=lambda s: s.split(","), help="comma-separated subset")

@@ -305,9 +305,9 @@ def training_options(skip: tuple[str, ...] = ()):
             "--backbone",
             default="conv4",
             type=click.Choice(BACKBONES),
-            help="The network for images: Conv4, ResNet-12 of 64-160-320-640 filters (Lee et "
-            "al. 2019) or of 64-128-256-512 (resnet12-narrow, Oreshkin et al. 2018) "
-            "(docs/models.md).",
+            help="The network for images: Conv4 of 64 filters, Conv4 of 32 (conv4-32, Finn et "
+            "al. 2017 on miniImageNet), ResNet-12 of 64-160-320-640 filters (Lee et al. 2019) or "
+            "of 64-128-256-512 (resnet12-narrow, Oreshkin et al. 2018) (docs/models.md).",
         ),
         "image_size": click.option(
             "--image-size", default=28, type=int, help="Side of the images (folder dataset)."
@@ -323,8 +323,8 @@ def training_options(skip: tuple[str, ...] = ()):
             "--normalize/--no-normalize",
             default=None,
             help="Standardise each channel with the training images' mean and standard "
-            "deviation (folder dataset; recorded, and applied by eval and adapt too) "
-            "[default: no].",
+            "deviation (folder and benchmark datasets; recorded, and applied by eval and adapt "
+            "too) [default: no].",
         ),
         "augment": click.option(
             "--augment",

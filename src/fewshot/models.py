@@ -6,7 +6,7 @@ from torch import nn
 
 from fewshot.errors import ConfigError
 
-BACKBONES = ("conv4", "resnet12", "resnet12-narrow")  # for images (`default_model`)
+BACKBONES = ("conv4", "conv4-32", "resnet12", "resnet12-narrow")  # for images (`default_model`)
 
 
 def conv_block(
@@ -107,6 +107,10 @@ class ResidualBlock(nn.Module):
         return self.pool(self.act(self.bn3(self.conv3(h)) + self.shortcut(x)))
 
 
+CONV4_WIDTHS = {
+    "conv4": 64,  # Vinyals et al. 2016; Snell et al. 2017; Finn et al. 2017 on Omniglot
+    "conv4-32": 32,  # Finn et al. 2017 and Ravi & Larochelle 2017 on miniImageNet
+}
 RESNET12_WIDTHS = {
     "resnet12": (64, 160, 320, 640),  # Lee et al. 2019 (MetaOptNet)
     "resnet12-narrow": (64, 128, 256, 512),  # Oreshkin et al. 2018 (TADAM)
@@ -218,8 +222,8 @@ def default_model(
     backbone: str = "conv4",
 ) -> nn.Module:
     """The literature's network for a dataset: the sinusoid MLP, an MLP over `features` for
-    tables ("csv"), or for images the `backbone` (`BACKBONES`: Conv4 or a ResNet-12), with a
-    `ways`-way linear head, or none for `ways=None`: an embedding network."""
+    tables ("csv"), or for images the `backbone` (`BACKBONES`: Conv4 of 64 or 32 filters or a
+    ResNet-12), with a `ways`-way linear head, or none for `ways=None`: an embedding network."""
     if dataset == "sinusoid":
         return SinusoidMLP()
     if dataset == "csv":
@@ -227,9 +231,15 @@ def default_model(
     if backbone in RESNET12_WIDTHS:
         widths = RESNET12_WIDTHS[backbone]
         return ResNet12(channels, ways, widths, image_size, track_running_stats=track_running_stats)
-    if backbone != "conv4":
+    if backbone not in CONV4_WIDTHS:
         raise ConfigError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}.")
-    return Conv4(channels, ways, image_size=image_size, track_running_stats=track_running_stats)
+    return Conv4(
+        channels,
+        ways,
+        hidden=CONV4_WIDTHS[backbone],
+        image_size=image_size,
+        track_running_stats=track_running_stats,
+    )
 
 
 def body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:

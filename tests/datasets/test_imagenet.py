@@ -14,6 +14,7 @@ from fewshot import TaskSampler
 from fewshot.cli import main
 from fewshot.datasets import image_cache
 from fewshot.datasets.imagenet import load_mini_imagenet, load_tiered_imagenet
+from fewshot.datasets.transforms import pixel_statistics
 from fewshot.errors import DataError
 
 # Real synsets of each part of Ravi & Larochelle's split.
@@ -239,7 +240,7 @@ def test_train_and_eval_on_mini_imagenet_from_the_command_line(tmp_path, cache):
     episodes = ["--ways", "2", "--train-ways", "2", "--shots", "1", "--queries", "1"]
     quick = ["--iterations", "2", "--val-every", "2", "--val-episodes", "2", "--test-episodes", "4"]
     argv = ["train", *args, *episodes, "--train-queries", "1", *quick, "--out", tmp_path / "run"]
-    result = CliRunner().invoke(main, [str(a) for a in argv])
+    result = CliRunner().invoke(main, [str(a) for a in [*argv, "--normalize"]])
     assert result.exit_code == 0, result.output
     assert [name.split("-84px-")[0] for name in cache_files(cache)] == [
         "mini-imagenet-test",
@@ -248,6 +249,12 @@ def test_train_and_eval_on_mini_imagenet_from_the_command_line(tmp_path, cache):
     ]
     recorded = json.loads((tmp_path / "run" / "preprocessing.json").read_text())
     assert (recorded["image_size"], recorded["channels"]) == (84, 3)
+    # --normalize: the training part's own statistics, recorded for eval and adapt
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    train_images, _ = load_mini_imagenet(tmp_path / "mini", "train")
+    mean, std = pixel_statistics(train_images)
+    assert config["normalize"] and (config["pixel_mean"], config["pixel_std"]) == (mean, std)
+    assert (recorded["mean"], recorded["std"]) == (mean, std)
     result = CliRunner().invoke(main, ["eval", str(tmp_path / "run"), "--episodes", "4", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["episodes"] == 4

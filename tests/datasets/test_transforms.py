@@ -47,6 +47,16 @@ def test_standardisation_uses_the_training_images_statistics():
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_statistics_read_in_chunks_are_those_of_the_whole_set():
+    """A dataset read a few images at a time (as a memory-mapped tieredImageNet is) has the
+    statistics that numpy computes on all of it at once."""
+    images = torch.randint(0, 256, (11, 3, 5, 7), dtype=torch.uint8)
+    pixels = images.numpy().astype(np.float64).transpose(1, 0, 2, 3).reshape(3, -1) / 255
+    mean, std = pixel_statistics(images, chunk=3)
+    np.testing.assert_allclose(mean, pixels.mean(1), rtol=1e-12)
+    np.testing.assert_allclose(std, pixels.std(1, ddof=1), rtol=1e-12)
+
+
 def test_unknown_augmentations_are_refused():
     assert parse_augment("flip, crop") == ("flip", "crop")
     with pytest.raises(ConfigError, match="unknown rotate; choose among flip, crop"):

@@ -43,6 +43,16 @@ def test_resnet12_is_built_for_every_method_with_the_literatures_network():
     assert isinstance(encoder, ResNet12) and encoder.embedding_size == 512
 
 
+def test_conv4_32_is_finns_miniimagenet_network():
+    """32 filters per layer (Finn et al. 2017, sec. 5.2): 800 features at 84x84 (32 x 5 x 5)."""
+    config = TrainConfig(algorithm="maml", dataset="omniglot", backbone="conv4-32").resolved()
+    model = build_algorithm(config).model
+    assert isinstance(model, Conv4)
+    assert [block[0].out_channels for block in model.features[:4]] == [32] * 4
+    assert Conv4(3, 5, hidden=32, image_size=84).head.in_features == 800
+    assert TrainConfig.from_dict(config.to_dict()).resolved().backbone == "conv4-32"
+
+
 @pytest.mark.parametrize(
     "values, message",
     [
@@ -63,5 +73,5 @@ def test_relation_networks_keep_their_own_embedding_module():
 
 def test_the_command_line_offers_both_options():
     output = CliRunner().invoke(main, ["train", "--help"], terminal_width=200).output
-    assert "--backbone [conv4|resnet12|resnet12-narrow]" in output
+    assert "--backbone [conv4|conv4-32|resnet12|resnet12-narrow]" in output
     assert "--checkpoint-inner / --no-checkpoint-inner" in output

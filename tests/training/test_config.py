@@ -113,10 +113,11 @@ def test_each_method_resolves_to_its_papers_defaults_on_each_dataset(method, dat
     # starts; Matching Networks' processing steps follow each support set's size; a table's
     # label column and feature count exist only for --dataset csv; the data folder is recorded
     # when a run starts; init names a run to start from, when asked; an image dataset's
-    # augmentation is none unless asked
+    # augmentation is none unless asked; the pixel statistics of --normalize are computed from
+    # the training images when the run starts
     unset = (
         "time_limit", "classes", "processing_steps", "label_column", "features", "data_root",
-        "init", "augment",
+        "init", "augment", "pixel_mean", "pixel_std",
     )  # fmt: skip
     assert None not in (config[k] for k in config if k not in unset)
 
@@ -176,7 +177,8 @@ def test_any_json_config_is_accepted_or_refused_in_one_line(document):
 
 def test_the_natural_image_benchmarks_take_the_papers_mini_imagenet_settings():
     """MAML's (Finn et al. sec. 5.2), Meta-SGD's one step, ProtoNet's 30-way training
-    episodes; a method without miniImageNet settings keeps its image ones."""
+    episodes, Reptile's 8 steps on 15 examples a class, Relation Networks' 15 queries; a method
+    without miniImageNet settings keeps its image ones."""
     for dataset in ("mini-imagenet", "tiered-imagenet", "cub"):
         maml = TrainConfig(algorithm="maml", dataset=dataset).resolved()
         assert (maml.meta_batch, maml.queries) == (4, 15), dataset
@@ -187,5 +189,10 @@ def test_the_natural_image_benchmarks_take_the_papers_mini_imagenet_settings():
     protonet = TrainConfig(algorithm="protonet", dataset="mini-imagenet").resolved()
     assert (protonet.train_ways, protonet.ways, protonet.train_queries) == (30, 5, 15)
     reptile = TrainConfig(algorithm="reptile", dataset="mini-imagenet").resolved()
-    omniglot = TrainConfig(algorithm="reptile", dataset="omniglot").resolved()
-    assert reptile.settings == omniglot.settings and reptile.meta_batch == omniglot.meta_batch
+    assert (reptile.settings.inner_steps, reptile.settings.eval_inner_steps) == (8, 50)
+    assert (reptile.shots, reptile.train_queries, reptile.meta_batch) == (1, 14, 5)
+    relation = TrainConfig(algorithm="relationnet", dataset="mini-imagenet").resolved()
+    assert (relation.train_queries, relation.iterations) == (15, 500000)
+    metalstm = TrainConfig(algorithm="meta-lstm", dataset="mini-imagenet").resolved()
+    omniglot = TrainConfig(algorithm="meta-lstm", dataset="omniglot").resolved()
+    assert metalstm.settings == omniglot.settings and metalstm.meta_batch == omniglot.meta_batch

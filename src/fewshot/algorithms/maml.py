@@ -78,8 +78,8 @@ MAML_DEFAULTS = {
         val_every=500,
     ),
     # Finn et al. 2017, sec. 5.2: 5 inner steps of 0.01 in training, 10 at test, 4 tasks per
-    # meta-batch (the 1-shot setting), 15 queries per class; their 32-filter Conv4 is not
-    # offered (fewshot's has 64), so a run overfits sooner than theirs.
+    # meta-batch (the 1-shot setting), 15 queries per class; their 32-filter Conv4 is
+    # `--backbone conv4-32` (the default, 64 filters, overfits sooner).
     "mini-imagenet": dict(
         shots=1,
         queries=15,

@@ -135,6 +135,17 @@ register(
                 iterations=1000000,
                 val_every=5000,
             ),
+            # Sung et al.'s miniImageNet 1-shot script: 15 queries per class, 500,000 episodes,
+            # Adam at 1e-3 halved every 100,000 (`configure_optimizer`).
+            "mini-imagenet": dict(
+                shots=1,
+                queries=15,
+                train_queries=15,
+                meta_batch=1,
+                outer_lr=1e-3,
+                iterations=500000,
+                val_every=5000,
+            ),
         },
     )
 )

@@ -179,6 +179,21 @@ register(
                 iterations=100000,
                 val_every=1000,
             ),
+            # Its miniImageNet command: --train-shots 15 (1 shot + 14 queries per class),
+            # --inner-iters 8, otherwise as on Omniglot.
+            "mini-imagenet": dict(
+                shots=1,
+                queries=15,
+                train_queries=14,
+                meta_batch=5,
+                inner_lr=1e-3,
+                inner_steps=8,
+                eval_inner_steps=50,
+                inner_batch=10,
+                outer_lr=1.0,
+                iterations=100000,
+                val_every=1000,
+            ),
         },
     )
 )

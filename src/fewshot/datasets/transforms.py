@@ -30,12 +30,23 @@ def parse_augment(text: str | None) -> tuple[str, ...]:
     return names
 
 
-def pixel_statistics(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and standard deviation of uint8 images (n, c, h, w), in [0, 1] units."""
-    channels = images.shape[1]
-    mean = [images[:, c].double().mean().item() / 255 for c in range(channels)]
-    std = [images[:, c].double().std().item() / 255 for c in range(channels)]
-    return mean, [s if s > 0 else 1.0 for s in std]
+def pixel_statistics(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation (n - 1 in the denominator) of uint8 images
+    (n, c, h, w), in [0, 1] units; read `chunk` images at a time, so a memory-mapped dataset
+    larger than memory (tieredImageNet) is never converted whole. The sums of pixel values and
+    of their squares are integers, exact in float64 up to 2^53."""
+    channels, pixels = images.shape[1], images.shape[2] * images.shape[3]
+    sums = torch.zeros(channels, dtype=torch.float64)
+    squares = torch.zeros(channels, dtype=torch.float64)
+    for start in range(0, len(images), chunk):
+        part = images[start : start + chunk].double()
+        sums += part.sum((0, 2, 3))
+        squares += part.square().sum((0, 2, 3))
+    n = len(images) * pixels
+    mean = sums / n
+    variance = (squares - sums * mean) / max(n - 1, 1)
+    std = variance.clamp(min=0).sqrt()
+    return (mean / 255).tolist(), [s / 255 if s > 0 else 1.0 for s in std.tolist()]
 
 
 @dataclass(frozen=True)

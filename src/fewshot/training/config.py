@@ -31,10 +31,10 @@ DATASET_SETTINGS = {
     "backbone": ("omniglot", "folder", *BENCHMARKS),
     "image_size": ("folder",),  # the benchmarks' is their published size (DATASET_VALUES)
     "channels": ("folder",),
-    "normalize": ("folder",),
+    "normalize": ("folder", *BENCHMARKS),
     "augment": ("folder", *BENCHMARKS),
-    "pixel_mean": ("folder",),
-    "pixel_std": ("folder",),
+    "pixel_mean": ("folder", *BENCHMARKS),
+    "pixel_std": ("folder", *BENCHMARKS),
     "label_column": ("csv",),
     "features": ("csv",),
     "sampler": ("omniglot", "folder", "csv", *BENCHMARKS),
@@ -48,7 +48,10 @@ DATASET_VALUES = {
     "folder": {"image_size": 28, "normalize": False, "backbone": "conv4", "sampler": "fixed"},
     "csv": {"sampler": "fixed"},
     **{
-        name: {"image_size": b.image_size, "channels": 3, "backbone": "conv4", "sampler": "fixed"}
+        name: {
+            "image_size": b.image_size, "channels": 3, "normalize": False, "backbone": "conv4",
+            "sampler": "fixed",
+        }
         for name, b in BENCHMARKS.items()
     },
 }  # fmt: skip

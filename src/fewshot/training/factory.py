@@ -61,7 +61,7 @@ def build_sources(
         return TaskSources(train, held_out, held_out)
     samplers = {}
     loaded = labelled_parts(config, data_root, download, parts)
-    if config.dataset == "folder" and config.normalize and config.pixel_mean is None:
+    if config.normalize and config.pixel_mean is None:  # where it applies: folders, benchmarks
         config.pixel_mean, config.pixel_std = pixel_statistics(loaded[0][0])  # training images
     for part, (images, labels, groups) in zip(parts, loaded):
         train = part == "train"
@@ -88,7 +88,7 @@ def build_sources(
 
 
 def image_transform(config: TrainConfig, train: bool) -> ImageTransform | None:
-    """An image folder's standardisation (`--normalize`), and for training episodes its
+    """The images' standardisation (`--normalize`), and for training episodes their
     augmentation (`--augment`); None where there is neither."""
     augment = parse_augment(config.augment) if train else ()
     if config.pixel_mean is None and not augment:
@@ -161,7 +161,10 @@ def training_preprocessing(config: TrainConfig, train) -> Preprocessing | None:
         return None
     if config.dataset in BENCHMARKS:  # photos: no common background (and reading every
         # image's border would load a memory-mapped dataset whole)
-        return Preprocessing(config.image_size, 3, None, BENCHMARKS[config.dataset].source)
+        source = BENCHMARKS[config.dataset].source
+        return Preprocessing(
+            config.image_size, 3, None, source, config.pixel_mean, config.pixel_std
+        )
     source = OMNIGLOT_SOURCE if config.dataset == "omniglot" else "an image folder, read as it is"
     background = background_of(train.inputs)
     return Preprocessing(
