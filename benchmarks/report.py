@@ -230,12 +230,16 @@ def peer_ratio_table(data: dict) -> list[str]:
     if rounds:
         lines += [
             "",
-            "Median time of each round (fresh processes; every other round in reverse "
-            "order), in run order:",
+            "Median time (and peak RSS) of each round (fresh processes; every other round in "
+            "reverse order), in run order:",
             "",
         ]
         for r in rounds:
-            medians = ", ".join(duration(s) for s in r["round_medians_s"])
+            peaks = r.get("round_peak_rss_mib") or [None] * len(r["round_medians_s"])
+            medians = ", ".join(
+                duration(s) + ("" if p is None else f" ({p:.0f} MiB)")
+                for s, p in zip(r["round_medians_s"], peaks, strict=True)
+            )
             lines.append(f"- {label(r['workload'], r['library'])}: {medians}")
     return lines
 

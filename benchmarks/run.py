@@ -1,6 +1,6 @@
 """fewshot's benchmark against learn2learn and higher, all measured in one run.
 
-    python benchmarks/run.py [--quick] [--device cpu|cuda] [--malloc tuned|default]
+    python benchmarks/run.py [--quick] [--device cpu|cuda] [--malloc tuned|default] [--rounds N]
 
 The parent process runs nothing itself: it spawns one fresh child process per
 (workload, library), `run.py --single WORKLOAD --library LIB`, so that each peak-memory figure
@@ -342,6 +342,7 @@ def merge_rounds(results: list[dict]) -> dict:
     merged["median_s"] = median(merged["seconds_per_step"])
     merged["repeats"] = sum(r["repeats"] for r in results)
     merged["round_medians_s"] = [r["median_s"] for r in results]
+    merged["round_peak_rss_mib"] = [r["peak_rss_mib"] for r in results]
     return merged
 
 
