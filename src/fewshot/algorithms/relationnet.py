@@ -116,6 +116,15 @@ def build(settings: RelationNetSettings, problem: Problem) -> RelationNet:
 
 # Sung et al. 2018, sec. 4.1: Omniglot 5-way 1-shot episodes with 19 queries per class, Adam
 # 1e-3 halved every 100,000 episodes, 1,000,000 episodes.
+RELATIONNET_OMNIGLOT = dict(
+    shots=1,
+    queries=15,
+    train_queries=19,
+    meta_batch=1,
+    outer_lr=1e-3,
+    iterations=1000000,
+    val_every=5000,
+)
 register(
     Method(
         name="relationnet",
@@ -126,26 +135,10 @@ register(
         build=build,
         batch_norm="inductive",
         defaults={
-            "omniglot": dict(
-                shots=1,
-                queries=15,
-                train_queries=19,
-                meta_batch=1,
-                outer_lr=1e-3,
-                iterations=1000000,
-                val_every=5000,
-            ),
+            "omniglot": RELATIONNET_OMNIGLOT,
             # Sung et al.'s miniImageNet 1-shot script: 15 queries per class, 500,000 episodes,
             # Adam at 1e-3 halved every 100,000 (`configure_optimizer`).
-            "mini-imagenet": dict(
-                shots=1,
-                queries=15,
-                train_queries=15,
-                meta_batch=1,
-                outer_lr=1e-3,
-                iterations=500000,
-                val_every=5000,
-            ),
+            "mini-imagenet": {**RELATIONNET_OMNIGLOT, "train_queries": 15, "iterations": 500000},
         },
     )
 )

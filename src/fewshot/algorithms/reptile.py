@@ -142,6 +142,19 @@ def build(settings: ReptileSettings, problem: Problem) -> Reptile:
 # --eval-batch 5 (the whole 5-way 1-shot support set), --transductive. Sinusoid: the sine-wave
 # demo published with the paper (50 points a task in mini-batches of 10, one epoch of SGD at
 # 0.02, epsilon 0.1 annealed to 0 over 30,000 tasks, 32 steps on 10 points at test).
+REPTILE_OMNIGLOT = dict(
+    shots=1,
+    queries=15,
+    train_queries=9,
+    meta_batch=5,
+    inner_lr=1e-3,
+    inner_steps=5,
+    eval_inner_steps=50,
+    inner_batch=10,
+    outer_lr=1.0,
+    iterations=100000,
+    val_every=1000,
+)
 register(
     Method(
         name="reptile",
@@ -166,34 +179,10 @@ register(
                 iterations=30000,
                 val_every=2000,
             ),
-            "omniglot": dict(
-                shots=1,
-                queries=15,
-                train_queries=9,
-                meta_batch=5,
-                inner_lr=1e-3,
-                inner_steps=5,
-                eval_inner_steps=50,
-                inner_batch=10,
-                outer_lr=1.0,
-                iterations=100000,
-                val_every=1000,
-            ),
+            "omniglot": REPTILE_OMNIGLOT,
             # Its miniImageNet command: --train-shots 15 (1 shot + 14 queries per class),
             # --inner-iters 8, otherwise as on Omniglot.
-            "mini-imagenet": dict(
-                shots=1,
-                queries=15,
-                train_queries=14,
-                meta_batch=5,
-                inner_lr=1e-3,
-                inner_steps=8,
-                eval_inner_steps=50,
-                inner_batch=10,
-                outer_lr=1.0,
-                iterations=100000,
-                val_every=1000,
-            ),
+            "mini-imagenet": {**REPTILE_OMNIGLOT, "train_queries": 14, "inner_steps": 8},
         },
     )
 )
