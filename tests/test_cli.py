@@ -3,11 +3,12 @@
 import json
 import math
 import re
+import sys
 
 import pytest
 from click.testing import CliRunner
 
-from fewshot.cli import main
+from fewshot.cli import main, tunes_malloc
 
 QUICK = ["--iterations", "20", "--val-every", "10", "--val-episodes", "25", "--test-episodes", "25"]
 
@@ -572,3 +573,14 @@ def test_train_help_is_in_sections_with_the_papers_defaults_and_examples():
     assert "Papers: sinusoid 0.01 (maml, anil, maml++, meta-lstm, meta-sgd)" in method
     assert "omniglot 0.4 (maml, anil, meta-sgd)" in method
     assert output.count("fewshot train ") >= 3  # the examples
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's settings: Linux only")
+def test_the_tuned_allocator_is_left_out_where_memory_is_the_point():
+    """`fewshot` restarts under glibc settings that keep freed memory, unless the user set their
+    own, opted out, or asked for --checkpoint-inner (whose point is less memory)."""
+    train = ["train", "--algorithm", "maml", "--dataset", "omniglot"]
+    assert tunes_malloc(train, {})
+    assert not tunes_malloc([*train, "--checkpoint-inner"], {})
+    assert not tunes_malloc(train, {"MALLOC_ARENA_MAX": "2"})
+    assert not tunes_malloc(train, {"FEWSHOT_NO_MALLOC_TUNING": "1"})

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import fields
 from pathlib import Path
 
@@ -1142,16 +1142,27 @@ def plot_command(run_dir, out, baseline, data_root, steps, episodes, seed):
 def run() -> None:
     """Console entry point: restart once under the tuned allocator settings, then run `main`.
 
-    glibc reads these variables only at start-up, hence the restart. Set any MALLOC_*_ variable
-    yourself, or FEWSHOT_NO_MALLOC_TUNING=1, to keep your own settings.
+    glibc reads these variables only at start-up, hence the restart.
     """
-    environment = os.environ
-    untuned = not any(key.startswith("MALLOC_") for key in environment)
-    if untuned and sys.platform == "linux" and not environment.get("FEWSHOT_NO_MALLOC_TUNING"):
+    if tunes_malloc(sys.argv[1:], os.environ):
         with contextlib.suppress(OSError):
             os.execve(
                 sys.executable,
                 [sys.executable, "-m", "fewshot", *sys.argv[1:]],
-                {**environment, **TUNED_MALLOC},
+                {**os.environ, **TUNED_MALLOC},
             )
     main(prog_name="fewshot")
+
+
+def tunes_malloc(argv: list[str], environment: Mapping[str, str]) -> bool:
+    """Whether `fewshot` restarts under `TUNED_MALLOC`: on Linux, unless a MALLOC_*_ variable or
+    FEWSHOT_NO_MALLOC_TUNING is set, or `--checkpoint-inner` is asked for. The tuned settings
+    keep freed memory in the process, which saves time but would undo what checkpointing is
+    for; a run that checkpoints from a config file or on --resume needs
+    FEWSHOT_NO_MALLOC_TUNING=1."""
+    return (
+        sys.platform == "linux"
+        and not any(key.startswith("MALLOC_") for key in environment)
+        and not environment.get("FEWSHOT_NO_MALLOC_TUNING")
+        and "--checkpoint-inner" not in argv
+    )
