@@ -216,3 +216,27 @@ def test_resnet12_recomputes_its_first_blocks_and_keeps_its_last_at_84x84():
     # int64 indices and the shortcut's input.
     assert mib[2] == pytest.approx(5 * 129.2 + 64.6 + 6.5, rel=0.01)
     assert plain_tail(saved) == 8  # block 3's stages 1-2, block 4, pooling and head
+
+
+def test_measuring_the_segments_leaves_the_models_buffers_alone():
+    """The sizes are measured on meta copies of the buffers too: running statistics and batch
+    counts of a network that keeps them are not touched."""
+    torch.manual_seed(0)
+    model = Conv4(1, 3, hidden=4, image_size=16, track_running_stats=True)
+    maml = MAML(model, inner_lr=0.3, checkpoint_inner=True, running_statistics=True)
+    before = {n: b.clone() for n, b in maml.model.named_buffers()}
+    params = {n: p.expand(2, *p.shape) for n, p in maml.model.named_parameters()}
+    segments = [
+        (
+            part,
+            {n[len(prefix) + 1 :]: v for n, v in params.items() if n.startswith(prefix + ".")},
+            True,
+            None,
+            stage,
+        )
+        for prefix, part, stage in checkpoint_segments(maml.model)
+    ]
+    saved = maml._saved_bytes(segments, torch.empty(2, 6, 1, 16, 16))
+    assert saved is not None and saved[0] > 0
+    after = dict(maml.model.named_buffers())
+    assert all(torch.equal(before[n], after[n]) for n in before)

@@ -536,13 +536,29 @@ class GradientLearner(Algorithm):
                 values,
             )
 
+        def meta_buffers(part: nn.Module, buffers: Params | None, x) -> Params | None:
+            # Each task's own meta copy, so that no forward pass here updates the module's
+            # buffers (running statistics, batch counts).
+            if buffers is not None:
+                return on_meta(buffers)
+            tasks = _tasks(x)
+            return {
+                n: torch.empty((tasks, *b.shape), dtype=b.dtype, device="meta")
+                for n, b in part.named_buffers()
+            } or None
+
         x = on_meta(x)
         try:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 for part, part_params, per_task, buffers, stage in segments:
                     saved.append(0)
                     x = self._on_every_task(
-                        part, on_meta(part_params), x, per_task, on_meta(buffers), stage
+                        part,
+                        on_meta(part_params),
+                        x,
+                        per_task,
+                        meta_buffers(part, buffers, x),
+                        stage,
                     )
         except (NotImplementedError, RuntimeError):
             return None
