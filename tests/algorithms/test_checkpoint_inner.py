@@ -8,7 +8,7 @@ from torch import nn
 from fewshot import ANIL, MAML, MAMLpp, MetaSGD, Task
 from fewshot.algorithms.gradient import plain_tail
 from fewshot.errors import ConfigError
-from fewshot.models import Conv4, ResNet12, body_and_head, checkpoint_segments
+from fewshot.models import Conv4, ResNet12, body_and_head
 
 
 def image_tasks(num_tasks=3, ways=3, shots=2, queries=2, channels=1, seed=0) -> Task:
@@ -200,16 +200,7 @@ def test_resnet12_recomputes_its_first_blocks_and_keeps_its_last_at_84x84():
     model = ResNet12(3, 5).float()  # as trained (the tests' default dtype is float64)
     maml = MAML(model, inner_lr=0.01, checkpoint_inner=True, vectorize=False)
     params = {n: p.expand(1, *p.shape) for n, p in maml.model.named_parameters()}
-    segments = [
-        (
-            part,
-            {n[len(prefix) + 1 :]: v for n, v in params.items() if n.startswith(prefix + ".")},
-            True,
-            None,
-            stage,
-        )
-        for prefix, part, stage in checkpoint_segments(maml.model)
-    ]
+    segments = maml._segments(maml.model, params, True, None)
     saved = maml._saved_bytes(segments, torch.empty(1, 75, 3, 84, 84, dtype=torch.float32))
     mib = [s / 2**20 for s in saved]
     # Block 1's last stage: its input, 4 more maps of 75 x 64 x 84 x 84 floats, the pooling's
@@ -226,16 +217,7 @@ def test_measuring_the_segments_leaves_the_models_buffers_alone():
     maml = MAML(model, inner_lr=0.3, checkpoint_inner=True, running_statistics=True)
     before = {n: b.clone() for n, b in maml.model.named_buffers()}
     params = {n: p.expand(2, *p.shape) for n, p in maml.model.named_parameters()}
-    segments = [
-        (
-            part,
-            {n[len(prefix) + 1 :]: v for n, v in params.items() if n.startswith(prefix + ".")},
-            True,
-            None,
-            stage,
-        )
-        for prefix, part, stage in checkpoint_segments(maml.model)
-    ]
+    segments = maml._segments(maml.model, params, True, None)
     saved = maml._saved_bytes(segments, torch.empty(2, 6, 1, 16, 16))
     assert saved is not None and saved[0] > 0
     after = dict(maml.model.named_buffers())

@@ -501,10 +501,7 @@ class GradientLearner(Algorithm):
         each under activation checkpointing but the last few (`plain_tail`): the backward pass
         keeps only the checkpointed segments' inputs and recomputes one segment's activations
         at a time."""
-        segments = [
-            (part, _within(params, prefix), params_per_task, _within(task_buffers, prefix), stage)
-            for prefix, part, stage in checkpoint_segments(module)
-        ]
+        segments = self._segments(module, params, params_per_task, task_buffers)
         key = (id(module), params_per_task, *((t.shape, t.dtype) for t in tree_leaves(x)))
         if key not in self._plain_tails:
             self._plain_tails[key] = plain_tail(self._saved_bytes(segments, x))
@@ -516,6 +513,17 @@ class GradientLearner(Algorithm):
             else:
                 x = checkpoint(self._on_every_task, *args, use_reentrant=False)
         return x
+
+    @staticmethod
+    def _segments(
+        module: nn.Module, params: Params, params_per_task: bool, task_buffers: Params | None
+    ) -> list[tuple]:
+        """`_on_every_task`'s arguments but the inputs, for each of `module`'s checkpoint
+        segments: (part, its params, params_per_task, its task buffers, stage)."""
+        return [
+            (part, _within(params, prefix), params_per_task, _within(task_buffers, prefix), stage)
+            for prefix, part, stage in checkpoint_segments(module)
+        ]
 
     def _saved_bytes(self, segments: list[tuple], x: torch.Tensor | tuple) -> list[int] | None:
         """The bytes each segment saves for the backward pass on inputs shaped as `x`, measured
