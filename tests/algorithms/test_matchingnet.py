@@ -22,14 +22,15 @@ def vector_task(seed=0, ways=3, shots=2, queries=2, d=4):
     )
 
 
-def test_attention_is_a_softmax_of_cosines_summed_per_class():
-    """P(y = k | x) = sum_{i: y_i = k} exp(cos(x, x_i)) / sum_j exp(cos(x, x_j)), by hand."""
+@pytest.mark.parametrize("scale", [1.0, 10.0, 100.0])
+def test_attention_is_a_softmax_of_scaled_cosines_summed_per_class(scale):
+    """P(y = k | x) = sum_{i: y_i = k} exp(s cos(x, x_i)) / sum_j exp(s cos(x, x_j)), by hand."""
     task = vector_task()
-    log_p = MatchingNet(nn.Identity()).predict(task)[0]
+    log_p = MatchingNet(nn.Identity(), similarity_scale=scale).predict(task)[0]
     support, labels = task.support_x[0], task.support_y[0]
     for q, x in enumerate(task.query_x[0]):
         cosines = [float(x @ s / (x.norm() * s.norm())) for s in support]
-        weights = [math.exp(c) for c in cosines]
+        weights = [math.exp(scale * c) for c in cosines]
         for k in range(3):
             in_class = sum(w for w, y in zip(weights, labels) if y == k)
             assert log_p[q, k].exp().item() == pytest.approx(in_class / sum(weights), rel=1e-12)
@@ -103,6 +104,24 @@ def test_shuffling_keeps_each_example_with_its_label():
         for p in [*net.support_lstm.parameters(), *net.query_lstm.parameters()]:
             p.zero_()
     torch.testing.assert_close(net.predict(task), MatchingNet(nn.Identity()).predict(task))
+
+
+def test_one_adapted_predictor_reads_the_support_set_in_one_order():
+    """The order is drawn once per adaptation: repeated calls give the same probabilities
+    exactly, and a query predicted alone gets what it gets among others."""
+    torch.manual_seed(0)
+    task = vector_task(shots=3, queries=3)
+    net = MatchingNet(nn.Identity(), full_context=True, embedding_size=4).double().eval()
+    support_x, query_x = task.support_x.double(), task.query_x.double()
+    with torch.no_grad():
+        predictor = net.adapt(support_x, task.support_y)
+        first = predictor(query_x)
+        assert torch.equal(predictor(query_x), first)
+        for q in range(query_x.shape[1]):
+            alone = predictor(query_x[:, q : q + 1])
+            torch.testing.assert_close(alone[:, 0], first[:, q], rtol=1e-12, atol=1e-12)
+        # another adaptation draws another order, and so (FCE) other probabilities
+        assert not torch.equal(net.adapt(support_x, task.support_y)(query_x), first)
 
 
 def test_inductive_prediction_keeps_each_query_independent_of_the_others():

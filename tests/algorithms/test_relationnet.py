@@ -8,10 +8,10 @@ from fewshot import RelationNet, Task
 from fewshot.models import RelationEncoder
 
 
-def tiny_relation_net(seed=0):
+def tiny_relation_net(seed=0, pooling="sum"):
     torch.manual_seed(seed)
     encoder = RelationEncoder(hidden=4, image_size=28)
-    return RelationNet(encoder, encoder.output_shape, hidden=3)
+    return RelationNet(encoder, encoder.output_shape, hidden=3, support_pooling=pooling)
 
 
 def image_task(ways=3, shots=2, queries=2, seed=0):
@@ -51,6 +51,21 @@ def test_relation_score_of_a_pair_compares_summed_class_maps_with_the_query_map(
                 expected = relation_by_hand(net, class_map, queries[q])
                 torch.testing.assert_close(scores[q, k], expected)
     assert ((scores > 0) & (scores < 1)).all()
+
+
+def test_mean_pooling_compares_the_mean_class_map_and_equals_the_sum_at_one_shot():
+    net = tiny_relation_net(pooling="mean").eval()
+    task = image_task(shots=3)
+    scores = net.predict(task)[0]
+    with torch.no_grad():
+        maps, queries = net.encoder(task.support_x[0]), net.encoder(task.query_x[0])
+        for q in range(len(queries)):
+            for k in range(3):
+                class_map = (maps[3 * k] + maps[3 * k + 1] + maps[3 * k + 2]) / 3
+                torch.testing.assert_close(scores[q, k], relation_by_hand(net, class_map, queries[q]))
+    one_shot = image_task(shots=1)
+    summed = tiny_relation_net(pooling="sum").eval()
+    assert torch.equal(net.predict(one_shot), summed.predict(one_shot))
 
 
 def test_training_regresses_scores_to_one_hot_labels_with_mse():

@@ -63,3 +63,27 @@ def test_resumable_checkpoint_holding_nan_is_refused_by_file_and_tensor(tmp_path
     assert f"{path} is damaged: algorithm.net.weight holds NaN or infinite values" in message
     assert "cannot be resumed" in message and "fewshot train --out" in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "algorithm, name, recorded, today",
+    [("relationnet", "support_pooling", "sum", "mean"), ("matchingnet", "similarity_scale", 1, 10)],
+)
+def test_a_run_recorded_before_a_setting_existed_keeps_the_value_it_was_trained_with(
+    tmp_path, algorithm, name, recorded, today
+):
+    """A config.json without the setting reads as the behaviour the run was trained with; a
+    new run, and a config that names the setting, get what they say."""
+    import json
+
+    from fewshot.training.checkpoint import read_config, write_config
+    from fewshot.training.config import TrainConfig
+
+    write_config(tmp_path, TrainConfig(algorithm=algorithm, dataset="omniglot").resolved())
+    document = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert document[name] == today
+    del document[name]
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(document))
+    assert getattr(read_config(tmp_path).settings, name) == recorded
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({**document, name: today}))
+    assert getattr(read_config(tmp_path).settings, name) == today

@@ -1,9 +1,15 @@
 """Matching Networks (Vinyals, Blundell, Lillicrap, Kavukcuoglu & Wierstra 2016).
 
-A query x is labelled by attention over the support set: with c the cosine similarity,
+A query x is labelled by attention over the support set: with c the cosine similarity and s
+the similarity scale,
 
-    a(x, x_i) = exp(c(f(x), g(x_i))) / sum_j exp(c(f(x), g(x_j))),
+    a(x, x_i) = exp(s c(f(x), g(x_i))) / sum_j exp(s c(f(x), g(x_j))),
     P(y = k | x, S) = sum_{i: y_i = k} a(x, x_i).
+
+The paper has s = 1. A cosine lies in [-1, 1], so with s = 1 the attention over n support
+examples stays close to uniform (at most e^2 between two weights), and a class's probability
+follows how many support examples it has more than how close they are; Chen et al. 2019's
+reimplementation scales it by 100 for that reason (after a ReLU). `similarity_scale` sets s.
 
 Without full context embeddings f = g = the encoder. With them (FCE), g reads the whole
 support set with a bidirectional LSTM, g(x_i) = h_fwd_i + h_bwd_i + g'(x_i), and f attends to
@@ -14,7 +20,9 @@ g(S) for K processing steps with an LSTM,
 
 starting from h_0 = f'(x), c_0 = 0, r_0 = the read of h_0. An LSTM reads the support set as a
 sequence, so each task's support set is read in a random order, not the sampler's class-major
-one: order must carry no label information.
+one: order must carry no label information. The order is drawn once per adaptation
+(`MetricLearner.reads_support_in_order`), so an adapted predictor answers a query the same way
+on every call and whatever other queries come with it.
 """
 
 from __future__ import annotations
@@ -29,6 +37,9 @@ from fewshot.algorithms.metric import MetricLearner
 from fewshot.algorithms.registry import Method, Problem, Settings, register, setting
 from fewshot.errors import require_positive
 
+# s by default: chosen by measurement on the validation classes (docs/methods/matchingnet.md).
+MATCHING_SCALE = 10.0
+
 
 class MatchingNet(MetricLearner):
     """Matching Networks around an embedding network `encoder` (embeddings are flattened).
@@ -39,6 +50,7 @@ class MatchingNet(MetricLearner):
             output size).
         processing_steps: K, the attention LSTM's reads; None: the support set's size, as in
             Chen et al.'s reimplementation (the paper does not give K for its experiments).
+        similarity_scale: s, the factor of the cosine similarities before the softmax.
     """
 
     def __init__(
@@ -48,10 +60,13 @@ class MatchingNet(MetricLearner):
         embedding_size: int | None = None,
         processing_steps: int | None = None,
         batch_norm: str = "inductive",
+        similarity_scale: float = MATCHING_SCALE,
     ) -> None:
         super().__init__(encoder, batch_norm)
         self.full_context = full_context
         self.processing_steps = processing_steps
+        self.similarity_scale = similarity_scale
+        require_positive(similarity_scale=similarity_scale)
         if processing_steps is not None:
             require_positive(processing_steps=processing_steps)
         if full_context:
@@ -61,15 +76,16 @@ class MatchingNet(MetricLearner):
             self.support_lstm = nn.LSTM(d, d, batch_first=True, bidirectional=True)
             self.query_lstm = nn.LSTMCell(2 * d, d)
 
+    @property
+    def reads_support_in_order(self) -> bool:
+        return self.full_context
+
     def score(self, support_z, support_y, query_z):
         support, query = support_z.flatten(2), query_z.flatten(2)
         if self.full_context:
-            order = torch.rand(support.shape[:2], device=support.device).argsort(dim=1)
-            tasks = torch.arange(len(order), device=order.device).unsqueeze(1)
-            support, support_y = support[tasks, order], support_y[tasks, order]
             support = self.contextual_support(support)
             query = self.contextual_queries(query, support)
-        return attention_log_probabilities(query, support, support_y)
+        return attention_log_probabilities(query, support, support_y, self.similarity_scale)
 
     def contextual_support(self, support: torch.Tensor) -> torch.Tensor:
         """g(x_i) = h_fwd_i + h_bwd_i + g'(x_i): (tasks, n, d) in the order given."""
@@ -93,14 +109,16 @@ class MatchingNet(MetricLearner):
 
 
 def attention_log_probabilities(
-    query: torch.Tensor, support: torch.Tensor, support_y: torch.Tensor
+    query: torch.Tensor, support: torch.Tensor, support_y: torch.Tensor, scale: float = 1.0
 ) -> torch.Tensor:
-    """log P(y = k | x, S) for every query: log sum_{i: y_i = k} a(x, x_i), (tasks, q, ways).
+    """log P(y = k | x, S) for every query: log sum_{i: y_i = k} a(x, x_i), (tasks, q, ways),
+    with the attention a a softmax of `scale` times the cosine similarities.
 
-    Computed as logsumexp over each class's cosine similarities minus logsumexp over all, which
+    Computed as logsumexp over each class's scaled similarities minus logsumexp over all, which
     is the log of the attention mass without forming it (no log of an underflowed zero).
     """
     cosine = F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).transpose(1, 2)
+    cosine = cosine * scale
     ways = int(support_y.max()) + 1
     in_class = F.one_hot(support_y, ways).to(cosine.dtype).transpose(1, 2)  # (tasks, ways, n)
     masked = cosine.unsqueeze(2) + torch.log(in_class).unsqueeze(1)  # -inf outside the class
@@ -118,6 +136,12 @@ class MatchingNetSettings(Settings):
         "Reads of the attention LSTM (full context embeddings).",
         default_text="the support set's size",
     )
+    similarity_scale: float | None = setting(
+        "s, the factor of the cosine similarities before the attention's softmax (the paper: "
+        "1; Chen et al.'s reimplementation: 100).",
+        fallback=MATCHING_SCALE,
+        recorded_before=1.0,
+    )
 
 
 def build(settings: MatchingNetSettings, problem: Problem) -> MatchingNet:
@@ -128,6 +152,7 @@ def build(settings: MatchingNetSettings, problem: Problem) -> MatchingNet:
         embedding_size=encoder.embedding_size,
         processing_steps=settings.processing_steps,
         batch_norm=settings.batch_norm,
+        similarity_scale=settings.similarity_scale,
     )
 
 

@@ -2,7 +2,11 @@
 the support set (Prototypical, Matching and Relation Networks).
 
 A subclass implements `score(support_z, support_y, query_z) -> logits`; embeddings keep the
-encoder's shape (feature maps stay unflattened, for Relation Networks' relation module).
+encoder's shape (feature maps stay unflattened, for Relation Networks' relation module). A
+method whose score reads the support set as a sequence (Matching Networks' full context
+embeddings) says so with `reads_support_in_order`: each task's support set is then handed to it
+in a random order, drawn once per training step or adaptation, so order carries no label
+information and an adapted predictor gives the same answer on every call.
 """
 
 from __future__ import annotations
@@ -58,6 +62,25 @@ class MetricLearner(Algorithm):
         """Logits (tasks, queries, ways) from embeddings (tasks, n, *embedding_shape)."""
         raise NotImplementedError
 
+    @property
+    def reads_support_in_order(self) -> bool:
+        """Whether `score` depends on the order of the support examples."""
+        return False
+
+    def support_order(self, support_y: torch.Tensor) -> torch.Tensor | None:
+        """A random reading order of each task's support set, (tasks, n), from torch's
+        generator, where the score depends on order; None where it does not."""
+        if not self.reads_support_in_order:
+            return None
+        return torch.rand(support_y.shape[:2], device=support_y.device).argsort(dim=1)
+
+    def ordered_score(self, support_z, support_y, query_z, order):
+        """`score` with each task's support set read in `order` (None: as given)."""
+        if order is not None:
+            tasks = torch.arange(len(order), device=order.device).unsqueeze(1)
+            support_z, support_y = support_z[tasks, order], support_y[tasks, order]
+        return self.score(support_z, support_y, query_z)
+
     def meta_loss(self, tasks: Task) -> torch.Tensor:
         return self._loss_and_logits(tasks)[0]
 
@@ -71,7 +94,8 @@ class MetricLearner(Algorithm):
     def _loss_and_logits(self, tasks: Task) -> tuple[torch.Tensor, torch.Tensor]:
         """Query cross-entropy and logits, each task's support and queries embedded together."""
         support_z, query_z = self.embed_each_task(tasks.support_x, tasks.query_x)
-        logits = self.score(support_z, tasks.support_y, query_z)
+        order = self.support_order(tasks.support_y)
+        logits = self.ordered_score(support_z, tasks.support_y, query_z, order)
         return self.query_loss(logits, tasks.query_y), logits
 
     def query_loss(self, logits: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
@@ -79,13 +103,14 @@ class MetricLearner(Algorithm):
         return F.cross_entropy(logits.flatten(0, 1), query_y.flatten())
 
     def adapt_tasks(self, support_x, support_y, inner_steps=None) -> Predictor:
+        order = self.support_order(support_y)  # once: every call reads the support alike
         if self.is_transductive:
 
             def transductive(query_x):
                 # batch statistics, without updating the running ones
                 with batch_norm_mode(self, training=True), unchanged_buffers(self):
                     support_z, query_z = self.embed_each_task(support_x, query_x)
-                    return self.score(support_z, support_y, query_z)
+                    return self.ordered_score(support_z, support_y, query_z, order)
 
             return Predictor(transductive)
         with batch_norm_mode(self, training=False):
@@ -93,7 +118,7 @@ class MetricLearner(Algorithm):
 
         def inductive(query_x):
             with batch_norm_mode(self, training=False):
-                return self.score(support_z, support_y, self.embed(query_x))
+                return self.ordered_score(support_z, support_y, self.embed(query_x), order)
 
         return Predictor(inductive)
 

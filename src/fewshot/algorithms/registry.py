@@ -26,12 +26,17 @@ def setting(
     fallback: Any = None,
     choices: tuple[str, ...] | None = None,
     default_text: str | None = None,
+    recorded_before: Any = None,
 ):
     """A field of a method's settings. Its value comes from, in order: the user; the paper's
     value for the dataset (the method's `defaults`); `fallback`; a rule of `Settings.resolve`.
-    `default_text` describes the default in help text where a rule makes it."""
+    `default_text` describes the default in help text where a rule makes it.
+    `recorded_before`: for a setting added after runs were recorded without it, the value those
+    runs were trained with, which a run folder that lacks the setting keeps (None: the default).
+    """
     metadata = {"help": help, "fallback": fallback, "choices": choices}
-    return field(default=None, metadata={**metadata, "default_text": default_text})
+    metadata |= {"default_text": default_text, "recorded_before": recorded_before}
+    return field(default=None, metadata=metadata)
 
 
 def default_text(f) -> str:

@@ -1,12 +1,16 @@
 """Relation Networks (Sung, Yang, Zhang, Xiang, Torr & Hospedales 2018).
 
-The encoder maps images to feature maps; a class is the sum of its support examples' maps. A
-learned relation module g compares the concatenated maps of a class and a query,
+The encoder maps images to feature maps; a class is the sum of its support examples' maps (the
+paper) or their mean. A learned relation module g compares the concatenated maps of a class and
+a query,
 
     r_{k, x} = g([sum_{i: y_i = k} f(x_i), f(x)])  in (0, 1),
 
 and training regresses r to the one-hot labels with the mean squared error, as in the paper,
-rather than classifying with a softmax.
+rather than classifying with a softmax. A sum grows with the class's shots, so a module trained
+on 1-shot sums meets maps several times larger when a class has more shots (Meta-Dataset's
+episodes); the mean keeps them on the scale it was trained on (`support_pooling`). With one
+shot per class the two are the same.
 """
 
 from __future__ import annotations
@@ -43,6 +47,18 @@ class RelationModule(nn.Module):
         return torch.sigmoid(self.fc2(hidden)).squeeze(-1)
 
 
+# How a class's support maps are pooled: sum (the paper's) or mean (the default, chosen by
+# measurement: docs/methods/relationnet.md).
+POOLINGS = ("sum", "mean")
+RELATION_POOLING = "mean"
+
+
+def check_pooling(pooling: str) -> str:
+    if pooling not in POOLINGS:
+        raise ConfigError(f"support_pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}.")
+    return pooling
+
+
 class RelationNet(MetricLearner):
     """Relation Networks: `encoder` returns feature maps of shape `feature_shape` (C, H, W)."""
 
@@ -52,9 +68,11 @@ class RelationNet(MetricLearner):
         feature_shape: tuple[int, int, int],
         hidden: int = 8,
         batch_norm: str = "inductive",
+        support_pooling: str = RELATION_POOLING,
     ) -> None:
         super().__init__(encoder, batch_norm)
         self.relation = RelationModule(feature_shape, hidden)
+        self.support_pooling = check_pooling(support_pooling)
 
     def score(self, support_z, support_y, query_z):
         """Relation scores (tasks, queries, ways), each in (0, 1).
@@ -64,7 +82,9 @@ class RelationNet(MetricLearner):
         does a task's examples): a task's scores never depend on the others in its batch."""
         ways = int(support_y.max()) + 1
         one_hot = F.one_hot(support_y, ways).to(support_z.dtype)  # (tasks, n, ways)
-        classes = torch.einsum("tnk,tn...->tk...", one_hot, support_z)  # summed per class
+        if self.support_pooling == "mean":
+            one_hot = one_hot / one_hot.sum(1, keepdim=True)
+        classes = torch.einsum("tnk,tn...->tk...", one_hot, support_z)  # pooled per class
         tasks, q = query_z.shape[:2]
         pairs = torch.cat(
             [
@@ -92,9 +112,17 @@ class RelationNetSettings(Settings):
     relation_hidden: int | None = setting(
         "Units of the relation module's hidden fully connected layer.", fallback=8
     )
+    support_pooling: str | None = setting(
+        "How a class's support feature maps are pooled before the relation module: sum (the "
+        "paper's; grows with the shots) or mean (the same for 1 shot).",
+        fallback=RELATION_POOLING,
+        choices=POOLINGS,
+        recorded_before="sum",
+    )
 
     def check(self, run) -> None:
         super().check(run)
+        check_pooling(self.support_pooling)
         if run.dataset == "csv":
             raise ConfigError(
                 "relationnet compares convolutional feature maps and does not handle --dataset "
@@ -110,7 +138,11 @@ def build(settings: RelationNetSettings, problem: Problem) -> RelationNet:
         )
     encoder = RelationEncoder(problem.channels, image_size=problem.image_size)
     return RelationNet(
-        encoder, encoder.output_shape, settings.relation_hidden, batch_norm=settings.batch_norm
+        encoder,
+        encoder.output_shape,
+        settings.relation_hidden,
+        batch_norm=settings.batch_norm,
+        support_pooling=settings.support_pooling,
     )
 
 

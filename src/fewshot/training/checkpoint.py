@@ -56,6 +56,7 @@ def read_config(run_dir: Path) -> TrainConfig:
     try:
         if version == 1:
             document = _settings_of_its_method(document)
+        document = _with_settings_recorded_before(document)
         return TrainConfig.from_dict(without_other_datasets_settings(document)).resolved()
     except ConfigError as error:
         raise CheckpointError(f"{path}: {error}") from None
@@ -66,6 +67,19 @@ def _settings_of_its_method(document: dict) -> dict:
     method = get_method(document.get("algorithm", "maml"))
     keep = set(run_setting_names()) | {f.name for f in fields(method.settings)}
     return {k: v for k, v in document.items() if k in keep}
+
+
+def _with_settings_recorded_before(document: dict) -> dict:
+    """A run folder's document with each setting it lacks that its method declares a
+    `recorded_before` value for: a run recorded before that setting existed keeps the behaviour
+    it was trained with, not today's default."""
+    method = get_method(document.get("algorithm", "maml"))
+    missing = {
+        f.name: f.metadata["recorded_before"]
+        for f in fields(method.settings)
+        if f.name not in document and f.metadata.get("recorded_before") is not None
+    }
+    return {**document, **missing}
 
 
 def save_weights(module: torch.nn.Module, path: Path) -> None:
