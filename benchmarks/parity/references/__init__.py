@@ -33,7 +33,22 @@ class ReferenceSpec:
 
 
 LEARN2LEARN = ("https://github.com/learnables/learn2learn", "0.2.0")
-NICHOL = ("https://arxiv.org/abs/1803.02999 (Algorithm 2)", "transcription")
+NICHOL = ("transcription of Nichol et al. 2018, Algorithm 2", "(arXiv:1803.02999v3)")
+# Chen et al. 2019's code, checked out by benchmarks/parity/fetch_references.sh
+CLOSERLOOK = (
+    "https://github.com/wyharveychen/CloserLookFewShot",
+    "e03aca8a2d01c9b5861a5a816cd5d3fdfc47cd45",
+)
+
+# Antoniou et al. 2019's MAML++ and markdtw's Meta-LSTM, checked out the same way
+HOWTOTRAIN = (
+    "https://github.com/AntreasAntoniou/HowToTrainYourMAMLPytorch",
+    "86964701651c06e490271365fedb8789a72ef3f0",
+)
+MARKDTW = (
+    "https://github.com/markdtw/meta-learning-lstm-pytorch",
+    "fcc68baad71a3293edeb227a1676de9e9edea9c3",
+)
 
 REFERENCES: dict[str, ReferenceSpec] = {
     "maml": ReferenceSpec(".learn2learn", "build", *LEARN2LEARN),
@@ -41,6 +56,18 @@ REFERENCES: dict[str, ReferenceSpec] = {
     "meta-sgd": ReferenceSpec(".learn2learn", "build", *LEARN2LEARN),
     "anil": ReferenceSpec(".learn2learn", "build", *LEARN2LEARN),
     "reptile": ReferenceSpec(".reptile", "build", *NICHOL),
+    # the zoo's MAML++ epochs (zoo/mamlpp-omniglot-5w1s), which both sides' schedules count
+    "maml++": ReferenceSpec(".howtotrain", "build", *HOWTOTRAIN, ("--iterations-per-epoch", "20")),
+    # their learner is a Conv4 of 32 filters
+    "meta-lstm": ReferenceSpec(".metalstm_markdtw", "build", *MARKDTW, ("--backbone", "conv4-32")),
+    "protonet": ReferenceSpec(".closerlook", "build", *CLOSERLOOK),
+    # their MatchingNet always has the full context embeddings and scales cosines by 100
+    "matchingnet": ReferenceSpec(
+        ".closerlook", "build", *CLOSERLOOK, ("--full-context", "--similarity-scale", "100")
+    ),
+    "relationnet": ReferenceSpec(".closerlook", "build", *CLOSERLOOK),
+    "baseline": ReferenceSpec(".closerlook", "build", *CLOSERLOOK),
+    "baseline++": ReferenceSpec(".closerlook", "build", *CLOSERLOOK),
 }
 
 # fewshot's algorithm name for a parity method where they differ (FOMAML is MAML's switch).

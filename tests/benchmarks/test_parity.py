@@ -1,0 +1,163 @@
+"""The parity harness (benchmarks/parity): its references compute what their definitions say
+on tiny cases, and report.py renders the table from a result file. The learn2learn tests skip
+where learn2learn is not installed (it is in benchmarks/.peers-venv, not in the project's
+venv)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.parity import report
+from benchmarks.parity.references import REFERENCES, algorithm_of
+from benchmarks.parity.references.reptile import ReptileReference
+from fewshot.tasks import Task
+
+
+def quadratic_task() -> Task:
+    """One task whose loss for a 1-parameter linear model w is (w - 3)^2 (x = 1, y = 3)."""
+    one = torch.ones(1, 1, 1, dtype=torch.float64)
+    return Task(one, 3 * one, one, 3 * one)
+
+
+def test_reptile_update_on_a_quadratic_is_the_hand_worked_value():
+    network = nn.Linear(1, 1, bias=False).double()
+    with torch.no_grad():
+        network.weight.fill_(1.0)
+    reptile = ReptileReference(
+        network, inner_lr=0.1, inner_steps=2, inner_batch=None, eval_inner_steps=2,
+        epsilon=0.5, final_epsilon=0.0, iterations=2, loss=F.mse_loss,
+    )  # fmt: skip
+    reptile.train_step(quadratic_task())
+    # Adam (beta1 = 0, beta2 = 0.999, eps = 1e-8), lr 0.1, from w = 1 on L(w) = (w - 3)^2:
+    # step 1: g = -4, v = 0.001 * 16, v_hat = 16: w = 1 + 0.1 * 4 / (4 + 1e-8)
+    w1 = 1 + 0.1 * 4 / (4 + 1e-8)
+    # step 2: g = 2 (w1 - 3), v = 0.999 * 0.016 + 0.001 g^2, v_hat = v / (1 - 0.999^2)
+    g2 = 2 * (w1 - 3)
+    v_hat = (0.999 * 0.016 + 0.001 * g2**2) / (1 - 0.999**2)
+    w2 = w1 - 0.1 * g2 / (math.sqrt(v_hat) + 1e-8)
+    # outer update with epsilon 0.5 (the first of 2 iterations): theta + 0.5 (W - theta)
+    assert network.weight.item() == pytest.approx(1 + 0.5 * (w2 - 1), rel=1e-12)
+    assert reptile.current_epsilon() == pytest.approx(0.25)  # annealed linearly to 0
+
+
+def test_reptile_averages_the_tasks_moves():
+    network = nn.Linear(1, 1, bias=False).double()
+    with torch.no_grad():
+        network.weight.fill_(1.0)
+    reptile = ReptileReference(network, 0.1, 1, None, 1, 1.0, 1.0, 10, loss=F.mse_loss)
+    one = torch.ones(2, 1, 1, dtype=torch.float64)
+    targets = torch.tensor([3.0, -1.0], dtype=torch.float64).view(2, 1, 1)
+    reptile.train_step(Task(one, targets, one, targets))
+    # one Adam step moves w by lr * sign(g): +0.1 towards 3, -0.1 towards -1; mean 0
+    assert network.weight.item() == pytest.approx(1.0, abs=1e-9)
+
+
+def small_task(seed: int = 0, tasks: int = 2) -> Task:
+    g = torch.Generator().manual_seed(seed)
+    ways, shots, queries = 3, 2, 2
+    support_y = torch.arange(ways).repeat_interleave(shots).expand(tasks, -1)
+    query_y = torch.arange(ways).repeat_interleave(queries).expand(tasks, -1)
+    return Task(
+        torch.randn(tasks, ways * shots, 4, generator=g, dtype=torch.float64),
+        support_y,
+        torch.randn(tasks, ways * queries, 4, generator=g, dtype=torch.float64),
+        query_y,
+    )
+
+
+def small_network() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_learn2learn_maml_meta_gradient_equals_fewshots(first_order):
+    pytest.importorskip("learn2learn", reason="learn2learn is in benchmarks/.peers-venv only")
+    from benchmarks.parity.references.learn2learn import Learn2LearnReference
+    from fewshot import MAML
+
+    tasks = small_task()
+    network = small_network()
+    fewshot_maml = MAML(network, inner_lr=0.4, inner_steps=2, first_order=first_order)
+    fewshot_maml.training_step(tasks)
+    expected = [p.grad.clone() for p in fewshot_maml.parameters()]
+    reference = Learn2LearnReference(
+        "maml", network, inner_lr=0.4, inner_steps=2, eval_inner_steps=2,
+        first_order=first_order, outer_lr=0.0,
+    )  # fmt: skip
+    reference.train_step(tasks)  # lr 0: the Adam step leaves the weights, .grad is kept
+    got = [p.grad for p in reference.parameters()]
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_learn2learn_predict_adapts_on_the_support_set():
+    pytest.importorskip("learn2learn", reason="learn2learn is in benchmarks/.peers-venv only")
+    from benchmarks.parity.references.learn2learn import Learn2LearnReference
+
+    tasks = small_task(tasks=3)
+    reference = Learn2LearnReference("maml", small_network(), 0.4, 1, 5, False, 1e-3)
+    with torch.no_grad():  # as fewshot's evaluator calls it
+        logits = reference.predict(tasks)
+    assert logits.shape == (3, 6, 3)
+    unadapted = reference.learner(tasks.query_x)
+    assert not torch.allclose(logits, unadapted)
+
+
+def test_registry_names_a_reference_for_each_method():
+    for spec in REFERENCES.values():
+        assert spec.module and spec.builder and spec.repository and spec.version
+    assert algorithm_of("fomaml") == "maml"
+    assert "--first-order" in REFERENCES["fomaml"].fewshot_flags
+
+
+def result(mean=-0.01, ci95=0.02, fewshot_seconds=1.0, reference_seconds=2.0) -> dict:
+    return {
+        "method": "maml",
+        "reference": {"repository": "https://github.com/learnables/learn2learn",
+                      "version": "0.2.0", "source": "learn2learn 0.2.0, maml.py"},
+        "iterations": 100,
+        "val_episodes": 50,
+        "seconds_per_iteration": {"fewshot": fewshot_seconds, "reference": reference_seconds},
+        "test": {
+            "episodes": 600,
+            "fewshot": {"metric": "accuracy", "accuracy": 0.9, "ci95": 0.01},
+            "reference": {"metric": "accuracy", "accuracy": 0.91, "ci95": 0.01},
+        },
+        "paired_difference": {"mean": mean, "ci95": ci95, "t": -1.0, "p": 0.3, "episodes": 600},
+        "validation": {"fewshot": [], "reference": []},
+        "commands": {"pair": "python benchmarks/parity/run.py maml --iterations 100"},
+    }  # fmt: skip
+
+
+def test_verdict_names_the_failed_conditions():
+    assert report.verdict(result()) == "parity"
+    assert report.verdict(result(mean=-0.05)) == "no parity: fewshot less accurate"
+    assert report.verdict(result(fewshot_seconds=3.0)) == "no parity: fewshot slower"
+    assert report.verdict(result(mean=0.05, ci95=0.01)) == "parity"  # fewshot better
+
+
+def test_report_renders_the_table_between_the_markers(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "maml.json").write_text(json.dumps(result()))
+    doc = tmp_path / "parity.md"
+    doc.write_text(f"# Parity\n\nintro\n\n{report.BEGIN}\nold table\n{report.END}\n\nafter\n")
+    report.main(["--results", str(results), "--doc", str(doc), "--no-figures"])
+    text = doc.read_text()
+    assert "old table" not in text and text.endswith(f"{report.END}\n\nafter\n")
+    row = next(line for line in text.splitlines() if line.startswith("| maml"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:7] == [
+        "maml", "learnables/learn2learn 0.2.0", "100", "1", "2", "90.00% ± 1.00",
+        "91.00% ± 1.00",
+    ]  # fmt: skip
+    assert cells[7] == "-1.00 ± 2.00 points" and cells[9] == "parity"
+    assert "[curves](plots/parity-maml.png)" in row
