@@ -27,6 +27,7 @@ import click
 
 REPO = Path(__file__).resolve().parents[1]
 ZOO, RESULTS_DOC = REPO / "zoo", REPO / "docs" / "results.md"
+PARITY = REPO / "benchmarks" / "parity"
 EPISODES, SEED = 600, 0
 TABLES = ("omniglot", "sinusoid")
 
@@ -111,6 +112,24 @@ def load_zoo(folders: list[Path]) -> list[tuple[Path, dict, dict]]:
     return [(f, json.loads((f / "card.json").read_text()), load_results(f)) for f in folders]
 
 
+def parity_cell(card: dict) -> str:
+    """The card's parity pair (`"parity": METHOD`, benchmarks/parity/results/METHOD.json): the
+    paired difference fewshot - reference at equal budget, its verdict, its curves."""
+    path = PARITY / "results" / f"{card.get('parity')}.json"
+    if "parity" not in card or not path.exists():
+        return "—"
+    sys.path.insert(0, str(PARITY))
+    from report import verdict  # benchmarks/parity/report.py: one definition of parity
+
+    result = json.loads(path.read_text())
+    difference, method = result["paired_difference"], result["method"]
+    text = f"{100 * difference['mean']:+.2f} ± {100 * difference['ci95']:.2f} points"
+    return (
+        f"[{text}, {verdict(result)}](parity.md) at {result['iterations']:,} iterations "
+        f"([curves](plots/parity-{method}.png))"
+    )
+
+
 def percent(report: dict) -> str:
     return f"{100 * report['accuracy']:.2f}% ± {100 * report['ci95']:.2f}%"
 
@@ -136,8 +155,8 @@ def omniglot_table(zoo: list[tuple[Path, dict, dict]]) -> str:
             f"**{title}**",
             "",
             "| method | `fewshot eval` | batch norm | accuracy (95% CI) | paper | training budget "
-            "| training command |",
-            "|---|---|---|---|---|---|---|",
+            "| training command | parity with a reference (fewshot − reference, equal budget) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         rows.sort(key=lambda row: -row[1]["report"]["accuracy"])
         for card, entry, others, folder, main in rows:
@@ -149,12 +168,12 @@ def omniglot_table(zoo: list[tuple[Path, dict, dict]]) -> str:
             lines.append(
                 f"| {method} | {eval_command(folder, entry)} | {report['batch_norm']} | "
                 f"**{percent(report)}** | {paper or '—'} | {card['budget']} | "
-                f"`{card['command']}` |"
+                f"`{card['command']}` | {'' if entry['shape'] else parity_cell(card)} |"
             )
             for other in others:
                 lines.append(
                     f"| | `... --batch-norm {other['policy']}` | {other['policy']} | "
-                    f"{percent(other['report'])} | | same model | |"
+                    f"{percent(other['report'])} | | same model | | |"
                 )
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

@@ -136,26 +136,27 @@ class ReferenceModel(torch.nn.Module):
         return self.reference.predict(tasks, inner_steps)
 
 
-def same_initial_weights(config, reference_network: dict[str, torch.Tensor]) -> bool:
-    """Whether fewshot's loop, seeding as it does, starts from the weights the reference
-    starts from (each of the reference network's tensors is one of fewshot's, by name)."""
+def same_initial_weights(config, reference_state: dict[str, torch.Tensor]) -> bool:
+    """Whether the reference, as built, starts from the weights fewshot's loop starts from:
+    every tensor of fewshot's initial model (seeding as its loop does) is one of the
+    reference's, by value. References with networks of their own (Chen et al.'s, Antoniou et
+    al.'s, ...) start elsewhere, and the result says so."""
     from fewshot.training.factory import build_algorithm
     from fewshot.training.loop import seed_everything
 
     seed_everything(config.seed)
     fewshot_state = build_algorithm(config).state_dict()
-    for name, tensor in reference_network.items():
-        matches = [v for k, v in fewshot_state.items() if k == name or k.endswith("." + name)]
-        if not any(v.shape == tensor.shape and torch.equal(v, tensor) for v in matches):
-            return False
-    return True
+    theirs = [t for t in reference_state.values() if t.is_floating_point()]
+    return all(
+        any(t.shape == v.shape and torch.equal(t, v) for t in theirs)
+        for v in fewshot_state.values()
+        if v.is_floating_point() and v.dim() > 0
+    )
 
 
 def train_reference(method: str, args: argparse.Namespace) -> None:
     """Train the reference on fewshot's training episodes, validate it on fewshot's validation
     episodes, keep its best weights and score them on the test episodes."""
-    from references.network import initial_network
-
     from fewshot.tasks import stream_generator
     from fewshot.training.evaluation import evaluate, evaluate_episodes
     from fewshot.training.factory import build_sources
@@ -167,8 +168,8 @@ def train_reference(method: str, args: argparse.Namespace) -> None:
     config = train_config(method, args)
     sources = build_sources(config, args.data_root)
     config.settings = config.settings.fit_data(sources.train)
-    check = same_initial_weights(config, initial_network(config).state_dict())
     reference = build_reference(method, config)
+    check = same_initial_weights(config, reference.state_dict())
     model = ReferenceModel(reference)
     generator = stream_generator("train", config.seed)
     log = (out / REFERENCE_LOG).open("w")
