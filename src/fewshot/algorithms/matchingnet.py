@@ -38,7 +38,7 @@ from fewshot.algorithms.registry import Method, Problem, Settings, register, set
 from fewshot.errors import require_positive
 
 # s by default: chosen by measurement on the validation classes (docs/methods/matchingnet.md).
-MATCHING_SCALE = 10.0
+MATCHING_SCALE = 100.0
 
 
 class MatchingNet(MetricLearner):
