@@ -10,7 +10,9 @@ A zoo folder is a run folder plus `card.json`: the method's name for the table, 
 figures by episode shape ("papers": {"5w1s": "98.7"}), the training budget and command, the
 batch-norm policies evaluated besides the run's own ("policies") and other test-episode shapes
 it is evaluated on ("shapes": [{"ways": 20}], as `fewshot eval --ways 20`; {"sampler":
-"meta-dataset"} for Meta-Dataset's episodes, as `fewshot eval --sampler meta-dataset`). `--evaluate`
+"meta-dataset"} for Meta-Dataset's episodes, as `fewshot eval --sampler meta-dataset`) and the
+method's parity pair ("parity": METHOD, read from benchmarks/parity/results/METHOD.json where
+that pair has run: docs/parity.md). `--evaluate`
 writes `results.json` with what `fewshot eval --json` reports for each of them and the SHA-256
 of the weights it evaluated; the tables are made from those files alone,
 and a results file whose weights changed is refused as stale.
