@@ -26,7 +26,7 @@ from fewshot.training.evaluation import evaluate
 from fewshot.training.factory import build_algorithm, build_sources
 
 
-def parsed(value: str):
+def parsed(value: str) -> object:
     try:
         return json.loads(value)
     except json.JSONDecodeError:
@@ -41,7 +41,12 @@ def parsed(value: str):
 @click.option("--episodes", default=300, show_default=True)
 @click.option("--samplers", default="fixed,meta-dataset", show_default=True)
 def main(
-    run_dir: Path, setting: str, values: tuple[str, ...], data_root, episodes, samplers
+    run_dir: Path,
+    setting: str,
+    values: tuple[str, ...],
+    data_root: Path | None,
+    episodes: int,
+    samplers: str,
 ) -> None:
     torch.set_num_threads(1)
     config = checkpoint.read_config(run_dir)

@@ -30,6 +30,9 @@ import click
 REPO = Path(__file__).resolve().parents[1]
 ZOO, RESULTS_DOC = REPO / "zoo", REPO / "docs" / "results.md"
 PARITY = REPO / "benchmarks" / "parity"
+sys.path.insert(0, str(PARITY))
+from report import verdict  # noqa: E402  benchmarks/parity/report.py: one definition of parity
+
 EPISODES, SEED = 600, 0
 TABLES = ("omniglot", "sinusoid")
 
@@ -120,9 +123,6 @@ def parity_cell(card: dict) -> str:
     path = PARITY / "results" / f"{card.get('parity')}.json"
     if "parity" not in card or not path.exists():
         return "—"
-    sys.path.insert(0, str(PARITY))
-    from report import verdict  # benchmarks/parity/report.py: one definition of parity
-
     result = json.loads(path.read_text())
     difference, method = result["paired_difference"], result["method"]
     text = f"{100 * difference['mean']:+.2f} ± {100 * difference['ci95']:.2f} points"

@@ -42,6 +42,8 @@ def verdict(result: dict) -> str:
     time per iteration; otherwise the conditions that failed."""
     difference = result["paired_difference"]
     failed = []
+    if result.get("checks", {}).get("config_differences"):
+        failed.append("settings differ: " + ", ".join(result["checks"]["config_differences"]))
     if difference["mean"] + difference["ci95"] < 0:
         failed.append("fewshot less accurate")
     seconds = result["seconds_per_iteration"]

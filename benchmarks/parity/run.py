@@ -138,20 +138,26 @@ class ReferenceModel(torch.nn.Module):
 
 def same_initial_weights(config, reference_state: dict[str, torch.Tensor]) -> bool:
     """Whether the reference, as built, starts from the weights fewshot's loop starts from:
-    every tensor of fewshot's initial model (seeding as its loop does) is one of the
-    reference's, by value. References with networks of their own (Chen et al.'s, Antoniou et
-    al.'s, ...) start elsewhere, and the result says so."""
+    each tensor of fewshot's initial model (seeding as its loop does) equals a tensor of the
+    reference's of its own, one to one. References with networks of their own (Chen et al.'s,
+    Antoniou et al.'s, ...) start elsewhere, and the result says so. Necessary, not sufficient:
+    constant tensors (batch norm's scales and shifts) match any of their shape."""
     from fewshot.training.factory import build_algorithm
     from fewshot.training.loop import seed_everything
 
-    seed_everything(config.seed)
-    fewshot_state = build_algorithm(config).state_dict()
-    theirs = [t for t in reference_state.values() if t.is_floating_point()]
-    return all(
-        any(t.shape == v.shape and torch.equal(t, v) for t in theirs)
-        for v in fewshot_state.values()
-        if v.is_floating_point() and v.dim() > 0
-    )
+    with torch.random.fork_rng():
+        seed_everything(config.seed)
+        fewshot_state = build_algorithm(config).state_dict()
+    pool = [t for t in reference_state.values() if t.is_floating_point()]
+    for tensor in (v for v in fewshot_state.values() if v.is_floating_point() and v.dim() > 0):
+        match = next(
+            (i for i, t in enumerate(pool) if t.shape == tensor.shape and torch.equal(t, tensor)),
+            None,
+        )
+        if match is None:
+            return False
+        pool.pop(match)
+    return True
 
 
 def train_reference(method: str, args: argparse.Namespace) -> None:
@@ -258,12 +264,18 @@ def child_command(mode: str, method: str, args: argparse.Namespace) -> list[str]
     return command
 
 
+LOG_EVERY = 10  # fewshot's loop logs every 10th iteration; both sides are timed over those
+
+
 def seconds_per_iteration(lines: list[dict]) -> float | None:
-    """Median wall seconds per iteration, from the cumulative "seconds" of a metrics log:
-    the differences between consecutive logged iterations, each divided by the iterations
-    between them (fewshot logs every 10th; validation falls in a few such intervals)."""
+    """Median wall seconds per iteration, from the cumulative "seconds" of a metrics log: the
+    differences between consecutive records of every `LOG_EVERY`-th iteration, each divided by
+    the iterations between them, so both sides are timed over the same intervals (validation
+    falls in a few of them, which the median leaves out)."""
     points = [(0, 0.0)] + [
-        (r["iteration"], r["seconds"]) for r in lines if "seconds" in r and "split" not in r
+        (r["iteration"], r["seconds"])
+        for r in lines
+        if "seconds" in r and "split" not in r and r["iteration"] % LOG_EVERY == 0
     ]
     rates = [(s1 - s0) / (i1 - i0) for (i0, s0), (i1, s1) in zip(points, points[1:]) if i1 > i0]
     return statistics.median(rates) if rates else None
@@ -356,17 +368,30 @@ def git_commit() -> str | None:
         return None
 
 
-def run_pair(method: str, args: argparse.Namespace) -> dict:
+def pair_commands(method: str, args: argparse.Namespace) -> tuple[list, list, dict]:
+    """The fewshot side's and the reference side's commands, and how the result records them."""
     out = Path(args.out)
-    if (out / "fewshot").exists() or (out / "reference").exists():
-        sys.exit(f"{out} already holds a pair; choose a new --out.")
-    out.mkdir(parents=True, exist_ok=True)
     fewshot_core, reference_core = (int(c) for c in args.cores.split(","))
     fewshot_side = [
         pinned(fewshot_core, fewshot_command(method, args, out / "fewshot")),
         pinned(fewshot_core, child_command("--score-fewshot", method, args)),
     ]
     reference_side = [pinned(reference_core, child_command("--reference", method, args))]
+    argv = [a for a in sys.argv[1:] if a != "--compare-only"]
+    commands = {
+        "pair": shlex.join([Path(sys.executable).name, "benchmarks/parity/run.py", *argv]),
+        "fewshot": [shlex.join(c) for c in fewshot_side],
+        "reference": [shlex.join(c) for c in reference_side],
+    }
+    return fewshot_side, reference_side, commands
+
+
+def run_pair(method: str, args: argparse.Namespace) -> dict:
+    out = Path(args.out)
+    if (out / "fewshot").exists() or (out / "reference").exists():
+        sys.exit(f"{out} already holds a pair; choose a new --out.")
+    out.mkdir(parents=True, exist_ok=True)
+    fewshot_side, reference_side, commands = pair_commands(method, args)
     failures: list[str] = []
     threads = [
         threading.Thread(target=run_side, args=(fewshot_side, out / "fewshot.log", failures)),
@@ -379,12 +404,6 @@ def run_pair(method: str, args: argparse.Namespace) -> dict:
         thread.join()
     if failures:
         sys.exit("\n".join(failures))
-    invocation = shlex.join([Path(sys.executable).name, "benchmarks/parity/run.py", *sys.argv[1:]])
-    commands = {
-        "pair": invocation,
-        "fewshot": [shlex.join(c) for c in fewshot_side],
-        "reference": [shlex.join(c) for c in reference_side],
-    }
     return compare(method, args, commands)
 
 
@@ -420,12 +439,20 @@ def main(argv: list[str] | None = None) -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
     mode.add_argument("--score-fewshot", action="store_true", help=argparse.SUPPRESS)
+    mode.add_argument(
+        "--compare-only",
+        action="store_true",
+        help="write the result of a pair already run in --out (same arguments), training nothing",
+    )
     args = parser.parse_args(argv)
     if args.reference:
         return train_reference(args.method, args)
     if args.score_fewshot:
         return score_fewshot(args)
-    result = run_pair(args.method, args)
+    if args.compare_only:
+        result = compare(args.method, args, pair_commands(args.method, args)[2])
+    else:
+        result = run_pair(args.method, args)
     path = write_result(result, Path(args.results))
     test, difference = result["test"], result["paired_difference"]
     print(

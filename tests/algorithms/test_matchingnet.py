@@ -141,3 +141,16 @@ def test_inductive_prediction_keeps_each_query_independent_of_the_others():
     torch.manual_seed(0)
     changed = net.predict(Task(tasks.support_x, tasks.support_y, others, tasks.query_y))[:, 0]
     torch.testing.assert_close(alone, changed)
+
+
+def test_training_reads_each_episode_s_support_set_in_a_random_order():
+    task = vector_task(shots=3)
+    net = MatchingNet(nn.Identity(), full_context=True, embedding_size=4)
+    seen = []
+    net.support_lstm.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    for seed in range(4):
+        torch.manual_seed(seed)
+        net.training_step(task)
+    rows = {tuple(map(tuple, s[0].tolist())) for s in seen}
+    assert len(rows) > 1
+    assert all(sorted(r) == sorted(map(tuple, task.support_x[0].tolist())) for r in rows)

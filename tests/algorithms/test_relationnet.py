@@ -62,7 +62,9 @@ def test_mean_pooling_compares_the_mean_class_map_and_equals_the_sum_at_one_shot
         for q in range(len(queries)):
             for k in range(3):
                 class_map = (maps[3 * k] + maps[3 * k + 1] + maps[3 * k + 2]) / 3
-                torch.testing.assert_close(scores[q, k], relation_by_hand(net, class_map, queries[q]))
+                torch.testing.assert_close(
+                    scores[q, k], relation_by_hand(net, class_map, queries[q])
+                )
     one_shot = image_task(shots=1)
     summed = tiny_relation_net(pooling="sum").eval()
     assert torch.equal(net.predict(one_shot), summed.predict(one_shot))

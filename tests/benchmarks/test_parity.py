@@ -161,3 +161,44 @@ def test_report_renders_the_table_between_the_markers(tmp_path):
     ]  # fmt: skip
     assert cells[7] == "-1.00 ± 2.00 points" and cells[9] == "parity"
     assert "[curves](plots/parity-maml.png)" in row
+
+
+def test_a_pair_whose_settings_differ_is_no_parity():
+    differing = {**result(), "checks": {"config_differences": ["train_queries"]}}
+    assert report.verdict(differing) == "no parity: settings differ: train_queries"
+
+
+def test_both_sides_are_timed_over_the_same_ten_iteration_intervals():
+    from benchmarks.parity import run
+
+    # the reference logs every iteration at 1 s each, with a 30 s validation after iteration
+    # 20; fewshot logs every 10th at 2 s each, with its validation in the same interval
+    reference, fewshot, clock = [], [], 0.0
+    for i in range(1, 41):
+        clock += 1.0 + (30.0 if i == 21 else 0.0)
+        reference.append({"iteration": i, "loss": 0.0, "seconds": clock})
+    reference.append({"iteration": 20, "split": "val", "accuracy": 0.5})
+    for i in range(10, 41, 10):
+        fewshot.append({"iteration": i, "loss": 0.0, "seconds": 2.0 * i + (30.0 if i > 20 else 0)})
+    assert run.seconds_per_iteration(reference) == pytest.approx(1.0)
+    assert run.seconds_per_iteration(fewshot) == pytest.approx(2.0)
+    assert run.seconds_per_iteration([{"iteration": 5, "seconds": 1.0}]) is None
+
+
+def test_same_initial_weights_matches_tensors_one_to_one_and_leaves_the_generator():
+    from benchmarks.parity import run
+    from fewshot.training.config import TrainConfig
+    from fewshot.training.factory import build_algorithm
+    from fewshot.training.loop import seed_everything
+
+    config = TrainConfig(algorithm="maml", dataset="omniglot").resolved()
+    seed_everything(config.seed)
+    initial = build_algorithm(config).state_dict()
+    theirs = {f"learner.module.{i}": t.clone() for i, t in enumerate(reversed(initial.values()))}
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    assert run.same_initial_weights(config, theirs)
+    assert torch.equal(torch.get_rng_state(), before)
+    first = next(k for k, t in theirs.items() if t.dim() > 1)
+    assert not run.same_initial_weights(config, {**theirs, first: theirs[first] + 1e-3})
+    assert not run.same_initial_weights(config, dict(list(theirs.items())[1:]))

@@ -67,7 +67,10 @@ def test_resumable_checkpoint_holding_nan_is_refused_by_file_and_tensor(tmp_path
 
 @pytest.mark.parametrize(
     "algorithm, name, recorded, today",
-    [("relationnet", "support_pooling", "sum", "mean"), ("matchingnet", "similarity_scale", 1, 100)],
+    [
+        ("relationnet", "support_pooling", "sum", "mean"),
+        ("matchingnet", "similarity_scale", 1, 100),
+    ],
 )
 def test_a_run_recorded_before_a_setting_existed_keeps_the_value_it_was_trained_with(
     tmp_path, algorithm, name, recorded, today

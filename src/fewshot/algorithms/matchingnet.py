@@ -27,6 +27,7 @@ on every call and whatever other queries come with it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +36,7 @@ from torch import nn
 
 from fewshot.algorithms.metric import MetricLearner
 from fewshot.algorithms.registry import Method, Problem, Settings, register, setting
-from fewshot.errors import require_positive
+from fewshot.errors import ConfigError, require_positive
 
 # s by default: chosen by measurement on the validation classes (docs/methods/matchingnet.md).
 MATCHING_SCALE = 100.0
@@ -142,6 +143,12 @@ class MatchingNetSettings(Settings):
         fallback=MATCHING_SCALE,
         recorded_before=1.0,
     )
+
+    def check(self, run) -> None:
+        super().check(run)
+        require_positive(similarity_scale=self.similarity_scale)
+        if not math.isfinite(self.similarity_scale):
+            raise ConfigError(f"similarity_scale must be finite, got {self.similarity_scale}.")
 
 
 def build(settings: MatchingNetSettings, problem: Problem) -> MatchingNet:

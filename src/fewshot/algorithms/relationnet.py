@@ -83,7 +83,7 @@ class RelationNet(MetricLearner):
         ways = int(support_y.max()) + 1
         one_hot = F.one_hot(support_y, ways).to(support_z.dtype)  # (tasks, n, ways)
         if self.support_pooling == "mean":
-            one_hot = one_hot / one_hot.sum(1, keepdim=True)
+            one_hot = one_hot / one_hot.sum(1, keepdim=True).clamp(min=1)
         classes = torch.einsum("tnk,tn...->tk...", one_hot, support_z)  # pooled per class
         tasks, q = query_z.shape[:2]
         pairs = torch.cat(
