@@ -8,9 +8,9 @@ set -euo pipefail
 ROOT="${FEWSHOT_REFERENCES:-$HOME/.cache/fewshot-references}"
 MIRRORS="${FEWSHOT_MIRRORS:-/work/.mirror}"
 
-# checkout OWNER NAME COMMIT
-checkout() {
-    local owner=$1 name=$2 commit=$3
+# clone_once OWNER NAME: a clone without a work tree in $ROOT/NAME, unless one is there
+clone_once() {
+    local owner=$1 name=$2
     local dest="$ROOT/$name" mirror="$MIRRORS/$owner+$name/repo"
     if [ ! -d "$dest/.git" ]; then
         mkdir -p "$ROOT"
@@ -20,6 +20,13 @@ checkout() {
             git clone --quiet --no-checkout "https://github.com/$owner/$name" "$dest"
         fi
     fi
+}
+
+# checkout OWNER NAME COMMIT
+checkout() {
+    local owner=$1 name=$2 commit=$3
+    local dest="$ROOT/$name"
+    clone_once "$owner" "$name"
     if ! git -C "$dest" cat-file -e "$commit^{commit}" 2>/dev/null; then
         git -C "$dest" fetch --quiet origin
     fi
@@ -34,15 +41,8 @@ checkout wyharveychen CloserLookFewShot e03aca8a2d01c9b5861a5a816cd5d3fdfc47cd45
 # (run before `checkout`, which then finds the clone)
 without_datasets() {
     local owner=$1 name=$2
-    local dest="$ROOT/$name" mirror="$MIRRORS/$owner+$name/repo"
-    if [ ! -d "$dest/.git" ]; then
-        mkdir -p "$ROOT"
-        if [ -d "$mirror" ]; then
-            git clone --quiet --no-checkout "$mirror" "$dest"
-        else
-            git clone --quiet --no-checkout "https://github.com/$owner/$name" "$dest"
-        fi
-    fi
+    local dest="$ROOT/$name"
+    clone_once "$owner" "$name"
     git -C "$dest" config core.sparseCheckout true
     printf '/*\n!/datasets/\n' >"$dest/.git/info/sparse-checkout"
 }

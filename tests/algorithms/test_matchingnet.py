@@ -81,16 +81,24 @@ def test_full_context_embeddings_follow_the_papers_equations():
         torch.testing.assert_close(net.contextual_queries(query, g.unsqueeze(0))[0, q], h.detach())
 
 
-def test_the_lstm_reads_each_support_set_in_a_random_order():
+def orders_read(call) -> tuple[list[tuple], tuple]:
+    """The support sets the LSTM read in four calls `call(net, task)`, one seed each, and the
+    sampler's class-major order."""
     task = vector_task(shots=3)
     net = MatchingNet(nn.Identity(), full_context=True, embedding_size=4)
     seen = []
     net.support_lstm.register_forward_hook(lambda module, args, out: seen.append(args[0]))
     for seed in range(4):
         torch.manual_seed(seed)
-        net.predict(task)
+        call(net, task)
     rows = [tuple(map(tuple, s[0].tolist())) for s in seen]
-    class_major = tuple(map(tuple, task.support_x[0].tolist()))
+    return rows, tuple(map(tuple, task.support_x[0].tolist()))
+
+
+@pytest.mark.parametrize("call", [MatchingNet.predict, MatchingNet.training_step])
+def test_the_lstm_reads_each_support_set_in_a_random_order(call):
+    """In prediction and in training alike."""
+    rows, class_major = orders_read(call)
     assert all(sorted(r) == sorted(class_major) for r in rows)  # a permutation of the set
     assert len(set(rows)) > 1 and any(r != class_major for r in rows)
 
@@ -141,16 +149,3 @@ def test_inductive_prediction_keeps_each_query_independent_of_the_others():
     torch.manual_seed(0)
     changed = net.predict(Task(tasks.support_x, tasks.support_y, others, tasks.query_y))[:, 0]
     torch.testing.assert_close(alone, changed)
-
-
-def test_training_reads_each_episode_s_support_set_in_a_random_order():
-    task = vector_task(shots=3)
-    net = MatchingNet(nn.Identity(), full_context=True, embedding_size=4)
-    seen = []
-    net.support_lstm.register_forward_hook(lambda module, args, out: seen.append(args[0]))
-    for seed in range(4):
-        torch.manual_seed(seed)
-        net.training_step(task)
-    rows = {tuple(map(tuple, s[0].tolist())) for s in seen}
-    assert len(rows) > 1
-    assert all(sorted(r) == sorted(map(tuple, task.support_x[0].tolist())) for r in rows)

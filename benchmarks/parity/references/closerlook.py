@@ -31,9 +31,7 @@ changes no state.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -46,10 +44,12 @@ from fewshot.tasks import Batch, Task
 from fewshot.training.config import TrainConfig
 
 from .base import Reference
+from .glue import FETCH_SCRIPT, class_major, fewshot_order
+from .glue import checkout as checkout_of
+from .glue import quiet as quiet_about
 
 REPOSITORY = "https://github.com/wyharveychen/CloserLookFewShot"
 COMMIT = "e03aca8a2d01c9b5861a5a816cd5d3fdfc47cd45"
-FETCH_SCRIPT = "benchmarks/parity/fetch_references.sh"
 ADAM_LR = 1e-3  # train.py: torch.optim.Adam(model.parameters()), PyTorch's default rate
 IMAGE_SIZE = 28  # their Omniglot size: Conv4S's 64 features and Conv4SNP's 64x5x5 maps need it
 
@@ -83,8 +83,7 @@ QUIET = (
 
 def checkout() -> Path:
     """Where fetch_references.sh puts their code."""
-    root = os.environ.get("FEWSHOT_REFERENCES") or Path.home() / ".cache" / "fewshot-references"
-    return Path(root) / "CloserLookFewShot"
+    return checkout_of("CloserLookFewShot")
 
 
 def load() -> SimpleNamespace:
@@ -125,12 +124,9 @@ def load() -> SimpleNamespace:
     )
 
 
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        for message in QUIET:
-            warnings.filterwarnings("ignore", message=message)
-        yield
+def quiet():
+    """Their warnings silenced (`QUIET`)."""
+    return quiet_about(QUIET)
 
 
 @contextlib.contextmanager
@@ -153,36 +149,8 @@ def episode_layout(
     """One task in their layout: x (n_way, n_support + n_query, ...), row c holding class c's
     support examples then its queries (each in the order given); also n_support, and the order
     of fewshot's queries in theirs (their query row i is fewshot's query `order[i]`)."""
-    ways = int(support_y.max()) + 1
-    shots = torch.bincount(support_y, minlength=ways)
-    queries = torch.bincount(query_y, minlength=ways)
-    if int(support_y.min()) < 0 or (shots == 0).any() or len(shots) != ways:
-        raise ValueError(f"support labels must cover 0..{ways - 1}, got {support_y.tolist()}")
-    if len(queries) != ways or int(query_y.min()) < 0:
-        raise ValueError(f"query labels must lie in 0..{ways - 1}, got {query_y.tolist()}")
-    if (shots != shots[0]).any() or (queries != queries[0]).any():
-        raise ValueError(
-            f"their layout needs as many support examples ({shots.tolist()}) and as many "
-            f"queries ({queries.tolist()}) in every class"
-        )
-    support_order = torch.argsort(support_y, stable=True)
-    query_order = torch.argsort(query_y, stable=True)
-    n_support, n_query = int(shots[0]), int(queries[0])
-    x = torch.cat(
-        (
-            support_x[support_order].reshape(ways, n_support, *support_x.shape[1:]),
-            query_x[query_order].reshape(ways, n_query, *query_x.shape[1:]),
-        ),
-        dim=1,
-    )
-    return x, n_support, query_order
-
-
-def fewshot_order(scores: torch.Tensor, query_order: torch.Tensor) -> torch.Tensor:
-    """Their per-query rows (class-major) back in fewshot's query order."""
-    out = torch.empty_like(scores)
-    out[query_order] = scores
-    return out
+    support, query, query_order = class_major(support_x, support_y, query_x, query_y)
+    return torch.cat((support, query), dim=1), support.shape[1], query_order
 
 
 class CloserLookReference(Reference):

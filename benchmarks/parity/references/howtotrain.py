@@ -42,17 +42,11 @@ steps it every iteration).
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
 import json
 import math
-import os
-import re
-import sys
-import warnings
 from collections.abc import Iterator
-from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 from unittest import mock
 
 import torch
@@ -62,11 +56,12 @@ from fewshot.tasks import Task
 from fewshot.training.config import TrainConfig
 
 from .base import Reference
+from .glue import checkout, class_major, fewshot_order, import_checkout
+from .glue import quiet as quiet_about
 
 REPOSITORY = "https://github.com/AntreasAntoniou/HowToTrainYourMAMLPytorch"
 COMMIT = "86964701651c06e490271365fedb8789a72ef3f0"
 NAME = "HowToTrainYourMAMLPytorch"
-FETCH_SCRIPT = "benchmarks/parity/fetch_references.sh"
 TEMPLATE = "experiment_template_config/omniglot_maml++.json"
 MODULES = ("meta_neural_network_architectures", "inner_loop_optimizers", "few_shot_learning_system")
 QUIET = (
@@ -77,64 +72,14 @@ QUIET = (
 )
 
 
-def checkout(name: str = NAME) -> Path:
-    """Where fetch_references.sh puts a reference's code."""
-    root = os.environ.get("FEWSHOT_REFERENCES") or Path.home() / ".cache" / "fewshot-references"
-    return Path(root) / name
-
-
-def import_checkout(root: Path, commit: str, names: tuple[str, ...], stubs=()) -> dict:
-    """Their top-level modules `names`, imported from the checkout `root` (at `commit`), on a
-    clean slate: modules of the same names imported before (another reference's `utils`) are
-    set aside while theirs import, and put back after, so references do not shadow each other.
-    `stubs`: names to stand in for modules they import but never use here."""
-    if not (root / f"{names[0]}.py").is_file():
-        raise ImportError(f"{root.name} is not checked out in {root}: run {FETCH_SCRIPT}")
-    head = root / ".git" / "HEAD"
-    at = head.read_text().strip() if head.is_file() else commit
-    if len(at) == 40 and at != commit:
-        raise ImportError(f"{root} is at commit {at}, not {commit}: run {FETCH_SCRIPT}")
-    own = {path.stem for path in root.glob("*.py")} | set(stubs)
-    saved = {n: sys.modules.pop(n) for n in list(sys.modules) if n.split(".")[0] in own}
-    sys.path.insert(0, str(root))
-    try:
-        for name in stubs:
-            sys.modules[name] = stub_module(name)
-        with quiet():
-            modules = {name: importlib.import_module(name) for name in names}
-    finally:
-        sys.path.remove(str(root))
-        for name in [n for n in sys.modules if n.split(".")[0] in own]:
-            del sys.modules[name]
-        sys.modules.update(saved)
-    for name, module in modules.items():
-        if not Path(module.__file__).resolve().is_relative_to(root.resolve()):
-            raise ImportError(f"{name} comes from {module.__file__}, not from {root}")
-    return modules
-
-
-def stub_module(name: str) -> ModuleType:
-    """An empty module `name` whose every attribute is a function that raises if called."""
-
-    def unavailable(attribute: str):
-        def function(*args, **kwargs):
-            raise RuntimeError(f"{name}.{attribute} is not available to the parity harness")
-
-        return function
-
-    module = ModuleType(name)
-    module.__getattr__ = unavailable
-    return module
-
-
 _loaded: dict[str, SimpleNamespace] = {}
 
 
 def load() -> SimpleNamespace:
     """Their MAMLFewShotClassifier and their Omniglot MAML++ template, from the checkout."""
     if NAME not in _loaded:
-        root = checkout()
-        modules = import_checkout(root, COMMIT, MODULES)
+        root = checkout(NAME)
+        modules = import_checkout(root, COMMIT, MODULES, messages=QUIET)
         template = json.loads(substitute_placeholders((root / TEMPLATE).read_text()))
         _loaded[NAME] = SimpleNamespace(
             MAMLFewShotClassifier=modules["few_shot_learning_system"].MAMLFewShotClassifier,
@@ -150,12 +95,9 @@ def substitute_placeholders(text: str) -> str:
     return "".join(part if i % 2 == 0 else "null" for i, part in enumerate(parts))
 
 
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        for message in QUIET:
-            warnings.filterwarnings("ignore", message=re.escape(message))
-        yield
+def quiet():
+    """Their warnings silenced (`QUIET`)."""
+    return quiet_about(QUIET)
 
 
 @contextlib.contextmanager
@@ -233,38 +175,6 @@ def their_arguments(config: TrainConfig, template: dict) -> SimpleNamespace:
         experiment_name="fewshot-parity",
     )
     return SimpleNamespace(**args)
-
-
-def class_major(
-    support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, query_y: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One task class-major: support (ways, shots, ...), queries (ways, queries, ...), row c
-    holding class c's examples in the order given; and the order of fewshot's queries in
-    theirs (their query i, counted class-major, is fewshot's query `order[i]`)."""
-    ways = int(support_y.max()) + 1
-    shots = torch.bincount(support_y, minlength=ways)
-    queries = torch.bincount(query_y, minlength=ways)
-    if int(support_y.min()) < 0 or (shots == 0).any():
-        raise ValueError(f"support labels must cover 0..{ways - 1}, got {support_y.tolist()}")
-    if len(queries) != ways or int(query_y.min()) < 0:
-        raise ValueError(f"query labels must lie in 0..{ways - 1}, got {query_y.tolist()}")
-    if (shots != shots[0]).any() or (queries != queries[0]).any():
-        raise ValueError(
-            f"their layout needs as many support examples ({shots.tolist()}) and as many "
-            f"queries ({queries.tolist()}) in every class"
-        )
-    support_order = torch.argsort(support_y, stable=True)
-    query_order = torch.argsort(query_y, stable=True)
-    support = support_x[support_order].reshape(ways, int(shots[0]), *support_x.shape[1:])
-    query = query_x[query_order].reshape(ways, int(queries[0]), *query_x.shape[1:])
-    return support, query, query_order
-
-
-def fewshot_order(scores: torch.Tensor, query_order: torch.Tensor) -> torch.Tensor:
-    """Their per-query rows (class-major) back in fewshot's query order."""
-    out = torch.empty_like(scores)
-    out[query_order] = scores
-    return out
 
 
 def their_batch(tasks: Task) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]:

@@ -55,7 +55,9 @@ from fewshot.tasks import Task
 from fewshot.training.config import TrainConfig
 
 from .base import Reference
-from .howtotrain import checkout, class_major, fewshot_order, import_checkout, quiet
+from .glue import checkout, class_major, fewshot_order, import_checkout
+from .glue import quiet as quiet_about
+from .howtotrain import QUIET
 
 REPOSITORY = "https://github.com/markdtw/meta-learning-lstm-pytorch"
 COMMIT = "fcc68baad71a3293edeb227a1676de9e9edea9c3"
@@ -68,11 +70,20 @@ CHANNELS = 3  # their Learner's first convolution: nn.Conv2d(3, 32, 3, padding=1
 _loaded: dict[str, SimpleNamespace] = {}
 
 
+def quiet():
+    """The PyTorch warnings their 2018 code triggers, silenced (howtotrain's `QUIET`)."""
+    return quiet_about(QUIET)
+
+
 def load() -> SimpleNamespace:
     """Their Learner, MetaLearner and main.train_learner, from the checkout."""
     if NAME not in _loaded:
         modules = import_checkout(
-            checkout(NAME), COMMIT, ("learner", "metalearner", "main"), stubs=("dataloader",)
+            checkout(NAME),
+            COMMIT,
+            ("learner", "metalearner", "main"),
+            stubs=("dataloader",),
+            messages=QUIET,
         )
         _loaded[NAME] = SimpleNamespace(
             Learner=modules["learner"].Learner,
