@@ -49,9 +49,25 @@ def verdict(result: dict) -> str:
     seconds = result["seconds_per_iteration"]
     if seconds["fewshot"] is None or seconds["reference"] is None:
         failed.append("time per iteration not measured")
-    elif seconds["fewshot"] > seconds["reference"]:
+    elif seconds["fewshot"] > seconds["reference"] and slower_beyond_noise(result):
         failed.append("fewshot slower")
     return "parity" if not failed else "no parity: " + ", ".join(failed)
+
+
+def slower_beyond_noise(result: dict, alpha: float = 0.05) -> bool:
+    """Whether fewshot's 10-iteration intervals take longer than the reference's beyond the
+    machine's noise: a one-sided Mann-Whitney test of the two sides' interval times (both ran at
+    once, so a slow spell of the machine slows both), at level `alpha`. Without the intervals
+    (older results) any excess counts."""
+    intervals = result.get("interval_seconds")
+    if not intervals or len(intervals["fewshot"]) < 3 or len(intervals["reference"]) < 3:
+        return True
+    import scipy.stats
+
+    test = scipy.stats.mannwhitneyu(
+        intervals["fewshot"], intervals["reference"], alternative="greater"
+    )
+    return bool(test.pvalue < alpha)
 
 
 def percent(result: dict) -> str:

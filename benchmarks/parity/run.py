@@ -267,17 +267,21 @@ def child_command(mode: str, method: str, args: argparse.Namespace) -> list[str]
 LOG_EVERY = 10  # fewshot's loop logs every 10th iteration; both sides are timed over those
 
 
-def seconds_per_iteration(lines: list[dict]) -> float | None:
-    """Median wall seconds per iteration, from the cumulative "seconds" of a metrics log: the
-    differences between consecutive records of every `LOG_EVERY`-th iteration, each divided by
-    the iterations between them, so both sides are timed over the same intervals (validation
-    falls in a few of them, which the median leaves out)."""
+def interval_seconds(lines: list[dict]) -> list[float]:
+    """Wall seconds per iteration over each interval between consecutive records of every
+    `LOG_EVERY`-th iteration, from the cumulative "seconds" of a metrics log, so both sides are
+    timed over the same intervals (validation falls in a few of them)."""
     points = [(0, 0.0)] + [
         (r["iteration"], r["seconds"])
         for r in lines
         if "seconds" in r and "split" not in r and r["iteration"] % LOG_EVERY == 0
     ]
-    rates = [(s1 - s0) / (i1 - i0) for (i0, s0), (i1, s1) in zip(points, points[1:]) if i1 > i0]
+    return [(s1 - s0) / (i1 - i0) for (i0, s0), (i1, s1) in zip(points, points[1:]) if i1 > i0]
+
+
+def seconds_per_iteration(lines: list[dict]) -> float | None:
+    """The median of `interval_seconds`, which leaves the validation intervals out."""
+    rates = interval_seconds(lines)
     return statistics.median(rates) if rates else None
 
 
@@ -329,6 +333,10 @@ def compare(method: str, args: argparse.Namespace, commands: dict) -> dict:
         "seconds_per_iteration": {
             "fewshot": seconds_per_iteration(fewshot_log),
             "reference": seconds_per_iteration(reference_log[1:]),
+        },
+        "interval_seconds": {
+            "fewshot": interval_seconds(fewshot_log),
+            "reference": interval_seconds(reference_log[1:]),
         },
         "test": {
             "episodes": args.test_episodes,

@@ -202,3 +202,12 @@ def test_same_initial_weights_matches_tensors_one_to_one_and_leaves_the_generato
     first = next(k for k, t in theirs.items() if t.dim() > 1)
     assert not run.same_initial_weights(config, {**theirs, first: theirs[first] + 1e-3})
     assert not run.same_initial_weights(config, dict(list(theirs.items())[1:]))
+
+
+def test_fewshot_is_slower_only_beyond_the_noise_of_both_sides_intervals():
+    noisy = [1.0, 1.3, 0.9, 1.2, 1.1, 1.4, 1.0, 1.2]
+    same = {**result(fewshot_seconds=1.15, reference_seconds=1.1)}
+    same["interval_seconds"] = {"fewshot": [x + 0.02 for x in noisy], "reference": noisy}
+    assert report.verdict(same) == "parity"
+    slower = {**same, "interval_seconds": {"fewshot": [x + 1 for x in noisy], "reference": noisy}}
+    assert report.verdict(slower) == "no parity: fewshot slower"
