@@ -137,14 +137,18 @@ def draw_curves(result: dict, path: Path) -> Path:
     figure = new_figure(7, 4.2)
     axes = figure.subplots()
     labels = {"fewshot": "fewshot", "reference": result["reference"]["source"]}
-    for side, color in (("fewshot", "C0"), ("reference", "C1")):
+    # the reference first, fewshot dashed on top: where the curves coincide both stay visible
+    styles = {"reference": ("C1", "-", "o"), "fewshot": ("C0", "--", "x")}
+    for side, (color, line, marker) in styles.items():
         curve = result["validation"][side]
         if not curve:
             continue
         x = np.array([p["iteration"] for p in curve])
         y = 100 * np.array([p["accuracy"] for p in curve])
         ci = 100 * np.nan_to_num(np.array([p["ci95"] for p in curve], dtype=float))
-        axes.plot(x, y, marker="o", markersize=3, color=color, label=labels[side])
+        axes.plot(
+            x, y, marker=marker, markersize=5, linestyle=line, color=color, label=labels[side]
+        )
         axes.fill_between(x, y - ci, y + ci, color=color, alpha=0.2, linewidth=0)
     axes.set_xlabel("iteration")
     axes.set_ylabel("validation accuracy (%)")

@@ -114,6 +114,13 @@ def child_environment() -> dict[str, str]:
     return env
 
 
+def recorded(command: list[str]) -> str:
+    """A command as the result records it: this machine's interpreter as `python`, paths in the
+    repository relative to it."""
+    parts = ["python" if part == sys.executable else part for part in command]
+    return shlex.join([part.replace(f"{REPO}{os.sep}", "") for part in parts])
+
+
 def pinned(core: int, command: list[str]) -> list[str]:
     return ["taskset", "-c", str(core), *command]
 
@@ -359,7 +366,7 @@ def compare(method: str, args: argparse.Namespace, commands: dict) -> dict:
             "same_initial_weights": header["same_initial_weights"],
             "config_differences": differing,
         },
-        "config": fewshot_config,
+        "config": {k: v for k, v in fewshot_config.items() if k != "data_root"},
         "commands": commands,
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__},
         "date": time.strftime("%Y-%m-%d"),
@@ -388,8 +395,8 @@ def pair_commands(method: str, args: argparse.Namespace) -> tuple[list, list, di
     argv = [a for a in sys.argv[1:] if a != "--compare-only"]
     commands = {
         "pair": shlex.join([Path(sys.executable).name, "benchmarks/parity/run.py", *argv]),
-        "fewshot": [shlex.join(c) for c in fewshot_side],
-        "reference": [shlex.join(c) for c in reference_side],
+        "fewshot": [recorded(c) for c in fewshot_side],
+        "reference": [recorded(c) for c in reference_side],
     }
     return fewshot_side, reference_side, commands
 
