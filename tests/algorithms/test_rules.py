@@ -92,3 +92,17 @@ def test_momentum_sgd_follows_torch_optim_sgd_step_for_step(momentum, dampening,
         optimizer.step()
         params, state = rule(params, {"w": grad}, torch.zeros(1), state, step)
         torch.testing.assert_close(params["w"], reference.detach())
+
+
+def test_adam_s_square_root_is_the_same_with_and_without_a_graph_through_it():
+    """The plain sqrt taken where nothing differentiates through v gives, bit for bit, what the
+    zero-gradient-at-zero form gives where something does."""
+    from fewshot.algorithms.rules import _sqrt_with_zero_gradient_at_zero
+
+    v = torch.rand(1000, dtype=torch.float64) * (torch.rand(1000) > 0.3)
+    leaf = v.clone().requires_grad_()
+    graphed = _sqrt_with_zero_gradient_at_zero(leaf)
+    assert (v == 0).any()
+    assert torch.equal(_sqrt_with_zero_gradient_at_zero(v), graphed.detach())
+    (gradient,) = torch.autograd.grad(graphed.sum(), leaf)
+    assert torch.isfinite(gradient).all() and (gradient[v == 0] == 0).all()

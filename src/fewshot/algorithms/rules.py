@@ -200,7 +200,11 @@ def _sqrt_with_zero_gradient_at_zero(v: torch.Tensor) -> torch.Tensor:
 
     Where a coordinate's inner gradient is exactly zero (a dead ReLU), sqrt's infinite slope
     times the zero that reaches it would give NaN in a second-order meta-gradient; there the
-    update does not depend on v, so 0 is the right derivative.
+    update does not depend on v, so 0 is the right derivative. Where nothing differentiates
+    through v (first-order adaptation, Reptile), plain sqrt gives the same values with a
+    quarter of the operations.
     """
+    if not v.requires_grad:
+        return v.sqrt()
     positive = v > 0
     return torch.where(positive, torch.where(positive, v, torch.ones_like(v)).sqrt(), 0.0)
