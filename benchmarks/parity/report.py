@@ -80,17 +80,23 @@ def seconds(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3g}"
 
 
+def reference_name(result: dict) -> str:
+    """The reference as "owner/repository version" (a GitHub repository) or as recorded."""
+    reference = result["reference"]
+    name = reference["repository"].removeprefix("https://github.com/")
+    version = reference["version"]
+    if len(version) == 40 and all(c in "0123456789abcdef" for c in version):
+        version = version[:7]  # a commit
+    return f"{name} {version}".strip()
+
+
 def row(result: dict, curve_dir: str = "plots") -> list[str]:
     """One table row of a result."""
     method, test = result["method"], result["test"]
     difference = result["paired_difference"]
-    reference = result["reference"]
-    name = reference["repository"]
-    if name.startswith("https://github.com/"):
-        name = name.removeprefix("https://github.com/")
     return [
         method,
-        f"{name} {reference['version']}".strip(),
+        reference_name(result),
         str(result["iterations"]),
         seconds(result["seconds_per_iteration"]["fewshot"]),
         seconds(result["seconds_per_iteration"]["reference"]),
@@ -136,7 +142,7 @@ def draw_curves(result: dict, path: Path) -> Path:
 
     figure = new_figure(7, 4.2)
     axes = figure.subplots()
-    labels = {"fewshot": "fewshot", "reference": result["reference"]["source"]}
+    labels = {"fewshot": "fewshot", "reference": reference_name(result)}
     # the reference first, fewshot dashed on top: where the curves coincide both stay visible
     styles = {"reference": ("C1", "-", "o"), "fewshot": ("C0", "--", "x")}
     for side, (color, line, marker) in styles.items():
