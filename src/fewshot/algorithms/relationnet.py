@@ -4,7 +4,7 @@ The encoder maps images to feature maps; a class is the sum of its support examp
 paper) or their mean. A learned relation module g compares the concatenated maps of a class and
 a query,
 
-    r_{k, x} = g([sum_{i: y_i = k} f(x_i), f(x)])  in (0, 1),
+    r_{k, x} = g([pool_{i: y_i = k} f(x_i), f(x)])  in (0, 1),   pool = sum or mean,
 
 and training regresses r to the one-hot labels with the mean squared error, as in the paper,
 rather than classifying with a softmax. A sum grows with the class's shots, so a module trained
