@@ -211,3 +211,19 @@ def test_fewshot_is_slower_only_beyond_the_noise_of_both_sides_intervals():
     assert report.verdict(same) == "parity"
     slower = {**same, "interval_seconds": {"fewshot": [x + 1 for x in noisy], "reference": noisy}}
     assert report.verdict(slower) == "no parity: fewshot slower"
+
+
+def test_chen_initialisation_draws_convolutions_by_fan_out_and_resets_batch_norm():
+    from benchmarks.parity.chen_init import chen_init_
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 64, 3), nn.BatchNorm2d(64), nn.Conv2d(64, 64, 3))
+    with torch.no_grad():
+        net[1].weight.fill_(3.0)
+        net[1].bias.fill_(2.0)
+    chen_init_(net)
+    for conv in (net[0], net[2]):
+        expected = math.sqrt(2.0 / (3 * 3 * 64))
+        assert conv.weight.std().item() == pytest.approx(expected, rel=0.1)
+        assert abs(conv.weight.mean().item()) < 0.2 * expected
+    assert torch.equal(net[1].weight, torch.ones(64)) and torch.equal(net[1].bias, torch.zeros(64))

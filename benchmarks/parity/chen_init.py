@@ -1,0 +1,56 @@
+"""A run folder holding fewshot's initial network for a method, re-initialised as Chen et al.'s
+CloserLookFewShot initialises theirs (`backbone.init_layer`: convolution weights normal with
+variance 2 / (k * k * out_channels), batch norm's scale 1 and shift 0), for `fewshot train
+--init FOLDER`: the parity pairs' initialisation control (docs/parity.md).
+
+    PYTHONPATH=src python benchmarks/parity/chen_init.py baseline runs/init-chen-baseline \
+        --data-root ../shared/data/omniglot
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fewshot.training import checkpoint
+from fewshot.training.config import TrainConfig
+from fewshot.training.factory import build_algorithm, build_sources
+from fewshot.training.loop import seed_everything
+
+
+def chen_init_(module: nn.Module) -> None:
+    """Chen et al.'s initialisation of every convolution and batch-norm layer, in place."""
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, nn.Conv2d):
+                fan = layer.kernel_size[0] * layer.kernel_size[1] * layer.out_channels
+                layer.weight.normal_(0, math.sqrt(2.0 / fan))
+            elif isinstance(layer, nn.BatchNorm2d):
+                layer.weight.fill_(1)
+                layer.bias.fill_(0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("algorithm")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--data-root", default=None)
+    args = parser.parse_args(argv)
+    config = TrainConfig(algorithm=args.algorithm, dataset="omniglot").resolved()
+    sources = build_sources(config, args.data_root, parts=("train",))
+    config.settings = config.settings.fit_data(sources.train)  # the pretraining head's size
+    seed_everything(config.seed)
+    algorithm = build_algorithm(config)
+    chen_init_(algorithm)
+    args.out.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_config(args.out, config)
+    checkpoint.save_weights(algorithm, args.out / checkpoint.BEST_WEIGHTS)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
