@@ -156,20 +156,10 @@ class MarkdtwMetaLSTMReference(Reference):
         """Their main.py's meta-training step on one episode."""
         if len(tasks) != 1:
             raise ValueError(f"their main.py updates on one episode at a time, got {len(tasks)}")
-        learner_w_grad, learner_wo_grad = self._learners
         train_input, train_target, test_input, test_target, _ = their_episode(tasks[0])
-        args = self.arguments(self.inner_steps, len(train_input))
         with quiet():
-            learner_w_grad.reset_batch_stats()
-            learner_wo_grad.reset_batch_stats()
-            learner_w_grad.train()
-            learner_wo_grad.train()
-            cI = self._train_learner(
-                learner_w_grad, self.metalearner, train_input, train_target, args
-            )
-            learner_wo_grad.transfer_params(learner_w_grad, cI)
-            output = learner_wo_grad(test_input)
-            loss = learner_wo_grad.criterion(output, test_target)
+            learner = self.adapted(train_input, train_target, self.inner_steps, query_mode=True)
+            loss = learner.criterion(learner(test_input), test_target)
             self.optim.zero_grad()
             loss.backward()
             if self.grad_clip is not None:
@@ -180,24 +170,29 @@ class MarkdtwMetaLSTMReference(Reference):
     def predict(self, tasks: Task, inner_steps: int | None = None) -> torch.Tensor:
         """Their meta_test on each task: the query logits in fewshot's query order."""
         steps = self.eval_inner_steps if inner_steps is None else inner_steps
-        learner_w_grad, learner_wo_grad = self._learners
         logits = []
         with torch.enable_grad(), quiet():  # train_learner calls loss.backward()
             for i in range(len(tasks)):
                 train_input, train_target, test_input, _, order = their_episode(tasks[i])
-                args = self.arguments(steps, len(train_input))
-                learner_w_grad.reset_batch_stats()
-                learner_wo_grad.reset_batch_stats()
-                learner_w_grad.train()
-                learner_wo_grad.eval()
-                cI = self._train_learner(
-                    learner_w_grad, self.metalearner, train_input, train_target, args
-                )
-                learner_wo_grad.transfer_params(learner_w_grad, cI)
-                output = learner_wo_grad(test_input).detach()
-                logits.append(fewshot_order(output, order))
-        learner_w_grad.zero_grad()
+                learner = self.adapted(train_input, train_target, steps, query_mode=False)
+                logits.append(fewshot_order(learner(test_input).detach(), order))
+        self._learners[0].zero_grad()
         return torch.stack(logits)
+
+    def adapted(self, train_input, train_target, steps: int, query_mode: bool):
+        """Their learner after `steps` of the meta-learner on the support set, as main.py's
+        train and meta_test make it: batch statistics reset, the learner with gradients in
+        training mode, the one that answers the queries in training mode (`query_mode`, their
+        training) or eval mode (their test)."""
+        learner_w_grad, learner_wo_grad = self._learners
+        args = self.arguments(steps, len(train_input))
+        learner_w_grad.reset_batch_stats()
+        learner_wo_grad.reset_batch_stats()
+        learner_w_grad.train()
+        learner_wo_grad.train(query_mode)
+        cI = self._train_learner(learner_w_grad, self.metalearner, train_input, train_target, args)
+        learner_wo_grad.transfer_params(learner_w_grad, cI)
+        return learner_wo_grad
 
 
 def build(method: str, config: TrainConfig) -> MarkdtwMetaLSTMReference:
