@@ -173,7 +173,7 @@ def train_reference(method: str, args: argparse.Namespace) -> None:
     from fewshot.tasks import stream_generator
     from fewshot.training.evaluation import evaluate, evaluate_episodes
     from fewshot.training.factory import build_sources
-    from fewshot.training.loop import VALIDATION_SEED
+    from fewshot.training.loop import VALIDATION_SEED, is_better
 
     torch.set_num_threads(1)
     out = Path(args.out) / "reference"
@@ -206,8 +206,8 @@ def train_reference(method: str, args: argparse.Namespace) -> None:
                 model, sources.val, config.val_episodes, VALIDATION_SEED, stream="val"
             )
             line = {"iteration": iteration, "split": "val", **result.to_dict()}
-            if best is None or result.mean > best:
-                best, best_state = result.mean, copy.deepcopy(reference.state_dict())
+            if is_better(result, best):  # fewshot's loop's rule, so both sides keep alike
+                best, best_state = result, copy.deepcopy(reference.state_dict())
                 torch.save(best_state, out / REFERENCE_WEIGHTS)
                 line["best"] = True
             record(line)
