@@ -149,6 +149,9 @@ def process_group(device: str) -> Iterator[World]:
     dist.init_process_group(backend_for(world.device), timeout=COLLECTIVE_TIMEOUT)
     try:
         yield world
+        # A process that tears down its connections while another is still in its last
+        # collective aborts that one ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
