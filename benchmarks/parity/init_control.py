@@ -1,9 +1,15 @@
-"""A run folder holding fewshot's initial network for a method, re-initialised as Chen et al.'s
-CloserLookFewShot initialises theirs (`backbone.init_layer`: convolution weights normal with
-variance 2 / (k * k * out_channels), batch norm's scale 1 and shift 0), for `fewshot train
---init FOLDER`: the parity pairs' initialisation control (docs/parity.md).
+"""A run folder holding fewshot's initial model for a method, changed in one controlled way,
+for `fewshot train --init FOLDER`: the parity pairs' initialisation controls (docs/parity.md).
 
-    PYTHONPATH=src python benchmarks/parity/chen_init.py baseline runs/init-chen-baseline \
+- `chen`: re-initialised as Chen et al.'s CloserLookFewShot initialises theirs
+  (`backbone.init_layer`: convolution weights normal with variance 2 / (k * k * out_channels),
+  batch norm's scale 1 and shift 0). Tests whether a gap is the initialisation.
+- `ulp`: every parameter moved by one float32 unit in the last place, up or down at random.
+  The same method from weights that differ by rounding alone: how far two runs that differ
+  only by rounding end apart, the yardstick for a pair whose computations agree (MAML's first
+  meta-gradient to 1e-10) but whose trained models do not.
+
+    PYTHONPATH=src python benchmarks/parity/init_control.py chen baseline runs/init-chen-baseline \
         --data-root ../shared/data/omniglot
 """
 
@@ -34,18 +40,35 @@ def chen_init_(module: nn.Module) -> None:
                 layer.bias.fill_(0)
 
 
+def one_ulp_(module: nn.Module, seed: int = 0) -> None:
+    """Move every parameter of `module` to its next representable value, towards +inf or -inf
+    (a fair coin per coordinate, from `seed`), in place."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            up = torch.rand(parameter.shape, generator=generator) < 0.5
+            target = torch.where(up, math.inf, -math.inf).to(parameter.dtype)
+            parameter.copy_(torch.nextafter(parameter, target))
+
+
+CONTROLS = {"chen": chen_init_, "ulp": one_ulp_}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("control", choices=sorted(CONTROLS))
     parser.add_argument("algorithm")
     parser.add_argument("out", type=Path)
+    parser.add_argument("--backbone", default=None, help="as the pair's `fewshot train`")
     parser.add_argument("--data-root", default=None)
     args = parser.parse_args(argv)
-    config = TrainConfig(algorithm=args.algorithm, dataset="omniglot").resolved()
+    options = {"backbone": args.backbone} if args.backbone else {}
+    config = TrainConfig(algorithm=args.algorithm, dataset="omniglot", **options).resolved()
     sources = build_sources(config, args.data_root, parts=("train",))
     config.settings = config.settings.fit_data(sources.train)  # the pretraining head's size
     seed_everything(config.seed)
     algorithm = build_algorithm(config)
-    chen_init_(algorithm)
+    CONTROLS[args.control](algorithm)
     args.out.mkdir(parents=True, exist_ok=True)
     checkpoint.write_config(args.out, config)
     checkpoint.save_weights(algorithm, args.out / checkpoint.BEST_WEIGHTS)

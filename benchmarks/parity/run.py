@@ -224,21 +224,41 @@ def train_reference(method: str, args: argparse.Namespace) -> None:
 # -- scoring fewshot's run (a child process) ---------------------------------------------------
 
 
-def score_fewshot(args: argparse.Namespace) -> None:
-    """fewshot's best weights, as `fewshot eval` reads them, on the test episodes."""
+def score_fewshot(args: argparse.Namespace, run_dir: Path | None = None) -> None:
+    """The best weights of fewshot's side (or of `run_dir`), as `fewshot eval` reads them, on
+    the test episodes; the scores go to the run folder's test_scores.json."""
     from fewshot.training.evaluation import evaluate_episodes
     from fewshot.training.factory import build_sources
     from fewshot.training.loop import load
 
     torch.set_num_threads(1)
-    run_dir = Path(args.out) / "fewshot"
+    run_dir = run_dir or Path(args.out) / "fewshot"
     algorithm = load(run_dir, batch_norm=None)
     sources = build_sources(algorithm.config, args.data_root, parts=("test",))
     result, scores = evaluate_episodes(
         algorithm, sources.test, args.test_episodes, TEST_SEED, stream="eval"
     )
     write_scores(run_dir / SCORES, result, scores)
-    print(f"fewshot test: {result}", flush=True)
+    print(f"{run_dir} test: {result}", flush=True)
+
+
+def score_control(args: argparse.Namespace) -> None:
+    """Score a control run (fewshot trained with one thing changed, say `--init` from
+    init_control.py) on the pair's test episodes and print its paired difference from each
+    side of the pair in `--out`."""
+    from fewshot.training.evaluation import paired_difference
+
+    control = Path(args.score_control)
+    score_fewshot(args, control)
+    mine = torch.tensor(json.loads((control / SCORES).read_text())["scores"])
+    print(f"{control}: {100 * mine.mean():.2f}%")
+    for side in ("fewshot", "reference"):
+        theirs = torch.tensor(json.loads((Path(args.out) / side / SCORES).read_text())["scores"])
+        difference = paired_difference(mine, theirs)
+        print(
+            f"  {control} - {side} side: {100 * difference.mean:+.2f} ± "
+            f"{100 * difference.ci95:.2f} points (p = {difference.p_value:.3g})"
+        )
 
 
 def write_scores(path: Path, result, scores: torch.Tensor) -> None:
@@ -455,6 +475,12 @@ def main(argv: list[str] | None = None) -> None:
     mode.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
     mode.add_argument("--score-fewshot", action="store_true", help=argparse.SUPPRESS)
     mode.add_argument(
+        "--score-control",
+        metavar="RUN",
+        help="score fewshot run folder RUN on the test episodes; its paired difference from "
+        "each side of the pair in --out",
+    )
+    mode.add_argument(
         "--compare-only",
         action="store_true",
         help="write the result of a pair already run in --out (same arguments), training nothing",
@@ -464,6 +490,8 @@ def main(argv: list[str] | None = None) -> None:
         return train_reference(args.method, args)
     if args.score_fewshot:
         return score_fewshot(args)
+    if args.score_control:
+        return score_control(args)
     if args.compare_only:
         result = compare(args.method, args, pair_commands(args.method, args)[2])
     else:

@@ -106,3 +106,21 @@ def test_adam_s_square_root_is_the_same_with_and_without_a_graph_through_it():
     assert torch.equal(_sqrt_with_zero_gradient_at_zero(v), graphed.detach())
     (gradient,) = torch.autograd.grad(graphed.sum(), leaf)
     assert torch.isfinite(gradient).all() and (gradient[v == 0] == 0).all()
+
+
+@pytest.mark.parametrize("betas", [(0.0, 0.999), (0.5, 0.9)])
+def test_adam_follows_torch_optim_adam_step_for_step(betas):
+    """The inner Adam against torch's own optimizer on the same gradients, some coordinates'
+    exactly zero (Adam's denominator is then eps alone)."""
+    torch.manual_seed(0)
+    start = torch.randn(2, 3)
+    reference = start.clone().requires_grad_()
+    optimizer = torch.optim.Adam([reference], lr=0.05, betas=betas)
+    rule = Adam(0.05, betas=betas)
+    params, state = {"w": start.clone()}, rule.init_state({"w": start})
+    for step in range(4):
+        grad = torch.randn(2, 3) * (torch.rand(2, 3) > 0.3)
+        reference.grad = grad.clone()
+        optimizer.step()
+        params, state = rule(params, {"w": grad}, torch.zeros(1), state, step)
+        torch.testing.assert_close(params["w"], reference.detach(), rtol=0, atol=1e-7)

@@ -214,7 +214,7 @@ def test_fewshot_is_slower_only_beyond_the_noise_of_both_sides_intervals():
 
 
 def test_chen_initialisation_draws_convolutions_by_fan_out_and_resets_batch_norm():
-    from benchmarks.parity.chen_init import chen_init_
+    from benchmarks.parity.init_control import chen_init_
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 64, 3), nn.BatchNorm2d(64), nn.Conv2d(64, 64, 3))
@@ -227,3 +227,22 @@ def test_chen_initialisation_draws_convolutions_by_fan_out_and_resets_batch_norm
         assert conv.weight.std().item() == pytest.approx(expected, rel=0.1)
         assert abs(conv.weight.mean().item()) < 0.2 * expected
     assert torch.equal(net[1].weight, torch.ones(64)) and torch.equal(net[1].bias, torch.zeros(64))
+
+
+def test_the_rounding_control_moves_every_parameter_by_one_unit_in_the_last_place():
+    from benchmarks.parity.init_control import one_ulp_
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 30), nn.Linear(30, 5))
+    before = [p.detach().clone() for p in net.parameters()]
+    one_ulp_(net, seed=3)
+    ups = 0
+    for old, new in zip(before, net.parameters()):
+        up = new > old
+        ups += int(up.sum())
+        # one step each way: back from where it moved lands on the old value exactly
+        back = torch.nextafter(new.detach(), torch.where(up, -math.inf, math.inf))
+        assert torch.equal(back, old) and not torch.equal(new, old)
+        assert ((new > old) | (new < old)).all()
+    total = sum(p.numel() for p in before)
+    assert 0.4 * total < ups < 0.6 * total

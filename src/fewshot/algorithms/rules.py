@@ -12,6 +12,7 @@ A gradient that is None (a parameter the loss did not use) leaves its parameter 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -188,10 +189,12 @@ class Adam(InnerRule):
             if g is None:
                 new[n] = p
                 continue
-            first[n] = b1 * first[n] + (1 - b1) * g
-            second[n] = b2 * second[n] + (1 - b2) * g * g
-            denominator = _sqrt_with_zero_gradient_at_zero(second[n] / (1 - b2**t)) + self.eps
-            new[n] = p - self.lr * (first[n] / (1 - b1**t)) / denominator
+            # torch.optim.Adam's arrangement of the same formula: fused ops, half as many
+            # (Reptile's inner loop spends much of its time here), and m = g when b1 = 0.
+            first[n] = g if b1 == 0 else torch.lerp(first[n], g, 1 - b1)
+            second[n] = torch.addcmul(b2 * second[n], g, g, value=1 - b2)
+            root = _sqrt_with_zero_gradient_at_zero(second[n]) / math.sqrt(1 - b2**t)
+            new[n] = torch.addcdiv(p, first[n], root + self.eps, value=-self.lr / (1 - b1**t))
         return new, (first, second)
 
 
