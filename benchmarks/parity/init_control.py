@@ -9,6 +9,9 @@ for `fewshot train --init FOLDER`: the parity pairs' initialisation controls (do
   only by rounding end apart, the yardstick for a pair whose computations agree (MAML's first
   meta-gradient to 1e-10) but whose trained models do not.
 
+Several controls apply in the order given (`chen,ulp`: Chen et al.'s initialisation, then
+one ulp away from it).
+
     PYTHONPATH=src python benchmarks/parity/init_control.py chen baseline runs/init-chen-baseline \
         --data-root ../shared/data/omniglot
 """
@@ -56,19 +59,24 @@ CONTROLS = {"chen": chen_init_, "ulp": one_ulp_}
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("control", choices=sorted(CONTROLS))
+    parser.add_argument("controls", help=f"comma-separated, of {', '.join(sorted(CONTROLS))}")
     parser.add_argument("algorithm")
     parser.add_argument("out", type=Path)
     parser.add_argument("--backbone", default=None, help="as the pair's `fewshot train`")
     parser.add_argument("--data-root", default=None)
     args = parser.parse_args(argv)
+    controls = args.controls.split(",")
+    unknown = [name for name in controls if name not in CONTROLS]
+    if unknown:
+        parser.error(f"unknown control {unknown[0]!r}; choose from {', '.join(sorted(CONTROLS))}")
     options = {"backbone": args.backbone} if args.backbone else {}
     config = TrainConfig(algorithm=args.algorithm, dataset="omniglot", **options).resolved()
     sources = build_sources(config, args.data_root, parts=("train",))
     config.settings = config.settings.fit_data(sources.train)  # the pretraining head's size
     seed_everything(config.seed)
     algorithm = build_algorithm(config)
-    CONTROLS[args.control](algorithm)
+    for name in controls:
+        CONTROLS[name](algorithm)
     args.out.mkdir(parents=True, exist_ok=True)
     checkpoint.write_config(args.out, config)
     checkpoint.save_weights(algorithm, args.out / checkpoint.BEST_WEIGHTS)

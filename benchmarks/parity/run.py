@@ -224,7 +224,9 @@ def train_reference(method: str, args: argparse.Namespace) -> None:
 # -- scoring fewshot's run (a child process) ---------------------------------------------------
 
 
-def score_fewshot(args: argparse.Namespace, run_dir: Path | None = None) -> None:
+def score_fewshot(
+    args: argparse.Namespace, run_dir: Path | None = None, batch_norm: str | None = None
+) -> None:
     """The best weights of fewshot's side (or of `run_dir`), as `fewshot eval` reads them, on
     the test episodes; the scores go to the run folder's test_scores.json."""
     from fewshot.training.evaluation import evaluate_episodes
@@ -233,7 +235,7 @@ def score_fewshot(args: argparse.Namespace, run_dir: Path | None = None) -> None
 
     torch.set_num_threads(1)
     run_dir = run_dir or Path(args.out) / "fewshot"
-    algorithm = load(run_dir, batch_norm=None)
+    algorithm = load(run_dir, batch_norm=batch_norm)
     sources = build_sources(algorithm.config, args.data_root, parts=("test",))
     result, scores = evaluate_episodes(
         algorithm, sources.test, args.test_episodes, TEST_SEED, stream="eval"
@@ -249,7 +251,7 @@ def score_control(args: argparse.Namespace) -> None:
     from fewshot.training.evaluation import paired_difference
 
     control = Path(args.score_control)
-    score_fewshot(args, control)
+    score_fewshot(args, control, args.batch_norm)
     mine = torch.tensor(json.loads((control / SCORES).read_text())["scores"])
     print(f"{control}: {100 * mine.mean():.2f}%")
     for side in ("fewshot", "reference"):
@@ -471,6 +473,11 @@ def main(argv: list[str] | None = None) -> None:
         help="the CPU cores of the fewshot side and of the reference side [default: 0,1]",
     )
     parser.add_argument("--results", default=str(RESULTS), help="folder of the result JSON")
+    parser.add_argument(
+        "--batch-norm",
+        choices=("transductive", "inductive"),
+        help="with --score-control: the policy the control is scored with [default: its own]",
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
     mode.add_argument("--score-fewshot", action="store_true", help=argparse.SUPPRESS)

@@ -12,6 +12,7 @@ from fewshot import MetaLSTM
 from fewshot.algorithms.batchnorm import batch_statistics
 from fewshot.algorithms.metalstm import MetaLSTMRule, preprocess
 from fewshot.algorithms.rules import InnerRule
+from fewshot.errors import ConfigError
 from fewshot.training.loop import meta_step
 from tests.algorithms.test_maml import finite_difference_gradient, sinusoid_like_tasks, small_mlp
 from tests.algorithms.test_mamlpp import classification_tasks, small_batch_norm_net
@@ -163,8 +164,26 @@ def test_initial_step_size_outside_zero_one_is_refused():
         MetaLSTM(small_mlp(), initial_step_size=1.5)
 
 
-def batch_norm_learner(policy: str) -> MetaLSTM:
-    return MetaLSTM(small_batch_norm_net(), inner_steps=3, hidden_size=4, batch_norm=policy)
+@pytest.mark.parametrize("momentum", [-0.1, 1.5])
+def test_a_statistics_momentum_outside_zero_one_is_refused(momentum):
+    with pytest.raises(ConfigError, match="statistics_momentum must lie in"):
+        MetaLSTM(small_mlp(), statistics_momentum=momentum)
+
+
+def test_a_model_saved_under_one_statistics_momentum_loads_under_another():
+    """The momentum changes prediction only: the state dict is the same for every value."""
+    keys = {m: set(batch_norm_learner("inductive", m).state_dict()) for m in (0.0, 0.95)}
+    assert keys[0.0] == keys[0.95]
+
+
+def batch_norm_learner(policy: str, statistics_momentum: float = 0.0) -> MetaLSTM:
+    return MetaLSTM(
+        small_batch_norm_net(),
+        inner_steps=3,
+        hidden_size=4,
+        batch_norm=policy,
+        statistics_momentum=statistics_momentum,
+    )
 
 
 def classification_episodes() -> tuple[torch.Tensor, ...]:
@@ -172,10 +191,23 @@ def classification_episodes() -> tuple[torch.Tensor, ...]:
     return tasks.support_x, tasks.support_y, tasks.query_x
 
 
-def test_inductive_queries_are_normalised_with_the_support_sets_averages_over_the_steps():
+def averaged(statistics: list[torch.Tensor], reset: float, momentum: float) -> torch.Tensor:
+    """The equal average of the passes' statistics (momentum 0), or r <- (1 - m) r + m b from
+    the reset value, pass by pass."""
+    if momentum == 0:
+        return torch.stack(statistics).mean(0)
+    running = torch.full_like(statistics[0], reset)
+    for b in statistics:
+        running = (1 - momentum) * running + momentum * b
+    return running
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5, 1.0])
+def test_inductive_queries_are_normalised_with_the_support_sets_averages_over_the_steps(momentum):
     """The paper's test-time batch norm: running averages of the support set's statistics over
-    the T adaptation steps, reset for every task, normalise the queries."""
-    learner = batch_norm_learner("inductive")
+    the T adaptation steps, reset for every task, normalise the queries; every pass weighted
+    equally, or by `statistics_momentum` (1: the last pass's statistics alone)."""
+    learner = batch_norm_learner("inductive", statistics_momentum=momentum)
     support_x, support_y, query_x = classification_episodes()
     predictor = learner.adapt(support_x, support_y)
     with batch_statistics():  # adaptation normalises the support set with its own statistics
@@ -186,8 +218,8 @@ def test_inductive_queries_are_normalised_with_the_support_sets_averages_over_th
             F.linear(support_x[task], phi["0.weight"][task], phi["0.bias"][task])
             for phi in path.params[:3]  # the support passes of steps 0, 1, 2
         ]
-        mean = torch.stack([h.mean(0) for h in hidden]).mean(0)
-        var = torch.stack([h.var(0, correction=1) for h in hidden]).mean(0)
+        mean = averaged([h.mean(0) for h in hidden], 0.0, momentum)
+        var = averaged([h.var(0, correction=1) for h in hidden], 1.0, momentum)
         torch.testing.assert_close(predictor.buffers["1.running_mean"][task, 0], mean)
         torch.testing.assert_close(predictor.buffers["1.running_var"][task, 0], var)
         phi = {n: p[task] for n, p in path.params[-1].items()}

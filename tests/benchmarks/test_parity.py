@@ -5,6 +5,7 @@ venv)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -246,3 +247,27 @@ def test_the_rounding_control_moves_every_parameter_by_one_unit_in_the_last_plac
         assert ((new > old) | (new < old)).all()
     total = sum(p.numel() for p in before)
     assert 0.4 * total < ups < 0.6 * total
+
+
+def test_a_setting_control_is_the_same_run_with_one_prediction_setting_changed(tmp_path):
+    from benchmarks.parity.setting_control import main as setting_control
+    from fewshot.training import checkpoint
+    from fewshot.training.config import TrainConfig
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config = TrainConfig(algorithm="meta-lstm", dataset="omniglot").resolved()
+    checkpoint.write_config(run, config)
+    (run / checkpoint.BEST_WEIGHTS).write_bytes(b"weights")
+    (run / "test_scores.json").write_text("{}")
+    setting_control([str(run), str(tmp_path / "control"), "statistics_momentum=0.95"])
+    control = checkpoint.read_config(tmp_path / "control")
+    assert control.settings.statistics_momentum == 0.95
+    assert dataclasses.replace(control.settings, statistics_momentum=None) == dataclasses.replace(
+        config.settings, statistics_momentum=None
+    )
+    assert (tmp_path / "control" / checkpoint.BEST_WEIGHTS).read_bytes() == b"weights"
+    assert not (tmp_path / "control" / "test_scores.json").exists()  # the pair's, not its own
+    with pytest.raises(SystemExit):
+        setting_control([str(run), str(tmp_path / "other"), "no_such_setting=1"])
+    assert not (tmp_path / "other").exists()

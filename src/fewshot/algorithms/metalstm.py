@@ -19,7 +19,10 @@ The shared inner loop (`GradientLearner`) with `MetaLSTMRule`, vectorised over t
 Batch norm as in the paper: batch statistics for the support and query sets in meta-training;
 at prediction ("inductive", the default) the queries are normalised with running averages of
 the support set's statistics, collected during that task's adaptation and reset for every task,
-so no query sees another. "transductive" normalises the queries as one batch.
+so no query sees another. "transductive" normalises the queries as one batch. The averages move
+towards each support pass's statistics b as r <- (1 - m) r + m b (`statistics_momentum` m), or
+weigh every pass equally (m = 0): the passes see the learner at every step of its adaptation,
+so a high m normalises the queries as the adapted learner sees its support set.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from fewshot.errors import ConfigError, require_positive
 from fewshot.tasks import Task
 
 PREPROCESSING_P = 10.0  # Andrychowicz et al.'s p
+STATISTICS_MOMENTUM = 0.0  # chosen on the validation classes: docs/methods/meta-lstm.md
 
 
 def preprocess(x: torch.Tensor, p: float = PREPROCESSING_P) -> torch.Tensor:
@@ -143,6 +147,9 @@ class MetaLSTM(GradientLearner):
         gradient_clip: the meta-gradient's norm is clipped to this (None: no clipping) by
             `clip_gradients`, which `meta_step` calls; a loop of your own calls it before
             `optimizer.step()`.
+        statistics_momentum: m of the support set's batch-norm averages at prediction (the
+            inductive policy): r <- (1 - m) r + m b after each support pass; 0 weighs every
+            pass equally.
         options: `GradientLearner`'s other keyword arguments (eval_inner_steps, loss, adapted,
             inner_batch, eval_inner_batch, vectorize, chunk_size, batch_norm).
     """
@@ -154,10 +161,13 @@ class MetaLSTM(GradientLearner):
         hidden_size: int = 20,
         initial_step_size: float = 0.01,
         gradient_clip: float | None = 0.25,
+        statistics_momentum: float = STATISTICS_MOMENTUM,
         **options: Any,
     ) -> None:
         if gradient_clip is not None and gradient_clip <= 0:
             raise ConfigError(f"gradient_clip must be positive, got {gradient_clip}.")
+        if not 0 <= statistics_momentum <= 1:
+            raise ConfigError(f"statistics_momentum must lie in [0, 1], got {statistics_momentum}.")
         model = copy.deepcopy(model)
         # Whatever the policy, so that a model trained under one loads under the other.
         per_step_batch_norm_(model, per_step_weights=False, momentum=None)
@@ -168,6 +178,9 @@ class MetaLSTM(GradientLearner):
         for layer in self.model.modules():
             if isinstance(layer, PerStepBatchNorm):
                 layer.use_running_statistics = self.batch_norm == "inductive"
+                # Built as an equal average so that its buffers (the pass count among them)
+                # are the same whatever m, and a run loads under any value.
+                layer.momentum = statistics_momentum or None
 
     @property
     def predicts_one_query_at_a_time(self) -> bool:
@@ -198,6 +211,13 @@ class MetaLSTMSettings(InnerLoopSettings):
     gradient_clip: float | None = setting(
         "Meta-LSTM: clip the meta-gradient's norm to this (0: no clipping).", fallback=0.25
     )
+    statistics_momentum: float | None = setting(
+        "Meta-LSTM: momentum m of the support set's batch-norm averages that normalise the "
+        "queries (inductive policy): r <- (1 - m) r + m b after each support pass; 0: every "
+        "pass weighted equally.",
+        fallback=STATISTICS_MOMENTUM,
+        recorded_before=0.0,
+    )
 
     def check(self, run) -> None:
         super().check(run)
@@ -209,6 +229,10 @@ class MetaLSTMSettings(InnerLoopSettings):
             )
         if self.gradient_clip < 0:
             raise ConfigError(f"--gradient-clip must be >= 0, got {self.gradient_clip}.")
+        if not 0 <= self.statistics_momentum <= 1:
+            raise ConfigError(
+                f"--statistics-momentum must lie in [0, 1], got {self.statistics_momentum}."
+            )
 
 
 def build(settings: MetaLSTMSettings, problem: Problem) -> MetaLSTM:
@@ -217,6 +241,7 @@ def build(settings: MetaLSTMSettings, problem: Problem) -> MetaLSTM:
         hidden_size=settings.hidden_size,
         initial_step_size=settings.inner_lr,
         gradient_clip=settings.gradient_clip or None,
+        statistics_momentum=settings.statistics_momentum,
         **settings.learner_arguments(problem),
     )
 
