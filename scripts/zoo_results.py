@@ -29,6 +29,7 @@ import click
 
 REPO = Path(__file__).resolve().parents[1]
 ZOO, RESULTS_DOC = REPO / "zoo", REPO / "docs" / "results.md"
+PLOTS = REPO / "docs" / "plots"
 PARITY = REPO / "benchmarks" / "parity"
 sys.path.insert(0, str(PARITY))
 from report import verdict  # noqa: E402  benchmarks/parity/report.py: one definition of parity
@@ -58,16 +59,18 @@ def zoo_folders(zoo: Path, names: tuple[str, ...] = ()) -> list[Path]:
     return folders
 
 
-def evaluate_folder(folder: Path, data_root: Path | None) -> dict:
+def evaluate_folder(folder: Path, data_root: Path | None, fresh: bool = False) -> dict:
     """What `fewshot eval --json` reports for the run's own policy and episodes, for the card's
-    other policies ("policies") and for its other episode shapes ("shapes": {"ways": 20}, ...)."""
+    other policies ("policies") and for its other episode shapes ("shapes": {"ways": 20}, ...).
+    Reports measured on the present weights are kept unless `fresh` (the code or the run's
+    prediction settings changed, which the weights' digest does not see)."""
     from fewshot.cli import check_meta_dataset_evaluation, set_threads, test_report
     from fewshot.training import load_run
 
     card = json.loads((folder / "card.json").read_text())
     plan = [({}, None)] + [({}, p) for p in card.get("policies", [])]
     plan += [(shape, None) for shape in card.get("shapes", [])]
-    reports, earlier = [], _earlier_reports(folder)
+    reports, earlier = [], {} if fresh else _earlier_reports(folder)
     for shape, policy in plan:
         key = json.dumps([shape, policy], sort_keys=True)
         if key in earlier:  # measured on these very weights already
@@ -82,6 +85,27 @@ def evaluate_folder(folder: Path, data_root: Path | None) -> dict:
         reports.append({"shape": shape, "policy": policy, "report": report})
     return {"model_sha256": weights_digest(folder), "episodes": EPISODES, "seed": SEED,
             "reports": reports}  # fmt: skip
+
+
+def curve_path(folder: Path) -> Path:
+    return PLOTS / f"zoo-{folder.name}.png"
+
+
+def draw_curve(folder: Path) -> Path:
+    """The run's training loss and validation curve (`fewshot plot`'s curves.png), for the
+    table to link: where its budget stopped, and whether it was still rising there."""
+    from fewshot.plots import draw_training_curves, read_training_curves
+
+    card = json.loads((folder / "card.json").read_text())
+    title = f"{card['method']}: zoo/{folder.name}"
+    return draw_training_curves(read_training_curves(folder), curve_path(folder), title)
+
+
+def budget_cell(folder: Path, card: dict) -> str:
+    """The card's budget, with a link to the run's learning curve where one is drawn."""
+    if not curve_path(folder).exists():
+        return card["budget"]
+    return f"{card['budget']} ([learning curve](plots/{curve_path(folder).name}))"
 
 
 def _earlier_reports(folder: Path) -> dict[str, dict]:
@@ -169,7 +193,7 @@ def omniglot_table(zoo: list[tuple[Path, dict, dict]]) -> str:
                 method += f" (trained {main['ways']}-way {main['shots']}-shot)"
             lines.append(
                 f"| {method} | {eval_command(folder, entry)} | {report['batch_norm']} | "
-                f"**{percent(report)}** | {paper or '—'} | {card['budget']} | "
+                f"**{percent(report)}** | {paper or '—'} | {budget_cell(folder, card)} | "
                 f"`{card['command']}` | {'' if entry['shape'] else parity_cell(card)} |"
             )
             for other in others:
@@ -210,7 +234,7 @@ def sinusoid_table(zoo: list[tuple[Path, dict, dict]]) -> str:
         before, one, last = (f"{mse[s]:.3f} ± {ci[s]:.3f}" for s in ("0", "1", steps))
         lines.append(
             f"| {card['method']} | `zoo/{folder.name}` | {shots} | {before} | {one} | "
-            f"**{last}** ({steps}) | {card['budget']} | `{card['command']}` |"
+            f"**{last}** ({steps}) | {budget_cell(folder, card)} | `{card['command']}` |"
         )
     return "\n".join(lines) + "\n"
 
@@ -232,12 +256,19 @@ def render(document: str, folders: list[Path]) -> str:
 @click.command()
 @click.argument("names", nargs=-1)
 @click.option("--evaluate", is_flag=True, help="Evaluate NAMES (default: every zoo folder).")
+@click.option(
+    "--fresh", is_flag=True, help="With --evaluate: measure again what was measured before."
+)
+@click.option("--curves", is_flag=True, help="Draw NAMES' learning curves into docs/plots.")
 @click.option("--check", is_flag=True, help="Exit 1 if docs/results.md's tables are stale.")
 @click.option("--data-root", type=click.Path(path_type=Path), default=None)
-def main(names, evaluate, check, data_root):
+def main(names, evaluate, fresh, curves, check, data_root):
+    if curves:
+        for folder in zoo_folders(ZOO, names):
+            click.echo(f"drew {draw_curve(folder)}")
     if evaluate:
         for folder in zoo_folders(ZOO, names):
-            results = evaluate_folder(folder, data_root)
+            results = evaluate_folder(folder, data_root, fresh)
             (folder / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     document = RESULTS_DOC.read_text(encoding="utf-8")
     fresh = render(document, zoo_folders(ZOO))

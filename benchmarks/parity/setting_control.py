@@ -38,9 +38,13 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(config.settings)})
     if unknown:
         parser.error(f"{config.algorithm} has no setting {unknown[0]!r}")
+    dataclasses.replace(config.settings, **changes).check(config)  # refuse a bad value here
     shutil.copytree(args.run, args.out, ignore=shutil.ignore_patterns("test_scores*.json"))
-    config.settings = dataclasses.replace(config.settings, **changes)
-    checkpoint.write_config(args.out, config)
+    # The recorded document with those keys changed and nothing else rewritten (an older run's
+    # document read and written again would gain the fields it was recorded without).
+    path = args.out / checkpoint.CONFIG_FILE
+    document = json.loads(path.read_text(encoding="utf-8"))
+    path.write_text(json.dumps({**document, **changes}, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
 
 

@@ -51,7 +51,7 @@ from fewshot.errors import ConfigError, require_positive
 from fewshot.tasks import Task
 
 PREPROCESSING_P = 10.0  # Andrychowicz et al.'s p
-STATISTICS_MOMENTUM = 0.0  # chosen on the validation classes: docs/methods/meta-lstm.md
+STATISTICS_MOMENTUM = 0.95  # chosen on the validation classes: docs/methods/meta-lstm.md
 
 
 def preprocess(x: torch.Tensor, p: float = PREPROCESSING_P) -> torch.Tensor:
