@@ -257,6 +257,7 @@ def test_without_optuna_the_command_says_how_to_install_it(monkeypatch, tmp_path
     assert result.output == "error: fewshot tune needs Optuna: pip install 'fewshot[tune]'\n"
 
 
+@pytest.mark.slow
 def test_importing_fewshot_does_not_import_optuna():
     modules = "fewshot, fewshot.cli, fewshot.training.tuning"
     code = f"import sys, {modules}; print('optuna' in sys.modules)"
