@@ -57,6 +57,7 @@ def sinusoid_run(tmp_path_factory):
     return out, result.output
 
 
+@pytest.mark.slow
 def test_train_writes_a_run_folder_and_reports_mse(sinusoid_run):
     out, output = sinusoid_run
     assert {p.name for p in out.iterdir()} >= {"config.json", "metrics.jsonl", "model.safetensors"}
@@ -81,6 +82,7 @@ def test_train_writes_a_run_folder_and_reports_mse(sinusoid_run):
         assert t["ci95"] == as_printed(report["ci95_by_inner_steps"][str(t["steps"])], "mse")
 
 
+@pytest.mark.slow
 def test_eval_json_reports_the_protocol(sinusoid_run):
     out, _ = sinusoid_run
     result = run("eval", out, "--episodes", "50", "--json")
@@ -122,6 +124,7 @@ def test_run_folder_without_checkpoint_is_one_line(tmp_path):
     assert result.exit_code == 2 and "is not a run folder" in result.output
 
 
+@pytest.mark.slow
 def test_existing_run_folder_is_not_overwritten(sinusoid_run):
     out, _ = sinusoid_run
     before = (out / "metrics.jsonl").read_text()
@@ -166,6 +169,7 @@ def test_config_file_with_unknown_keys_is_refused(tmp_path):
     assert result.output.count("\n") == 1 and not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_config_file_settings_apply_and_options_override_them(tmp_path):
     config = tmp_path / "c.json"
     config.write_text('{"inner_lr": 0.02, "meta_batch": 3, "iterations": 5, "val_every": 5}')
@@ -187,6 +191,7 @@ def test_config_file_settings_apply_and_options_override_them(tmp_path):
     assert (saved["inner_lr"], saved["meta_batch"], saved["iterations"]) == (0.02, 4, 5)
 
 
+@pytest.mark.slow
 def test_run_folder_of_another_version_is_refused(sinusoid_run, tmp_path):
     out, _ = sinusoid_run
     copy = tmp_path / "old"
@@ -199,6 +204,7 @@ def test_run_folder_of_another_version_is_refused(sinusoid_run, tmp_path):
     assert result.exit_code == 2 and "incompatible fewshot version" in result.output
 
 
+@pytest.mark.slow
 def test_weights_of_another_model_are_refused(sinusoid_run, tmp_path):
     import torch
     from safetensors.torch import save_file
@@ -213,6 +219,7 @@ def test_weights_of_another_model_are_refused(sinusoid_run, tmp_path):
     assert result.output.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_resume_refuses_new_settings(sinusoid_run):
     out, _ = sinusoid_run
     result = run("train", "--resume", out, "--inner-lr", "0.1")
@@ -238,12 +245,14 @@ def test_image_size_applies_to_folder_datasets_only(tmp_path):
     assert "--split applies to --dataset omniglot only, not sinusoid" in result.output
 
 
+@pytest.mark.slow
 def test_a_sinusoid_runs_config_holds_no_image_settings(sinusoid_run):
     recorded = json.loads((sinusoid_run[0] / "config.json").read_text())
     for name in ("split", "image_size", "channels", "label_column", "features"):
         assert name not in recorded, name
 
 
+@pytest.mark.slow
 def test_time_limit_stops_with_a_validated_checkpoint_and_resume_continues(tmp_path):
     out = tmp_path / "timed"
     result = run(
@@ -269,6 +278,7 @@ def test_time_limit_stops_with_a_validated_checkpoint_and_resume_continues(tmp_p
     assert later[-1]["iteration"] > stopped_at  # the limit counts per invocation
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["meta-sgd", "anil", "reptile"])
 def test_every_gradient_method_trains_and_evaluates_from_the_command_line(tmp_path, method):
     out = tmp_path / method
@@ -334,6 +344,7 @@ def test_generated_flags_and_choices_parse(tmp_path):
     assert bad.exit_code == 2 and "'sometimes' is not one of" in bad.output
 
 
+@pytest.mark.slow
 def test_compare_scores_every_run_on_the_same_episodes_with_paired_differences(
     sinusoid_run, tmp_path
 ):
@@ -360,6 +371,7 @@ def test_compare_scores_every_run_on_the_same_episodes_with_paired_differences(
     assert "paired t-test p =" in text and "finetune" in text
 
 
+@pytest.mark.slow
 def test_compare_refuses_runs_of_different_episodes(sinusoid_run, tmp_path):
     other = tmp_path / "k5"
     assert run("train", *QUICK, "--shots", "5", "--out", other).exit_code == 0
@@ -370,6 +382,7 @@ def test_compare_refuses_runs_of_different_episodes(sinusoid_run, tmp_path):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.omniglot
 @pytest.mark.parametrize(
     "method", ["baseline", "baseline++", "finetune", "matchingnet", "relationnet"]
@@ -403,6 +416,7 @@ def test_the_metric_and_fine_tuning_methods_train_and_evaluate_on_omniglot(
         assert json.loads(three_way.output)["ways"] == 3
 
 
+@pytest.mark.slow
 def test_eval_takes_other_episode_shapes_where_the_model_allows(sinusoid_run):
     report = json.loads(
         run("eval", sinusoid_run[0], "--shots", "5", "--episodes", "10", "--json").output
@@ -437,6 +451,7 @@ def damage(path, key):
     save_file(tensors, path, metadata=metadata)
 
 
+@pytest.mark.slow
 def test_damaged_best_weights_are_refused_by_file_and_tensor(sinusoid_run, tmp_path):
     from safetensors.torch import load_file
 
@@ -448,6 +463,7 @@ def test_damaged_best_weights_are_refused_by_file_and_tensor(sinusoid_run, tmp_p
     assert "±" not in result.output
 
 
+@pytest.mark.slow
 def test_damaged_resumable_checkpoint_is_refused_and_left_as_it_was(sinusoid_run, tmp_path):
     from safetensors.torch import load_file
 
@@ -460,6 +476,7 @@ def test_damaged_resumable_checkpoint_is_refused_and_left_as_it_was(sinusoid_run
     assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("episodes", ["1", "0"])
 @pytest.mark.parametrize("command", ["eval", "compare"])
 def test_fewer_than_two_episodes_are_refused_in_one_line(sinusoid_run, command, episodes):
@@ -468,6 +485,7 @@ def test_fewer_than_two_episodes_are_refused_in_one_line(sinusoid_run, command, 
     assert_one_line_error(result, "--episodes must be at least 2", f"got {episodes}.")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["eval", "compare"])
 def test_one_way_evaluation_is_refused_in_one_line(sinusoid_run, command):
     runs = [sinusoid_run[0]] * (2 if command == "compare" else 1)
@@ -488,6 +506,7 @@ def folder_protonet_run(tmp_path_factory):
     return root / "run", root / "data"
 
 
+@pytest.mark.slow
 def test_a_method_without_steps_reports_none_and_refuses_inner_steps(folder_protonet_run):
     run_dir, data = folder_protonet_run
     evaluated = run("eval", run_dir, "--data-root", data, "--episodes", "10")
@@ -528,6 +547,7 @@ def test_a_held_out_part_of_one_class_is_refused(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_eval_of_a_run_stopped_before_validating_advises_resuming_it(tmp_path):
     from fewshot.training import TrainConfig, train
 

@@ -131,6 +131,7 @@ def test_debug_shows_the_device_traceback(no_gpu):
     assert isinstance(result.exception, ConfigError)
 
 
+@pytest.mark.slow
 def test_train_prints_the_device_first(no_gpu, tmp_path):
     result = CliRunner().invoke(main, ["train", *QUICK, "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output

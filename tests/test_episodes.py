@@ -188,6 +188,7 @@ def test_more_than_one_episode_at_once_is_refused():
         MetaDatasetSampler(*dataset([20] * 10)).sample(2)
 
 
+@pytest.mark.omniglot
 def test_omniglot_classes_are_grouped_by_their_alphabet_rotations_included(omniglot):
     images, labels = omniglot_split(omniglot, "vinyals", "test")
     groups = alphabet_groups(omniglot, labels, "vinyals")
@@ -202,6 +203,8 @@ def test_omniglot_classes_are_grouped_by_their_alphabet_rotations_included(omnig
         assert len(set(groups[shape.classes].tolist())) == 1
 
 
+@pytest.mark.omniglot
+@pytest.mark.slow
 def test_fewshot_eval_scores_a_zoo_model_on_meta_dataset_episodes(omniglot_root):
     run = ["eval", str(ZOO / "protonet-omniglot-5w1s"), "--data-root", str(omniglot_root)]
     result = CliRunner().invoke(main, [*run, "--sampler", "meta-dataset", "--episodes", "4",
@@ -212,6 +215,7 @@ def test_fewshot_eval_scores_a_zoo_model_on_meta_dataset_episodes(omniglot_root)
     assert report["ways"] is None and 0 < report["accuracy"] <= 1
 
 
+@pytest.mark.usefixtures("omniglot_root")  # the zoo run reads Omniglot
 @pytest.mark.parametrize(
     "run, extra, message",
     [
@@ -227,6 +231,8 @@ def test_meta_dataset_episodes_a_model_cannot_answer_are_refused_in_one_line(run
     assert message in result.output, result.output
 
 
+@pytest.mark.omniglot
+@pytest.mark.slow
 def test_a_metric_method_trains_validates_and_is_tested_on_meta_dataset_episodes(
     tmp_path, omniglot_root
 ):

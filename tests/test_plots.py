@@ -120,6 +120,7 @@ def test_training_curves_are_the_logged_values(tmp_path):
     assert validation.best_iteration == 40 and validation.inner_steps == 3
 
 
+@pytest.mark.slow
 def test_training_curves_of_a_trained_run(maml_sinusoid):
     records = [
         json.loads(line) for line in (maml_sinusoid / "metrics.jsonl").read_text().splitlines()
@@ -145,6 +146,7 @@ def test_step_grid():
     assert grid == sorted(set(grid))
 
 
+@pytest.mark.slow
 def test_adaptation_curve_is_the_evaluation_after_each_number_of_steps(maml_sinusoid):
     _, algorithm, sources = load_run(maml_sinusoid)
     curve = adaptation_curve(algorithm, sources.test, [0, 1, 4], episodes=30, seed=5)
@@ -164,6 +166,7 @@ def test_adaptation_curve_is_the_evaluation_after_each_number_of_steps(maml_sinu
     assert curve.mean[2] != curve.mean[0]  # the steps change the predictions
 
 
+@pytest.mark.slow
 def test_random_initialisation_is_the_runs_starting_point(maml_sinusoid):
     config = read_config(maml_sinusoid)
     state = torch.random.get_rng_state()
@@ -176,6 +179,7 @@ def test_random_initialisation_is_the_runs_starting_point(maml_sinusoid):
     assert not torch.equal(untrained["model.0.weight"], trained.state_dict()["model.0.weight"])
 
 
+@pytest.mark.slow
 def test_sinusoid_fit_shows_the_drawn_task_and_the_adapted_predictions(maml_sinusoid):
     config, algorithm, sources = load_run(maml_sinusoid)
     test_task = sinusoid_test_task(sources.test, seed=3)
@@ -210,6 +214,7 @@ def test_sinusoid_fit_shows_the_drawn_task_and_the_adapted_predictions(maml_sinu
     assert fit.mse(10) == pytest.approx(np.mean((fit.predictions[10] - fit.truth) ** 2))
 
 
+@pytest.mark.slow
 def test_episode_predictions_are_the_methods_argmax(maml_folder, image_folder):
     _, algorithm, sources = load_run(maml_folder, image_folder)
     shown = predict_test_episode(algorithm, sources.test, seed=2)
@@ -227,6 +232,7 @@ def test_episode_predictions_are_the_methods_argmax(maml_folder, image_folder):
 # -- the command -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_plot_writes_the_sinusoid_figures(maml_sinusoid, finetune_sinusoid, tmp_path):
     out = tmp_path / "figures"
     result = run("plot", maml_sinusoid, "--baseline", finetune_sinusoid, "--out", out, *FEW)
@@ -240,6 +246,7 @@ def test_plot_writes_the_sinusoid_figures(maml_sinusoid, finetune_sinusoid, tmp_
         assert two_panels.size[0] > 1000
 
 
+@pytest.mark.slow
 def test_plot_without_baseline_draws_one_panel_and_says_how_to_add_one(maml_sinusoid):
     result = run("plot", maml_sinusoid, *FEW)
     assert result.exit_code == 0, result.output
@@ -251,6 +258,7 @@ def test_plot_without_baseline_draws_one_panel_and_says_how_to_add_one(maml_sinu
         assert one_panel.size[0] < 1000
 
 
+@pytest.mark.slow
 def test_plot_writes_the_classification_figures(maml_folder, image_folder, tmp_path):
     result = run("plot", maml_folder, "--data-root", image_folder, "--out", tmp_path, *FEW)
     assert result.exit_code == 0, result.output
@@ -259,6 +267,7 @@ def test_plot_writes_the_classification_figures(maml_folder, image_folder, tmp_p
     assert not (tmp_path / "sinusoid.png").exists()
 
 
+@pytest.mark.slow
 def test_plot_of_a_metric_method_skips_the_adaptation_curve(protonet_folder, image_folder):
     result = run("plot", protonet_folder, "--data-root", image_folder, *FEW)
     assert result.exit_code == 0, result.output
@@ -268,6 +277,7 @@ def test_plot_of_a_metric_method_skips_the_adaptation_curve(protonet_folder, ima
     assert_png(out / "episode.png", min_height=150)
 
 
+@pytest.mark.slow
 @pytest.mark.omniglot
 def test_plot_of_an_omniglot_run(omniglot_root, tmp_path):
     zoo_run = REPO / "zoo" / "protonet-omniglot-5w1s"
@@ -291,12 +301,14 @@ def test_not_a_run_folder_is_one_line(tmp_path):
     assert not (tmp_path / "plots").exists()
 
 
+@pytest.mark.slow
 def test_baseline_on_another_dataset_is_one_line(maml_sinusoid, protonet_folder, tmp_path):
     result = run("plot", maml_sinusoid, "--baseline", protonet_folder, "--out", tmp_path / "o")
     assert_one_line(result, "differ in dataset (sinusoid vs folder)")
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_baseline_with_another_k_is_one_line(maml_sinusoid, finetune_sinusoid, tmp_path):
     other = tmp_path / "k5"
     shutil.copytree(finetune_sinusoid, other)
@@ -307,6 +319,7 @@ def test_baseline_with_another_k_is_one_line(maml_sinusoid, finetune_sinusoid, t
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_missing_matplotlib_is_one_line(maml_sinusoid, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
     result = run("plot", maml_sinusoid, "--out", tmp_path / "o")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import pytest
 from click.testing import CliRunner
 
 from fewshot.cli import main
@@ -41,6 +42,7 @@ def test_on_a_terminal_the_bar_is_redrawn_in_place():
     assert "\r" in screen.getvalue()
 
 
+@pytest.mark.slow
 def test_a_training_log_holds_no_carriage_returns(tmp_path):
     result = CliRunner().invoke(
         main,

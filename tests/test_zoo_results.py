@@ -27,6 +27,7 @@ def test_the_results_document_matches_the_zoo():
     assert zoo_results.render(document, folders) == document
 
 
+@pytest.mark.slow
 def test_a_new_run_is_evaluated_into_the_table_and_stale_results_are_refused(tmp_path):
     import click
 

@@ -150,6 +150,7 @@ def test_records_of_another_layout_are_refused(tmp_path):
         load_cifar_fewshot(tmp_path, "cifar-fs", "train")
 
 
+@pytest.mark.slow
 def test_train_and_eval_on_fc100_from_the_command_line(tmp_path):
     write_cifar(tmp_path / "data")
     episodes = ["--ways", "2", "--train-ways", "2", "--shots", "1", "--queries", "2"]

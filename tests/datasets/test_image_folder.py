@@ -97,6 +97,7 @@ def train_protonet_on_folder(tmp_path, shots, *extra):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+@pytest.mark.slow
 def test_training_from_a_folder_end_to_end(tmp_path):
     make_dataset(tmp_path / "data")
     result = train_protonet_on_folder(

@@ -227,6 +227,7 @@ def test_sampler_reads_episodes_from_the_mapped_cache(tmp_path, cache):
             assert class_of(query) == classes[way]
 
 
+@pytest.mark.slow
 def test_train_and_eval_on_mini_imagenet_from_the_command_line(tmp_path, cache):
     write_mini(tmp_path / "mini")
     args = [

@@ -145,6 +145,7 @@ def test_a_file_that_is_not_csv_text_is_refused_with_one_line(tmp_path):
         load_table(path, "kind")
 
 
+@pytest.mark.slow
 def test_plot_and_adapt_on_a_table_run(tmp_path):
     table = write_table(tmp_path / "t.csv")
     run = train(tmp_path, table, "run", "--algorithm", "maml", "--shots", "1", "--queries", "2",

@@ -63,6 +63,7 @@ def test_unknown_augmentations_are_refused():
         parse_augment("flip,rotate")
 
 
+@pytest.mark.slow
 def test_a_normalised_augmented_run_records_evaluates_and_resumes_exactly(tmp_path):
     data = tmp_path / "data"
     write_random_image_folder(data, channels=3)

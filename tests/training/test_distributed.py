@@ -71,6 +71,7 @@ def concatenated(parts: list[Task]) -> Task:
     return Task(*(torch.cat(tensors) for tensors in zip(*(p.tensors() for p in parts))))
 
 
+@pytest.mark.slow
 def test_two_processes_end_where_one_process_does_with_the_whole_meta_batch(two_process_run):
     """One process taking each step on the 16 tasks both processes drew (8 from each rank's
     stream) ends with the same parameters as the 2-process run."""
@@ -92,6 +93,7 @@ def test_two_processes_end_where_one_process_does_with_the_whole_meta_batch(two_
         assert not torch.equal(value, initial[name]), name  # training moved every tensor
 
 
+@pytest.mark.slow
 def test_resuming_with_as_many_processes_is_bitwise_exact(two_process_run, tmp_path):
     """10 iterations, then resumed to 20, end bit for bit where 20 without a stop end."""
     run = tmp_path / "run"
@@ -113,6 +115,7 @@ def test_resuming_with_as_many_processes_is_bitwise_exact(two_process_run, tmp_p
     assert without_times(read_metrics(run)) == without_times(read_metrics(two_process_run))
 
 
+@pytest.mark.slow
 def test_resuming_with_another_number_of_processes_is_refused_in_one_line(
     two_process_run, tmp_path
 ):
@@ -126,6 +129,7 @@ def test_resuming_with_another_number_of_processes_is_refused_in_one_line(
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing written
 
 
+@pytest.mark.slow
 def test_every_method_takes_the_same_step_on_two_processes_as_on_one():
     result = torchrun(2, str(HERE / "distributed_steps.py"))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -136,6 +140,7 @@ def test_every_method_takes_the_same_step_on_two_processes_as_on_one():
     assert "agreed: a non-finite loss on one process stops both" in lines
 
 
+@pytest.mark.slow
 def test_a_failing_process_ends_the_whole_job_with_its_message(tmp_path):
     """Process 1 raises at its fifth step; process 0, waiting in the gradient all-reduce, stops
     with one line instead of waiting forever, and the job fails (within JOB_LIMIT)."""
@@ -187,6 +192,7 @@ def test_only_errors_of_a_gone_process_are_reported_as_such():
     assert reason == "Connection closed by peer [::1]:5"
 
 
+@pytest.mark.slow
 def test_config_of_a_distributed_run_records_the_whole_meta_batch(two_process_run):
     document = json.loads((two_process_run / "config.json").read_text())
     assert document["meta_batch"] == 16

@@ -130,6 +130,7 @@ def test_only_methods_that_adapt_by_steps_report_steps():
     assert stepped.inner_steps == 5 and str(stepped).endswith("after 5 inner steps")
 
 
+@pytest.mark.slow
 def test_short_maml_training_makes_adaptation_lower_the_sinusoid_error(tmp_path):
     """After 1,000 iterations, 10 inner steps on K = 10 points lower the query MSE of the same
     100 tasks: the paired difference (before - after) lies above zero with its 95% interval."""

@@ -16,6 +16,9 @@ from fewshot.errors import DivergenceError
 from fewshot.training import TrainConfig, train
 from fewshot.training.state import STATE_FILE, TrainingState, load_state
 
+# Every test here trains, most in a subprocess that is stopped and resumed.
+pytestmark = pytest.mark.slow
+
 ARGS = [
     "--iterations",
     "400",

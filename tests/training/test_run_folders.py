@@ -48,6 +48,7 @@ def training_lines(run: Path) -> list[dict]:
     return [{k: v for k, v in line.items() if k != "seconds"} for line in lines]
 
 
+@pytest.mark.slow
 def test_a_finished_run_extended_by_resume_equals_a_run_given_the_total_from_the_start(tmp_path):
     extended, straight = tmp_path / "extended", tmp_path / "straight"
     ok("train", "--iterations", "40", *SHORT, "--test-episodes", "0", "--out", extended)
@@ -63,6 +64,7 @@ def test_a_finished_run_extended_by_resume_equals_a_run_given_the_total_from_the
     assert json.loads((extended / "config.json").read_text())["iterations"] == 60
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_with_nothing_to_add_says_so_in_one_line(tmp_path):
     run = tmp_path / "run"
     ok("train", "--iterations", "20", *SHORT, "--test-episodes", "30", "--out", run)
@@ -79,6 +81,7 @@ def test_resuming_a_finished_run_with_nothing_to_add_says_so_in_one_line(tmp_pat
     )
 
 
+@pytest.mark.slow
 def test_an_annealed_schedule_is_not_extended(tmp_path):
     run = tmp_path / "reptile"
     ok("train", "--algorithm", "reptile", "--iterations", "20", *SHORT, "--test-episodes", "0",
@@ -88,6 +91,7 @@ def test_an_annealed_schedule_is_not_extended(tmp_path):
     assert f"fewshot train --init {run} --iterations 40" in line
 
 
+@pytest.mark.slow
 def test_a_resumed_run_tests_the_episodes_it_was_given(tmp_path):
     run = tmp_path / "run"
     ok("train", "--iterations", "20", *SHORT, "--test-episodes", "30", "--out", run)
@@ -96,6 +100,7 @@ def test_a_resumed_run_tests_the_episodes_it_was_given(tmp_path):
     assert "600 episodes" not in result.output
 
 
+@pytest.mark.slow
 def test_a_run_remembers_its_data_and_says_where_it_was_once_moved(tmp_path):
     data, run = tmp_path / "data", tmp_path / "run"
     write_random_image_folder(data)
@@ -114,6 +119,7 @@ def test_a_run_remembers_its_data_and_says_where_it_was_once_moved(tmp_path):
     ok("eval", run, "--episodes", "10", "--data-root", moved)
 
 
+@pytest.mark.slow
 def test_a_config_file_holds_every_option_of_the_command_line(tmp_path, monkeypatch):
     out = tmp_path / "from-file"
     config = {
@@ -136,6 +142,7 @@ def test_a_config_file_holds_every_option_of_the_command_line(tmp_path, monkeypa
     assert "the config file's threads" in one_error_line(invoke("train", "--config", path))
 
 
+@pytest.mark.slow
 def test_out_refuses_a_folder_of_other_files_and_a_new_run_gets_a_fresh_folder(
     tmp_path, monkeypatch
 ):
@@ -155,6 +162,7 @@ def test_out_refuses_a_folder_of_other_files_and_a_new_run_gets_a_fresh_folder(
     assert all(r.name.startswith("maml-sinusoid-") and (r / "config.json").is_file() for r in runs)
 
 
+@pytest.mark.slow
 def test_init_starts_a_new_run_from_another_runs_best_weights(tmp_path):
     first = tmp_path / "first"
     ok("train", "--iterations", "20", *SHORT, "--test-episodes", "0", "--out", first)
@@ -190,6 +198,7 @@ def test_init_starts_a_new_run_from_another_runs_best_weights(tmp_path):
     assert "does not handle" in line or f"--init {first}" in line
 
 
+@pytest.mark.slow
 def test_validation_and_test_episodes_come_from_separate_streams(tmp_path):
     """The validation recorded in training is the "val" stream's; `fewshot eval --seed 1`
     (the validation seed) draws other tasks, from the "eval" stream."""
@@ -202,6 +211,7 @@ def test_validation_and_test_episodes_come_from_separate_streams(tmp_path):
     assert evaluate(method, tasks, 5, seed=1).mean != pytest.approx(recorded)
 
 
+@pytest.mark.slow
 def test_every_validation_writes_a_checkpoint(tmp_path):
     """Best weights and the resumable checkpoint never disagree: a run killed after a
     validation resumes from it, whatever --checkpoint-every says."""
@@ -234,6 +244,7 @@ def test_an_atomic_write_flushes_the_folder_after_the_rename(tmp_path, monkeypat
     assert (tmp_path / "a.json").read_text() == "{}"
 
 
+@pytest.mark.slow
 def test_the_checkpoint_keeps_the_cuda_generators_and_restores_them(tmp_path, monkeypatch):
     """Faked CUDA devices: their generator states go into the checkpoint and come back."""
     devices = [torch.tensor([1, 2, 3], dtype=torch.uint8), torch.tensor([4, 5], dtype=torch.uint8)]

@@ -13,6 +13,9 @@ from fewshot.training.config import TrainConfig
 from fewshot.training.loop import train
 from fewshot.training.tensorboard import TensorBoardLogger
 
+# Every test here trains.
+pytestmark = pytest.mark.slow
+
 
 def scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
     events = EventAccumulator(str(log_dir))

@@ -41,11 +41,13 @@ def study(tmp_path_factory):
     return study_dir, result.output
 
 
+@pytest.mark.slow
 def test_the_study_names_its_device_first(study):
     _, output = study
     assert output.splitlines()[0].startswith("device: cpu (")
 
 
+@pytest.mark.slow
 def test_three_trials_are_tabled_and_the_best_is_the_storage_minimum(study):
     study_dir, output = study
     table = output[output.index("trial  state") :].splitlines()
@@ -63,6 +65,7 @@ def test_three_trials_are_tabled_and_the_best_is_the_storage_minimum(study):
         assert f"trial {n} complete: mse" in output  # a line as each trial finishes
 
 
+@pytest.mark.slow
 def test_searched_inner_steps_set_the_evaluation_steps_of_each_trial(study):
     study_dir, _ = study
     for trial in load(study_dir).trials:
@@ -72,6 +75,7 @@ def test_searched_inner_steps_set_the_evaluation_steps_of_each_trial(study):
         assert config["iterations"] == 20 and config["outer_lr"] == trial.params["outer_lr"]
 
 
+@pytest.mark.slow
 def test_the_best_command_reproduces_the_best_trial_exactly(study):
     study_dir, _ = study
     best = json.loads((study_dir / "best.json").read_text())
@@ -86,6 +90,7 @@ def test_the_best_command_reproduces_the_best_trial_exactly(study):
     assert min(r["mse"] for r in again) == best["value"]
 
 
+@pytest.mark.slow
 def test_a_rerun_continues_the_study_and_other_processes_can_share_its_storage(tmp_path):
     study_dir = tmp_path / "study"
     for _ in range(2):
@@ -104,6 +109,7 @@ def test_a_rerun_continues_the_study_and_other_processes_can_share_its_storage(t
     assert (tmp_path / "elsewhere" / "trial-0002" / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_a_continued_study_must_fix_the_same_settings(tmp_path):
     study_dir = tmp_path / "study"
     assert run("tune", *QUICK, "--study-dir", study_dir, "--trials", 1).exit_code == 0
@@ -119,6 +125,7 @@ def quick_plan(**options):
     return base, space
 
 
+@pytest.mark.slow
 def test_a_trial_the_pruner_stops_ends_early_and_the_study_goes_on(tmp_path):
     base, space = quick_plan()
     always = optuna.pruners.ThresholdPruner(upper=0.0)  # every MSE is above it
@@ -133,6 +140,7 @@ def test_a_trial_the_pruner_stops_ends_early_and_the_study_goes_on(tmp_path):
     assert "pruned" in tuning.trials_table(study)
 
 
+@pytest.mark.slow
 def test_the_last_validation_is_never_pruned(tmp_path):
     base, space = quick_plan(iterations=10)
     always = optuna.pruners.ThresholdPruner(upper=0.0)
@@ -166,6 +174,7 @@ def test_validations_report_the_best_so_far_and_a_nan_best_ends_the_trial():
     assert study.trials[1].user_attrs["diverged"] is True
 
 
+@pytest.mark.slow
 def test_a_diverging_trial_is_marked_and_the_study_goes_on(tmp_path):
     study_dir = tmp_path / "study"
     search = ["--search", "inner_lr=1e6:1e7:log", "--inner-steps", 1, "--outer-lr", 0.001]
@@ -248,6 +257,7 @@ def test_without_optuna_the_command_says_how_to_install_it(monkeypatch, tmp_path
     assert result.output == "error: fewshot tune needs Optuna: pip install 'fewshot[tune]'\n"
 
 
+@pytest.mark.slow
 def test_importing_fewshot_does_not_import_optuna():
     modules = "fewshot, fewshot.cli, fewshot.training.tuning"
     code = f"import sys, {modules}; print('optuna' in sys.modules)"
