@@ -18,12 +18,12 @@ CLASSES = {"train": range(0, 12), "val": range(12, 16), "test": range(16, 20)}
 
 
 def blobs(config, data_root, download: bool, parts: tuple[str, ...]):
-    """Gaussian clusters of 8 features, 10 rows per class; each part its own classes."""
+    """Gaussian clusters of 8 features, 20 rows per class; each part its own classes."""
     generator = torch.Generator().manual_seed(0)
     means = torch.randn(20, 8, generator=generator) * 3
     loaded = []
     for part in parts:
-        labels = torch.tensor(CLASSES[part]).repeat_interleave(10)
+        labels = torch.tensor(CLASSES[part]).repeat_interleave(20)
         rows = means[labels] + torch.randn(len(labels), 8, generator=generator)
         loaded.append((rows, labels, None))
     return loaded
@@ -55,8 +55,7 @@ def test_a_registered_dataset_trains_and_evaluates_from_the_command_line(tmp_pat
         main,
         ["train", "--dataset", "blobs", "--algorithm", "protonet", "--ways", "3",
          "--train-ways", "3", "--shots", "1", "--iterations", "4", "--val-every", "2",
-         "--val-episodes", "4",
-         "--test-episodes", "0", "--out", str(out)],
+         "--val-episodes", "4", "--test-episodes", "0", "--out", str(out)],
     )  # fmt: skip
     assert trained.exit_code == 0, trained.output
     config = json.loads((out / "config.json").read_text())
