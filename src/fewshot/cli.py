@@ -26,6 +26,7 @@ from fewshot.algorithms.base import BATCH_NORM_POLICIES
 from fewshot.algorithms.registry import default_text
 from fewshot.datasets.images import image_files
 from fewshot.datasets.preprocessing import INVERT_CHOICES
+from fewshot.datasets.registry import DATASETS, get_dataset
 from fewshot.devices import AUTO, resolve_device
 from fewshot.errors import (
     ConfigError,
@@ -39,7 +40,7 @@ from fewshot.files import atomic_write_text
 from fewshot.models import BACKBONES
 from fewshot.progress import format_table
 from fewshot.training.checkpoint import read_config
-from fewshot.training.config import DATASETS, SAMPLERS, TrainConfig, check_episode_settings
+from fewshot.training.config import SAMPLERS, TrainConfig, applies, check_episode_settings
 from fewshot.training.distributed import environment_world
 from fewshot.training.evaluation import (
     adapts_by_steps,
@@ -261,6 +262,23 @@ class SectionedCommand(click.Command):
                     formatter.write_dl(records)
 
 
+class RegisteredChoice(click.Choice):
+    """A choice among a registry's names as they are when the command line is read, so that a
+    registration after this module is imported counts."""
+
+    def __init__(self, registry: Mapping[str, object]) -> None:
+        self.registry = registry
+        super().__init__(list(registry))
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return tuple(self.registry)
+
+    @choices.setter
+    def choices(self, names) -> None:  # click's __init__ sets them: the registry holds them
+        pass
+
+
 def training_options(skip: tuple[str, ...] = ()):
     """The options of `fewshot train`, in its help's order, less those named in `skip`: `tune`
     takes the same ones, so that every trial accepts exactly what a training run does."""
@@ -274,7 +292,7 @@ def training_options(skip: tuple[str, ...] = ()):
         "dataset": click.option(
             "--dataset",
             default="sinusoid",
-            type=click.Choice(DATASETS),
+            type=RegisteredChoice(DATASETS),
             help="Sinusoid regression (built in), Omniglot (the official zips), your own image "
             "folder (--data-root with train/, val/, test/ of class folders), the rows of your "
             "own CSV file (--data-root FILE.csv --label-column NAME), or a benchmark in its "
@@ -468,7 +486,8 @@ def training_options(skip: tuple[str, ...] = ()):
 def test_report(algorithm, config, sampler, episodes, seed, inner_steps, device) -> dict:
     """Meta-test results: accuracy at the evaluation steps, or MSE at 0, 1 and 10 steps."""
     eval_steps = getattr(algorithm, "eval_inner_steps", None)
-    if config.dataset == "sinusoid" and inner_steps is None and eval_steps is not None:
+    regression = get_dataset(config.dataset).regression
+    if regression and inner_steps is None and eval_steps is not None:
         steps_to_report = sorted({0, 1, eval_steps})
         results = [
             evaluate(algorithm, sampler, episodes, seed, steps, device, progress=True)
@@ -484,8 +503,8 @@ def test_report(algorithm, config, sampler, episodes, seed, inner_steps, device)
         report["lines"] = [str(result)]
     episode_settings = {
         "dataset": config.dataset,
-        "split": config.split if config.dataset == "omniglot" else None,
-        "ways": None if config.dataset == "sinusoid" else config.ways,
+        "split": config.split if applies("split", config.dataset) else None,
+        "ways": None if regression else config.ways,
         "shots": config.shots,
         "queries": config.queries,
         "seed": seed,
@@ -590,9 +609,9 @@ def fresh_run_folder(config: TrainConfig) -> Path:
     return next(path for path in candidates if not path.exists())
 
 
-def set_threads(dataset: str, threads: int | None) -> None:
+def set_threads(dataset: str | None, threads: int | None) -> None:
     """Small models lose more to thread synchronisation than they gain from a second core."""
-    if threads or dataset == "sinusoid":
+    if threads or (dataset in DATASETS and DATASETS[dataset].one_thread):
         torch.set_num_threads(threads or 1)
 
 
@@ -883,9 +902,9 @@ def check_same_episodes(run_dirs, configs) -> dict:
 
 
 def describe_episodes(shape: dict) -> str:
-    if shape["dataset"] == "sinusoid":
+    if get_dataset(shape["dataset"]).regression:
         return f"sinusoid regression, K = {shape['shots']}, {shape['queries']} query points"
-    split = f" ({shape['split']} split)" if shape["dataset"] == "omniglot" else ""
+    split = f" ({shape['split']} split)" if applies("split", shape["dataset"]) else ""
     return (
         f"{shape['dataset']}{split} test classes, {shape['ways']}-way {shape['shots']}-shot, "
         f"{shape['queries']} queries per class"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from fewshot.datasets.registry import get_dataset
 from fewshot.errors import ConfigError
 
 BACKBONES = ("conv4", "conv4-32", "resnet12", "resnet12-narrow")  # for images (`default_model`)
@@ -221,12 +222,14 @@ def default_model(
     features: int | None = None,
     backbone: str = "conv4",
 ) -> nn.Module:
-    """The literature's network for a dataset: the sinusoid MLP, an MLP over `features` for
-    tables ("csv"), or for images the `backbone` (`BACKBONES`: Conv4 of 64 or 32 filters or a
-    ResNet-12), with a `ways`-way linear head, or none for `ways=None`: an embedding network."""
-    if dataset == "sinusoid":
+    """The literature's network for a dataset (its registered `network`): the sinusoid MLP, an
+    MLP over a table's `features`, or for images the `backbone` (`BACKBONES`: Conv4 of 64 or 32
+    filters or a ResNet-12), with a `ways`-way linear head, or none for `ways=None`: an
+    embedding network."""
+    network = get_dataset(dataset).network
+    if network == "sinusoid-mlp":
         return SinusoidMLP()
-    if dataset == "csv":
+    if network == "table-mlp":
         return TabularMLP(features, ways, track_running_stats=track_running_stats)
     if backbone in RESNET12_WIDTHS:
         widths = RESNET12_WIDTHS[backbone]

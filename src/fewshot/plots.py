@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from fewshot.algorithms import Algorithm, GradientLearner, Reptile, TransferLearner, get_method
+from fewshot.datasets.registry import get_dataset
 from fewshot.datasets.sinusoid import INPUT_RANGE, SinusoidTasks, sinusoid
 from fewshot.errors import FewshotError
 from fewshot.tasks import Task, stream_generator
@@ -569,7 +570,8 @@ def write_plots(
     else:
         name = run.config.algorithm
         report(f"adaptation.png: not drawn, {name} takes no gradient steps at test time")
-    if run.config.dataset == "sinusoid":
+    dataset = get_dataset(run.config.dataset)
+    if dataset.regression:
         wrote(write_sinusoid(run, compared, out, steps, seed))
         if compared is None:
             report(
@@ -577,7 +579,7 @@ def write_plots(
                 f"run with K = {run.config.shots}) to draw a pretrained and fine-tuned model "
                 "beside it"
             )
-    elif run.config.dataset == "csv":
+    elif not dataset.images:
         report("episode.png: not drawn, a table's rows are not images")
     else:
         wrote(write_episode(run, out, seed))
@@ -619,7 +621,7 @@ def write_adaptation(
         adaptation_curve(model, run.test, grid, episodes, seed, label) for label, model in models
     ]
     evaluated = evaluation_steps(run)
-    chance = None if config.dataset == "sinusoid" else 1 / config.ways
+    chance = None if get_dataset(config.dataset).regression else 1 / config.ways
     title = f"Adaptation, {describe_task(config)}: {episodes} test episodes (seed {seed})"
     return draw_adaptation(curves, out / "adaptation.png", title, evaluated, chance)
 
@@ -661,13 +663,13 @@ def evaluation_steps(run: LoadedRun) -> int | None:
     if not adapts_by_gradient_steps(algorithm):
         return None
     if isinstance(algorithm, TransferLearner) and algorithm.eval_inner_steps is None:
-        ways = 1 if run.config.dataset == "sinusoid" else run.config.ways
+        ways = 1 if get_dataset(run.config.dataset).regression else run.config.ways
         return algorithm.fine_tuning_steps(ways * run.config.shots)
     return algorithm.eval_inner_steps
 
 
 def describe_task(config: TrainConfig) -> str:
-    if config.dataset == "sinusoid":
+    if get_dataset(config.dataset).regression:
         return f"sinusoid regression, K = {config.shots}"
     return f"{config.dataset} {config.ways}-way {config.shots}-shot"
 
@@ -677,7 +679,7 @@ def training_data(config: TrainConfig) -> str:
     if get_method(config.algorithm).algorithm.training_data == "examples":
         return f"pretraining batches of {config.meta_batch} examples"
     count = config.meta_batch
-    if config.dataset == "sinusoid":
+    if get_dataset(config.dataset).regression:
         return f"{count} task{'s' * (count != 1)} per iteration"
     return f"{count} {config.train_ways}-way episode{'s' * (count != 1)} per iteration"
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from fewshot.algorithms.base import BATCH_NORM_POLICIES, Algorithm, check_batch_norm_policy
 from fewshot.algorithms.gradient import CPU_IMAGES_PER_PASS, default_chunk_size
+from fewshot.datasets.registry import Dataset, get_dataset, handled_datasets
 from fewshot.errors import ConfigError, require_positive
 from fewshot.models import default_model
 
@@ -51,7 +52,8 @@ def default_text(f) -> str:
 
 @dataclass(frozen=True)
 class Problem:
-    """What a method is built for: the dataset kind and the episode shape of its data."""
+    """What a method is built for: the dataset (its `--dataset` name) and the episode shape of
+    its data."""
 
     dataset: str
     ways: int
@@ -62,7 +64,7 @@ class Problem:
 
     @property
     def regression(self) -> bool:
-        return self.dataset == "sinusoid"
+        return get_dataset(self.dataset).regression
 
     def network(self, head: bool = True, track_running_stats: bool = False) -> nn.Module:
         """The literature's network for this problem (`models.default_model`, images: the
@@ -149,7 +151,7 @@ class InnerLoopSettings(Settings):
             values["eval_inner_steps"] = values["inner_steps"]
         if values["chunk_size"] is None:
             examples = run.train_ways * (run.shots + run.train_queries)
-            images = run.dataset not in ("sinusoid", "csv")  # Omniglot, folders, benchmarks
+            images = get_dataset(run.dataset).images
             values["chunk_size"] = default_chunk_size(images, run.meta_batch, examples, device)
         return type(self)(**values)
 
@@ -202,9 +204,10 @@ class Method:
     """A registered method.
 
     `defaults` maps a dataset ("sinusoid", "omniglot") to the paper's values of run options
-    (shots, meta_batch, iterations, ...) and of the method's settings; "omniglot" also serves
-    image folders and tables ("csv"). A dataset absent from it is one the method does not
-    handle. `batch_norm` is the batch-norm policy its paper evaluated with.
+    (shots, meta_batch, iterations, ...) and of the method's settings; other datasets borrow
+    them (`Dataset.defaults_from`: image folders and tables take Omniglot's). A dataset that
+    finds none is one the method does not handle. `batch_norm` is the batch-norm policy its
+    paper evaluated with.
     """
 
     name: str
@@ -215,15 +218,15 @@ class Method:
     defaults: dict[str, dict[str, Any]]
     batch_norm: str
 
-    def defaults_for(self, dataset: str) -> dict[str, Any]:
-        key = "omniglot" if dataset in ("folder", "csv") else dataset
-        if key not in self.defaults:
-            handled = ", ".join(self.defaults)
-            raise ConfigError(
-                f"{self.name} does not handle --dataset {dataset}; use --dataset {handled}"
-                + (" or folder." if "omniglot" in self.defaults else ".")
-            )
-        return self.defaults[key]
+    def defaults_for(self, dataset: Dataset) -> dict[str, Any]:
+        """The paper's values this method takes for `dataset`."""
+        for key in dataset.defaults_from:
+            if key in self.defaults:
+                return self.defaults[key]
+        raise ConfigError(
+            f"{self.name} does not handle --dataset {dataset.name}; use --dataset "
+            + handled_datasets(self.defaults)
+        )
 
 
 METHODS: dict[str, Method] = {}

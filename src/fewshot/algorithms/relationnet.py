@@ -23,6 +23,7 @@ from torch import nn
 
 from fewshot.algorithms.metric import MetricLearner
 from fewshot.algorithms.registry import Method, Problem, Settings, register, setting
+from fewshot.datasets.registry import get_dataset
 from fewshot.errors import ConfigError
 from fewshot.models import RelationEncoder, conv_block
 
@@ -123,10 +124,10 @@ class RelationNetSettings(Settings):
     def check(self, run) -> None:
         super().check(run)
         check_pooling(self.support_pooling)
-        if run.dataset == "csv":
+        if not get_dataset(run.dataset).images:
             raise ConfigError(
                 "relationnet compares convolutional feature maps and does not handle --dataset "
-                "csv; use protonet, matchingnet or a gradient-based method."
+                f"{run.dataset}; use protonet, matchingnet or a gradient-based method."
             )
 
 

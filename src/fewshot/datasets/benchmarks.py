@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ import torch
 from fewshot.datasets.cifar import load_cifar_fs, load_fc100
 from fewshot.datasets.cub import load_cub
 from fewshot.datasets.imagenet import load_mini_imagenet, load_tiered_imagenet
+from fewshot.datasets.registry import IMAGE_SETTINGS, IMAGE_VALUES, Dataset, register
 from fewshot.errors import ConfigError, DataError
 
 PARTS = ("train", "val", "test")
@@ -77,3 +79,28 @@ def load_benchmark(
     if not root.is_dir():
         raise DataError(f"--data-root {root} is not a folder; point it at {benchmark.holds}.")
     return benchmark.load(root, part, image_size or benchmark.image_size)
+
+
+def load_parts(name: str, config, data_root: Path | None, download: bool, parts: tuple[str, ...]):
+    """(images, labels, None) of each part of the benchmark `name`."""
+    return [(*load_benchmark(name, data_root, p, config.image_size), None) for p in parts]
+
+
+for _name, _benchmark in BENCHMARKS.items():
+    register(
+        Dataset(
+            _name,
+            task="classification",
+            inputs="images",
+            network="backbone",
+            # the method's own, else its miniImageNet ones (the papers' usual setting for
+            # natural images), else its image ones, as image folders take
+            defaults_from=tuple(dict.fromkeys((_name, "mini-imagenet", "omniglot"))),
+            settings=IMAGE_SETTINGS,  # not image_size: theirs is their published size
+            values={**IMAGE_VALUES, "image_size": _benchmark.image_size, "channels": 3},
+            load=partial(load_parts, _name),
+            # photos: no common background (and reading every image's border would load a
+            # memory-mapped dataset whole)
+            source=_benchmark.source,
+        )
+    )

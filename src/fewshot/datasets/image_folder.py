@@ -26,6 +26,7 @@ from fewshot.datasets.images import (
     image_files,
     open_flat,
 )
+from fewshot.datasets.registry import IMAGE_SETTINGS, IMAGE_VALUES, Dataset, register
 from fewshot.errors import DataError
 
 MODES = {1: "L", 3: "RGB"}
@@ -83,3 +84,33 @@ def _unreadable(path: Path, error: Exception) -> DataError:
         f"{path} is not an image that can be read ({type(error).__name__}); remove it from the "
         "class folder."
     )
+
+
+def load_parts(config, data_root: Path | None, download: bool, parts: tuple[str, ...]):
+    """(images, labels, None) of each part: DATA_ROOT/train, /val and /test, all converted to
+    the run's channels, else to those the first part's images have."""
+    if data_root is None:
+        raise DataError("--dataset folder needs --data-root DIR with train/, val/, test/.")
+    loaded, channels = [], config.channels  # None: the first part's images decide
+    for part in parts:
+        images, labels, _ = load_image_folder(Path(data_root) / part, config.image_size, channels)
+        channels = images.shape[1]
+        loaded.append((images, labels, None))
+    return loaded
+
+
+register(
+    Dataset(
+        "folder",
+        task="classification",
+        inputs="images",
+        network="backbone",
+        defaults_from=("omniglot",),
+        settings=(*IMAGE_SETTINGS, "image_size", "channels"),
+        values={**IMAGE_VALUES, "image_size": 28},
+        load=load_parts,
+        from_data=("channels",),
+        source="an image folder, read as it is",
+        measures_background=True,
+    )
+)

@@ -27,6 +27,8 @@ from safetensors.torch import load_file, save_file
 
 from fewshot.datasets.download import download_verified, md5_of_file
 from fewshot.datasets.images import UNREADABLE, decode_resized
+from fewshot.datasets.preprocessing import Preprocessing
+from fewshot.datasets.registry import Dataset, register
 from fewshot.errors import ConfigError, DataError
 from fewshot.files import atomic_write, atomic_write_text
 from fewshot.progress import progress_bar
@@ -224,3 +226,39 @@ def _write_cache(path: Path, characters: Characters) -> None:
     tensors = {"images": characters.images, "character": characters.character}
     atomic_write_text(path.with_suffix(".json"), names)
     atomic_write(path, lambda tmp: save_file(tensors, tmp))
+
+
+def load_parts(config, data_root: Path | None, download: bool, parts: tuple[str, ...]):
+    """(images, labels, groups) of each part of the run's split; groups: the alphabets for
+    `--sampler meta-dataset`, else None."""
+    characters = load_omniglot(data_root, download=download)
+    split = [omniglot_split(characters, config.split, part) for part in parts]
+    if config.sampler != "meta-dataset":
+        return [(x, y, None) for x, y in split]
+    return [(x, y, alphabet_groups(characters, y, config.split)) for x, y in split]
+
+
+SOURCE = "Omniglot's black-on-white drawings, inverted so that strokes are bright"
+
+register(
+    Dataset(
+        "omniglot",
+        task="classification",
+        inputs="images",
+        network="backbone",
+        defaults_from=("omniglot",),
+        settings=("split", "backbone", "sampler"),
+        values={
+            "split": "vinyals",
+            "image_size": IMAGE_SIZE,
+            "channels": 1,
+            "backbone": "conv4",
+            "sampler": "fixed",
+        },  # fmt: skip
+        load=load_parts,
+        default_root=resolve_data_root,
+        source=SOURCE,
+        measures_background=True,
+        before_records=Preprocessing(IMAGE_SIZE, 1, "dark", SOURCE),
+    )
+)

@@ -10,7 +10,8 @@ import math
 
 import torch
 
-from fewshot.errors import require_positive
+from fewshot.datasets.registry import Dataset, register
+from fewshot.errors import ConfigError, require_positive
 from fewshot.tasks import Batch, Task
 
 AMPLITUDE_RANGE = (0.1, 5.0)
@@ -62,3 +63,29 @@ class SinusoidExamples:
 def _uniform(shape: tuple[int, ...], bounds: tuple[float, float], generator) -> torch.Tensor:
     low, high = bounds
     return torch.rand(shape, generator=generator) * (high - low) + low
+
+
+def sinusoid_tasks(
+    config, examples: bool
+) -> tuple[SinusoidTasks | SinusoidExamples, SinusoidTasks]:
+    """The training sampler (of examples for methods trained on them) and the held-out one.
+    Sinusoid tasks are continuous: "held out" means never drawn in training, which the separate
+    random streams of training and evaluation (`stream_generator`) ensure."""
+    if config.sampler == "meta-dataset":
+        raise ConfigError("Meta-Dataset's episodes are classification episodes, not sinusoids.")
+    held_out = SinusoidTasks(config.shots, config.queries)
+    train = SinusoidExamples() if examples else SinusoidTasks(config.shots, config.train_queries)
+    return train, held_out
+
+
+register(
+    Dataset(
+        "sinusoid",
+        task="regression",
+        inputs="vectors",
+        network="sinusoid-mlp",
+        defaults_from=("sinusoid",),
+        tasks=sinusoid_tasks,
+        one_thread=True,
+    )
+)

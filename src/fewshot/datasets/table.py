@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from fewshot.datasets.registry import Dataset, register
 from fewshot.errors import DataError
 
 PART_FRACTIONS = {"train": 0.6, "val": 0.2, "test": 0.2}
@@ -133,3 +134,27 @@ def _number(path: Path, line: int, column: str, cell: str) -> float:
             f"{path}, line {line}, column {column!r}: {cell.strip()!r} is not a finite number."
         )
     return value
+
+
+def load_parts(config, data_root: Path | None, download: bool, parts: tuple[str, ...]):
+    """(rows, labels, None) of each part of the CSV file `data_root`."""
+    if data_root is None:
+        raise DataError("--dataset csv needs --data-root FILE.csv.")
+    table = load_table(data_root, config.label_column)
+    return [(x, y, None) for x, y in table_parts(table, parts)]
+
+
+register(
+    Dataset(
+        "csv",
+        task="classification",
+        inputs="tables",
+        network="table-mlp",
+        defaults_from=("omniglot",),
+        settings=("label_column", "features", "sampler"),
+        values={"sampler": "fixed"},
+        required={"label_column": "NAME, the column of each row's class"},
+        load=load_parts,
+        from_data=("features",),
+    )
+)

@@ -15,46 +15,14 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from fewshot.algorithms.registry import Method, Problem, Settings, get_method
-from fewshot.datasets.benchmarks import BENCHMARKS
+from fewshot.datasets.registry import DATASETS, get_dataset
 from fewshot.datasets.transforms import parse_augment
 from fewshot.errors import ConfigError, require_positive
 from fewshot.models import BACKBONES
 
-DATASETS = ("sinusoid", "omniglot", "folder", "csv", *BENCHMARKS)
 # A classification dataset's episodes: N-way K-shot ("fixed"), or Meta-Dataset's, of varying
 # ways and imbalanced shots (`fewshot.episodes`).
 SAMPLERS = ("fixed", "meta-dataset")
-# Run settings that belong to some datasets only: given for another, they are refused; a run's
-# config.json holds them only where they apply.
-DATASET_SETTINGS = {
-    "split": ("omniglot",),
-    "backbone": ("omniglot", "folder", *BENCHMARKS),
-    "image_size": ("folder",),  # the benchmarks' is their published size (DATASET_VALUES)
-    "channels": ("folder",),
-    "normalize": ("folder", *BENCHMARKS),
-    "augment": ("folder", *BENCHMARKS),
-    "pixel_mean": ("folder", *BENCHMARKS),
-    "pixel_std": ("folder", *BENCHMARKS),
-    "label_column": ("csv",),
-    "features": ("csv",),
-    "sampler": ("omniglot", "folder", "csv", *BENCHMARKS),
-}
-# What the dataset fixes or defaults them to (image folders' channels come from their images).
-DATASET_VALUES = {
-    "omniglot": {
-        "split": "vinyals", "image_size": 28, "channels": 1, "backbone": "conv4",
-        "sampler": "fixed",
-    },
-    "folder": {"image_size": 28, "normalize": False, "backbone": "conv4", "sampler": "fixed"},
-    "csv": {"sampler": "fixed"},
-    **{
-        name: {
-            "image_size": b.image_size, "channels": 3, "normalize": False, "backbone": "conv4",
-            "sampler": "fixed",
-        }
-        for name, b in BENCHMARKS.items()
-    },
-}  # fmt: skip
 
 
 @dataclass
@@ -119,14 +87,11 @@ class TrainConfig:
         for consistency."""
         method = get_method(self.algorithm)
         check_registration(method)
-        if self.dataset not in DATASETS:
-            raise ConfigError(
-                f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}."
-            )
-        defaults = method.defaults_for(defaults_key(self.dataset, method.defaults))
+        dataset = get_dataset(self.dataset)
+        defaults = method.defaults_for(dataset)
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "settings"}
         check_dataset_settings(values)
-        for name, value in DATASET_VALUES.get(self.dataset, {}).items():
+        for name, value in dataset.values.items():
             if values[name] is None:
                 values[name] = value
         for name in values:
@@ -163,19 +128,17 @@ class TrainConfig:
             outer_lr=self.outer_lr,
             time_limit=self.time_limit if self.time_limit is not None else 1,
         )
-        if self.dataset != "sinusoid":  # classification: a one-class episode is always right
+        dataset = get_dataset(self.dataset)
+        if not dataset.regression:  # classification: a one-class episode is always right
             for name in ("ways", "train_ways"):
                 if getattr(self, name) < 2:
                     raise ConfigError(
                         f"{name} must be at least 2 (every answer in a one-class episode is "
                         f"right), got {getattr(self, name)}."
                     )
-        if (self.dataset == "csv") != (self.label_column is not None):
-            raise ConfigError(
-                "--dataset csv needs --label-column NAME, the column of each row's class."
-                if self.dataset == "csv"
-                else "--label-column applies to --dataset csv only."
-            )
+        for name, wanted in dataset.required.items():
+            if getattr(self, name) is None:
+                raise ConfigError(f"--dataset {self.dataset} needs {flag(name)} {wanted}.")
         parse_augment(self.augment)
         if self.sampler not in (None, *SAMPLERS):
             raise ConfigError(
@@ -259,18 +222,26 @@ TYPE_NAMES = {
 }
 
 
-def defaults_key(dataset: str, defaults: dict) -> str:
-    """Whose paper defaults a dataset takes: its own where the method has them; the natural-image
-    benchmarks take the method's miniImageNet ones where it has them (the papers' usual setting
-    for them), else its image defaults, as image folders do."""
-    if dataset in defaults or dataset not in BENCHMARKS:
-        return dataset
-    return "mini-imagenet" if "mini-imagenet" in defaults else "folder"
+def dataset_settings() -> list[str]:
+    """The run settings that belong to some datasets only (those the registered datasets list
+    in their `settings`): given for another, they are refused; a run's config.json holds them
+    only where they apply."""
+    return [
+        name
+        for name in run_setting_names()
+        if any(name in dataset.settings for dataset in DATASETS.values())
+    ]
 
 
 def applies(name: str, dataset: str) -> bool:
     """Whether the run setting `name` belongs to `dataset`."""
-    return dataset in DATASET_SETTINGS.get(name, (dataset,))
+    own = DATASETS[dataset].settings if dataset in DATASETS else ()
+    return name in own or name not in dataset_settings()
+
+
+def flag(name: str) -> str:
+    """The command-line option of the setting `name`."""
+    return "--" + name.replace("_", "-")
 
 
 def check_episode_settings(given: dict) -> None:
@@ -291,11 +262,11 @@ def check_dataset_settings(values: dict) -> None:
     """Refuse a run setting given for a dataset it does not belong to (e.g. --split with
     sinusoids): it would do nothing."""
     dataset = values["dataset"]
-    for name, datasets in DATASET_SETTINGS.items():
-        if values[name] is not None and dataset not in datasets:
-            flag = "--" + name.replace("_", "-")
+    for name in dataset_settings():
+        if values[name] is not None and not applies(name, dataset):
+            datasets = [other.name for other in DATASETS.values() if name in other.settings]
             raise ConfigError(
-                f"{flag} applies to --dataset {' or '.join(datasets)} only, not {dataset}."
+                f"{flag(name)} applies to --dataset {' or '.join(datasets)} only, not {dataset}."
             )
 
 

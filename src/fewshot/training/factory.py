@@ -8,17 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fewshot.algorithms import Algorithm, get_method
-from fewshot.datasets.benchmarks import BENCHMARKS, load_benchmark
-from fewshot.datasets.image_folder import load_image_folder
-from fewshot.datasets.omniglot import (
-    alphabet_groups,
-    load_omniglot,
-    omniglot_split,
-    resolve_data_root,
-)
 from fewshot.datasets.preprocessing import Preprocessing, background_of, read_preprocessing
-from fewshot.datasets.sinusoid import SinusoidExamples, SinusoidTasks
-from fewshot.datasets.table import load_table, table_parts
+from fewshot.datasets.registry import get_dataset
 from fewshot.datasets.transforms import ImageTransform, parse_augment, pixel_statistics
 from fewshot.episodes import MetaDatasetSampler
 from fewshot.errors import ConfigError, DataError
@@ -49,15 +40,9 @@ def build_sources(
     parts: tuple[str, ...] = ("train", "val", "test"),
 ) -> TaskSources:
     examples = get_method(config.algorithm).algorithm.training_data == "examples"
-    if config.dataset == "sinusoid":
-        if config.sampler == "meta-dataset":
-            raise ConfigError("Meta-Dataset's episodes are classification episodes, not sinusoids.")
-        # Sinusoid tasks are continuous: "held out" means never drawn in training, which the
-        # separate random streams of training and evaluation (`stream_generator`) ensure.
-        held_out = SinusoidTasks(config.shots, config.queries)
-        train = (
-            SinusoidExamples() if examples else SinusoidTasks(config.shots, config.train_queries)
-        )
+    dataset = get_dataset(config.dataset)
+    if dataset.tasks is not None:  # generated: the held-out tasks are never drawn in training
+        train, held_out = dataset.tasks(config, examples)
         return TaskSources(train, held_out, held_out)
     samplers = {}
     loaded = labelled_parts(config, data_root, download, parts)
@@ -99,16 +84,17 @@ def image_transform(config: TrainConfig, train: bool) -> ImageTransform | None:
 
 
 def data_root_for(config: TrainConfig, data_root=None) -> Path | None:
-    """Where the configured dataset is read from: `data_root` when given; for Omniglot,
-    $FEWSHOT_DATA_ROOT when set; else the folder (or CSV file) the run recorded, refused in one
-    line if it has moved; else Omniglot's default folder. None for sinusoids and for a folder
-    or table given nowhere."""
-    if config.dataset == "sinusoid":
+    """Where the configured dataset is read from: `data_root` when given; for a dataset with a
+    default folder (Omniglot), $FEWSHOT_DATA_ROOT when set; else the folder (or CSV file) the
+    run recorded, refused in one line if it has moved; else the default folder. None for
+    generated data (sinusoids) and for a folder or table given nowhere."""
+    dataset = get_dataset(config.dataset)
+    if dataset.load is None:
         return None
     if data_root is not None:
         return Path(data_root).expanduser()
-    if config.dataset == "omniglot" and os.environ.get("FEWSHOT_DATA_ROOT"):
-        return resolve_data_root(None)
+    if dataset.default_root is not None and os.environ.get("FEWSHOT_DATA_ROOT"):
+        return dataset.default_root()
     if config.data_root is not None:
         if not Path(config.data_root).exists():
             raise DataError(
@@ -116,70 +102,42 @@ def data_root_for(config: TrainConfig, data_root=None) -> Path | None:
                 "point --data-root at where it is now."
             )
         return Path(config.data_root)
-    return resolve_data_root(None) if config.dataset == "omniglot" else None
+    return None if dataset.default_root is None else dataset.default_root()
 
 
 def labelled_parts(config: TrainConfig, data_root, download: bool, parts: tuple[str, ...]):
-    """(images, labels, groups) of each requested part of the configured image dataset, groups
-    being what Meta-Dataset's episodes draw their classes from (`MetaDatasetSampler`):
-    Omniglot's alphabets with `--sampler meta-dataset`, else None."""
+    """(images, labels, groups) of each requested part of the configured dataset, groups being
+    what Meta-Dataset's episodes draw their classes from (`MetaDatasetSampler`), or None."""
     data_root = data_root_for(config, data_root)
-    if config.dataset == "folder":
-        if data_root is None:
-            raise DataError("--dataset folder needs --data-root DIR with train/, val/, test/.")
-        loaded, channels = [], config.channels  # None: the first part's images decide
-        for part in parts:
-            images, labels, _ = load_image_folder(
-                Path(data_root) / part, config.image_size, channels
-            )
-            channels = images.shape[1]
-            loaded.append((images, labels, None))
-        return loaded
-    if config.dataset == "csv":
-        if data_root is None:
-            raise DataError("--dataset csv needs --data-root FILE.csv.")
-        table = load_table(data_root, config.label_column)
-        return [(x, y, None) for x, y in table_parts(table, parts)]
-    if config.dataset in BENCHMARKS:
-        return [
-            (*load_benchmark(config.dataset, data_root, p, config.image_size), None) for p in parts
-        ]
-    characters = load_omniglot(data_root, download=download)
-    split = [omniglot_split(characters, config.split, part) for part in parts]
-    if config.sampler != "meta-dataset":
-        return [(x, y, None) for x, y in split]
-    return [(x, y, alphabet_groups(characters, y, config.split)) for x, y in split]
-
-
-OMNIGLOT_SOURCE = "Omniglot's black-on-white drawings, inverted so that strokes are bright"
+    return get_dataset(config.dataset).load(config, data_root, download, parts)
 
 
 def training_preprocessing(config: TrainConfig, train) -> Preprocessing | None:
     """The preprocessing of an image dataset's training images (its sampler `train`), for the
-    run folder; None for sinusoids and tables."""
-    if config.dataset in ("sinusoid", "csv"):
+    run folder; None for data without a record (sinusoids, tables)."""
+    dataset = get_dataset(config.dataset)
+    if dataset.source is None:
         return None
-    if config.dataset in BENCHMARKS:  # photos: no common background (and reading every
-        # image's border would load a memory-mapped dataset whole)
-        source = BENCHMARKS[config.dataset].source
-        return Preprocessing(
-            config.image_size, 3, None, source, config.pixel_mean, config.pixel_std
-        )
-    source = OMNIGLOT_SOURCE if config.dataset == "omniglot" else "an image folder, read as it is"
-    background = background_of(train.inputs)
+    background = background_of(train.inputs) if dataset.measures_background else None
     return Preprocessing(
-        config.image_size, config.channels, background, source, config.pixel_mean, config.pixel_std
+        config.image_size,
+        config.channels,
+        background,
+        dataset.source,
+        config.pixel_mean,
+        config.pixel_std,
     )
 
 
 def recorded_preprocessing(run_dir: Path, config: TrainConfig) -> Preprocessing | None:
     """A run's preprocessing record; for runs from before such records, what its dataset
-    implies (an image folder's background unknown)."""
+    implies (where it does not say: an image folder's, its background unknown)."""
     recorded = read_preprocessing(run_dir)
-    if recorded is not None or config.dataset in ("sinusoid", "csv"):
+    dataset = get_dataset(config.dataset)
+    if recorded is not None or dataset.source is None:
         return recorded
-    if config.dataset == "omniglot":
-        return Preprocessing(28, 1, "dark", OMNIGLOT_SOURCE)
+    if dataset.before_records is not None:
+        return dataset.before_records
     return Preprocessing(config.image_size, config.channels, None, "an image folder")
 
 
@@ -191,7 +149,7 @@ def build_algorithm(config: TrainConfig) -> Algorithm:
 def has_per_way_head(config: TrainConfig) -> bool:
     """Whether the method's parameters depend on the number of ways (a head with one output
     per class), so that it cannot classify among more classes than it was built for."""
-    if config.dataset == "sinusoid":
+    if get_dataset(config.dataset).regression:
         return False
     built = build_algorithm(config).state_dict()
     wider = build_algorithm(dataclasses.replace(config, ways=config.ways + 1)).state_dict()

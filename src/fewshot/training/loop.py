@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from fewshot.algorithms.base import Algorithm
 from fewshot.datasets.preprocessing import write_preprocessing
+from fewshot.datasets.registry import get_dataset
 from fewshot.devices import describe_device
 from fewshot.errors import (
     CheckpointError,
@@ -400,10 +401,8 @@ def train_in_world(
         sources = build_sources(config, data_root, download)  # fails before anything is written
     if not resume:
         config.settings = config.settings.fit_data(sources.train)
-        if config.dataset == "csv":
-            config.features = sources.train.inputs.shape[1]
-        if config.dataset == "folder" and config.channels is None:  # as its images have them
-            config.channels = sources.train.inputs.shape[1]
+        for name in get_dataset(config.dataset).from_data:  # a table's features, and so on
+            setattr(config, name, sources.train.inputs.shape[1])
         config.data_root = recorded_data_root(config, data_root)
     main = world.is_main
     run = Run(config, run_dir, sources, world.device, listeners if main else (), world)

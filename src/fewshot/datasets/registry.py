@@ -1,0 +1,105 @@
+"""The registry of datasets: what `fewshot train --dataset NAME` reads.
+
+A dataset is one module that defines its loader and calls `register` with its entry: what kind
+of data it is, the run settings that apply to it and the values it fixes, whose paper defaults
+it borrows, its preprocessing record and its default network. The configuration, the training
+loop, the methods, the command line and the plots ask the entry; nothing outside
+`fewshot.datasets` knows a dataset by its name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fewshot.datasets.preprocessing import Preprocessing
+from fewshot.errors import ConfigError
+
+TASKS = ("regression", "classification")
+INPUTS = ("images", "vectors", "tables")
+# `fewshot.models.default_model`'s networks: the sinusoid MLP, an MLP over a table's
+# `features`, or the run's image `backbone`.
+NETWORKS = ("sinusoid-mlp", "table-mlp", "backbone")
+# The run settings of images read from files (image folders, the benchmarks), and their values.
+IMAGE_SETTINGS = ("backbone", "normalize", "augment", "pixel_mean", "pixel_std", "sampler")
+IMAGE_VALUES = {"normalize": False, "backbone": "conv4", "sampler": "fixed"}
+
+# (run config, data root or None, download, parts) -> (inputs, labels, groups) of each part,
+# groups being what Meta-Dataset's episodes draw their classes from (None: the classes).
+Loader = Callable[[Any, Path | None, bool, tuple[str, ...]], list[tuple[Any, Any, Any]]]
+# (run config, whether the method trains on examples) -> (training sampler, held-out sampler).
+TaskGenerator = Callable[[Any, bool], tuple[Any, Any]]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A registered dataset, in plain values.
+
+    `task` and `inputs` are its kind (`TASKS`, `INPUTS`); `network` its default network
+    (`NETWORKS`). `settings` are the run settings (`TrainConfig` fields that belong to some
+    datasets only) that apply to it; `values` what it fixes or defaults run settings to;
+    `required` the settings it cannot do without, with what to give in the message.
+    `defaults_from`: whose paper defaults it takes, the first a method has. Its data comes
+    from `load` (labelled parts read from `default_root()` unless a folder is given or
+    recorded), or from `tasks` for data it generates; `from_data` are run settings read off
+    its training inputs' second dimension. Images have a preprocessing record: `source`
+    describes them, `measures_background` records their background, and `before_records` is
+    what runs from before such records were trained with, where known.
+    """
+
+    name: str
+    task: str
+    inputs: str
+    network: str
+    defaults_from: tuple[str, ...]
+    settings: tuple[str, ...] = ()
+    values: dict[str, Any] = field(default_factory=dict)
+    required: dict[str, str] = field(default_factory=dict)
+    load: Loader | None = None
+    tasks: TaskGenerator | None = None
+    default_root: Callable[[], Path] | None = None
+    from_data: tuple[str, ...] = ()
+    source: str | None = None
+    measures_background: bool = False
+    before_records: Preprocessing | None = None
+    one_thread: bool = False  # its network is so small that a second thread costs time
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS or self.inputs not in INPUTS or self.network not in NETWORKS:
+            raise ValueError(f"dataset {self.name!r}: unknown task, inputs or network")
+        if (self.load is None) == (self.tasks is None):
+            raise ValueError(f"dataset {self.name!r} needs one of load and tasks")
+
+    @property
+    def regression(self) -> bool:
+        return self.task == "regression"
+
+    @property
+    def images(self) -> bool:
+        return self.inputs == "images"
+
+
+DATASETS: dict[str, Dataset] = {}
+
+
+def register(dataset: Dataset) -> Dataset:
+    if dataset.name in DATASETS:
+        raise ValueError(f"a dataset named {dataset.name!r} is already registered")
+    DATASETS[dataset.name] = dataset
+    return dataset
+
+
+def get_dataset(name: str) -> Dataset:
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
+    return DATASETS[name]
+
+
+def handled_datasets(defaults: Iterable[str]) -> str:
+    """How a refusal names the datasets a method's paper defaults serve (`defaults`: the
+    datasets it has them for), image folders among them where it has the defaults they take."""
+    defaults = list(defaults)
+    folder = DATASETS["folder"].defaults_from[0] in defaults
+    return ", ".join(defaults) + (" or folder." if folder else ".")
