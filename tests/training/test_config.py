@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import json
 import re
 
 import pytest
@@ -75,15 +76,27 @@ def test_non_positive_chunk_size_is_refused():
         TrainConfig(dataset="omniglot", settings={"chunk_size": 0}).resolved()
 
 
-def test_run_folders_of_format_1_still_load_with_their_original_batch_norm():
-    """The zoo's config.json files list every method's settings in one flat list (format 1)."""
-    from fewshot.training.checkpoint import read_config
+# The config.json of a MAML run written by format 1 (the zoo's CPU MAML until it was retrained).
+FORMAT_1_MAML = {
+    "format": 1, "fewshot": "0.1.0", "algorithm": "maml", "dataset": "omniglot",
+    "split": "vinyals", "image_size": 28, "channels": 1, "ways": 5, "shots": 1, "queries": 15,
+    "train_ways": 5, "train_queries": 15, "meta_batch": 32, "inner_steps": 1,
+    "eval_inner_steps": 3, "inner_lr": 0.4, "outer_lr": 0.001, "first_order": False,
+    "vectorize": False, "iterations": 60000, "val_every": 100, "val_episodes": 200,
+    "checkpoint_every": 100, "time_limit": 58.0, "seed": 0,
+}  # fmt: skip
+
+
+def test_run_folders_of_format_1_still_load_with_their_original_batch_norm(tmp_path):
+    """Format 1's config.json files list every method's settings in one flat list."""
+    from fewshot.training.checkpoint import CONFIG_FILE, read_config
     from tests.conftest import REPO
 
     protonet = read_config(REPO / "zoo" / "protonet-omniglot-5w1s")
     assert protonet.algorithm == "protonet" and protonet.settings.batch_norm == "inductive"
     assert protonet.train_ways == 60
-    maml = read_config(REPO / "zoo" / "maml-omniglot-5w1s-cpu")
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(FORMAT_1_MAML))
+    maml = read_config(tmp_path)
     assert maml.settings.batch_norm == "transductive" and maml.settings.vectorize is False
     assert (maml.settings.inner_lr, maml.settings.eval_inner_steps) == (0.4, 3)
 
