@@ -93,8 +93,8 @@ class PerStepBatchNorm(nn.Module):
         mode = _MODE.get()
         if self.running_mean is not None:
             if mode == "track" and self.momentum is not None:
-                # The fused kernel normalises and updates the running rows in one pass over x;
-                # a separate mean and variance (`_track`) took a fifth of a MAML++ step.
+                # The fused kernel normalises and updates the running rows in one pass over x,
+                # where a separate mean and variance (`_track`) cost two more (docs/parity.md).
                 mean, var = self.running_mean[step], self.running_var[step]
                 return F.batch_norm(x, mean, var, weight, bias, True, self.momentum, self.eps)
             if mode == "track":
