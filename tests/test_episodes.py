@@ -215,7 +215,6 @@ def test_fewshot_eval_scores_a_zoo_model_on_meta_dataset_episodes(omniglot_root)
     assert report["ways"] is None and 0 < report["accuracy"] <= 1
 
 
-@pytest.mark.usefixtures("omniglot_root")  # the zoo run reads Omniglot
 @pytest.mark.parametrize(
     "run, extra, message",
     [
@@ -223,10 +222,12 @@ def test_fewshot_eval_scores_a_zoo_model_on_meta_dataset_episodes(omniglot_root)
         ("protonet-omniglot-5w1s", ["--shots", "5"], "drop --shots"),
     ],
 )
-def test_meta_dataset_episodes_a_model_cannot_answer_are_refused_in_one_line(run, extra, message):
-    result = CliRunner().invoke(
-        main, ["eval", str(ZOO / run), "--sampler", "meta-dataset", "--episodes", "4", *extra]
-    )
+def test_meta_dataset_episodes_a_model_cannot_answer_are_refused_in_one_line(
+    run, extra, message, omniglot_root
+):
+    arguments = ["eval", str(ZOO / run), "--data-root", str(omniglot_root)]
+    arguments += ["--sampler", "meta-dataset", "--episodes", "4", *extra]
+    result = CliRunner().invoke(main, arguments)
     assert result.exit_code == 2 and result.output.count("\n") == 1
     assert message in result.output, result.output
 

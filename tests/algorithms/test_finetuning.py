@@ -51,6 +51,21 @@ def test_cosine_logits_are_the_scaled_cosines_times_the_class_norms():
             torch.testing.assert_close(logits[i, j], 2.0 * head.norm[j] * cosine)
 
 
+def test_cosine_head_gradients_are_those_of_the_written_out_formula():
+    """The head differentiates like s g_j (x/||x||) . v_j/||v_j||."""
+    torch.manual_seed(0)
+    head = CosineClassifier(4, 3).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    upstream = torch.randn(5, 3, dtype=torch.float64)
+    v, g = head.direction.detach().requires_grad_(), head.norm.detach().requires_grad_()
+    unit_x = x / (x.norm(dim=-1, keepdim=True) + 1e-5)
+    written_out = 2.0 * unit_x @ (g.unsqueeze(1) * v / v.norm(dim=1, keepdim=True)).T
+    torch.autograd.backward(written_out, upstream)
+    torch.autograd.backward(head(x), upstream)
+    torch.testing.assert_close(head.direction.grad, v.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(head.norm.grad, g.grad, rtol=1e-12, atol=1e-12)
+
+
 def test_cosine_scale_is_2_up_to_200_classes_and_10_above():
     assert CosineClassifier(4, 200).scale == 2.0
     assert CosineClassifier(4, 201).scale == 10.0

@@ -43,7 +43,9 @@ class CosineClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x / (x.norm(dim=-1, keepdim=True) + NORM_EPSILON)
-        weight = self.norm.unsqueeze(1) * self.direction / self.direction.norm(dim=1, keepdim=True)
+        # v_j (g_j / ||v_j||), as weight norm's kernel arranges it: one product over the whole
+        # matrix instead of two (docs/parity.md, Baseline++'s time)
+        weight = self.direction * (self.norm / self.direction.norm(dim=1)).unsqueeze(1)
         return self.scale * x @ weight.T
 
 
