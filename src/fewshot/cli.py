@@ -43,7 +43,6 @@ from fewshot.training.checkpoint import read_config
 from fewshot.training.config import SAMPLERS, TrainConfig, applies, check_episode_settings
 from fewshot.training.distributed import environment_world
 from fewshot.training.evaluation import (
-    adapts_by_steps,
     evaluate,
     evaluate_episodes,
     paired_difference,
@@ -485,7 +484,7 @@ def training_options(skip: tuple[str, ...] = ()):
 
 def test_report(algorithm, config, sampler, episodes, seed, inner_steps, device) -> dict:
     """Meta-test results: accuracy at the evaluation steps, or MSE at 0, 1 and 10 steps."""
-    eval_steps = getattr(algorithm, "eval_inner_steps", None)
+    eval_steps = algorithm.eval_inner_steps if algorithm.adapts_by_steps else None
     regression = get_dataset(config.dataset).regression
     if regression and inner_steps is None and eval_steps is not None:
         steps_to_report = sorted({0, 1, eval_steps})
@@ -824,7 +823,7 @@ def check_evaluation_request(episodes: int, shape: dict) -> None:
 def check_inner_steps_apply(inner_steps: int | None, run_dir: Path, name: str, algorithm) -> None:
     """--inner-steps sets how many steps a method adapts by; refused for a method that has no
     steps (a metric method), rather than ignored while the result claims them."""
-    if inner_steps is not None and not adapts_by_steps(algorithm):
+    if inner_steps is not None and not algorithm.adapts_by_steps:
         raise ConfigError(
             f"--inner-steps does not apply to {run_dir}: {name} adapts without steps; drop "
             "--inner-steps."

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fewshot.algorithms import Algorithm, GradientLearner, Reptile, TransferLearner, get_method
+from fewshot.algorithms import Algorithm, get_method
 from fewshot.datasets.registry import get_dataset
 from fewshot.datasets.sinusoid import INPUT_RANGE, SinusoidTasks, sinusoid
 from fewshot.errors import FewshotError
@@ -112,12 +112,6 @@ class AdaptationCurve:
     ci95: list[float]
 
 
-def adapts_by_gradient_steps(algorithm: Algorithm) -> bool:
-    """Whether `inner_steps` changes the method's predictions (the gradient-based methods and
-    the fine-tuning family; metric methods ignore it)."""
-    return isinstance(algorithm, GradientLearner)
-
-
 def adaptation_curve(
     algorithm: Algorithm,
     sampler,
@@ -130,7 +124,7 @@ def adaptation_curve(
     """`evaluate` after each number of inner steps in `steps`, every point on the episodes of
     `seed`, so the points differ only by the steps. A method that takes no gradient steps is
     evaluated once, and that result holds for every number of steps."""
-    if adapts_by_gradient_steps(algorithm):
+    if algorithm.adapts_by_steps:
         results = [evaluate(algorithm, sampler, episodes, seed, s, device) for s in steps]
     else:
         results = [evaluate(algorithm, sampler, episodes, seed, None, device)] * len(steps)
@@ -565,7 +559,7 @@ def write_plots(
         report(f"wrote {path}")
 
     wrote(write_curves(run, out))
-    if adapts_by_gradient_steps(run.algorithm):
+    if run.algorithm.adapts_by_steps:
         wrote(write_adaptation(run, compared, out, steps, episodes, seed, report))
     else:
         name = run.config.algorithm
@@ -660,12 +654,10 @@ def write_episode(run: LoadedRun, out: Path, seed: int) -> Path:
 def evaluation_steps(run: LoadedRun) -> int | None:
     """The inner steps with which the run is evaluated; None for methods without any."""
     algorithm = run.algorithm
-    if not adapts_by_gradient_steps(algorithm):
+    if not algorithm.adapts_by_steps:
         return None
-    if isinstance(algorithm, TransferLearner) and algorithm.eval_inner_steps is None:
-        ways = 1 if get_dataset(run.config.dataset).regression else run.config.ways
-        return algorithm.fine_tuning_steps(ways * run.config.shots)
-    return algorithm.eval_inner_steps
+    ways = 1 if get_dataset(run.config.dataset).regression else run.config.ways
+    return algorithm.evaluation_steps(ways * run.config.shots)
 
 
 def describe_task(config: TrainConfig) -> str:
@@ -686,12 +678,5 @@ def training_data(config: TrainConfig) -> str:
 
 def training_loss_label(config: TrainConfig) -> str:
     """What the training loss of the run's method is: not the same thing for every method."""
-    method = get_method(config.algorithm).algorithm
     steps = getattr(config.settings, "inner_steps", None)
-    if method.training_data == "examples":
-        return "loss"
-    if issubclass(method, Reptile):
-        return "support loss at the last inner step"
-    if issubclass(method, GradientLearner) and steps is not None:
-        return f"meta-loss on the queries ({steps} inner step{'s' * (steps != 1)})"
-    return "query loss"
+    return get_method(config.algorithm).algorithm.training_loss_label(steps)

@@ -117,8 +117,9 @@ def test_one_episode_says_it_has_no_interval_instead_of_nan():
 
 
 class Stepped(Peek):
-    """Peek with the attribute of methods that adapt by steps."""
+    """Peek declared to adapt by steps, 3 by default."""
 
+    adapts_by_steps = True
     eval_inner_steps = 3
 
 

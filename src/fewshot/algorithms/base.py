@@ -94,6 +94,15 @@ class Algorithm(nn.Module):
     # "examples" (a `Batch` of examples of all training classes, from an `ExampleSampler`),
     # for methods that pretrain without episodes.
     training_data: str = "episodes"
+    # Whether the method adapts by a number of steps, so that `inner_steps` changes its
+    # predictions (gradient-based methods and the fine-tuning family; metric methods do not).
+    adapts_by_steps: bool = False
+
+    @classmethod
+    def training_loss_label(cls, inner_steps: int | None) -> str:
+        """What the "loss" of `training_step`'s metrics is, in words (plots' axes); the
+        training `inner_steps` for the methods that take steps."""
+        return "loss" if cls.training_data == "examples" else "query loss"
 
     @property
     def is_transductive(self) -> bool:

@@ -123,6 +123,15 @@ class TransferLearner(GradientLearner):
             return self.epochs
         return math.ceil(self.epochs * support_size / self.batch)
 
+    def evaluation_steps(self, support_size: int) -> int:
+        if self.eval_inner_steps is None:
+            return self.fine_tuning_steps(support_size)
+        return self.eval_inner_steps
+
+    @classmethod
+    def training_loss_label(cls, inner_steps: int | None) -> str:
+        return "loss"  # of the pretraining batches
+
     def adapt_tasks(self, support_x, support_y, inner_steps=None) -> Predictor:
         """Fine-tune on each support set, in eval mode for batch norm (running statistics);
         `inner_steps` overrides the number of steps that `epochs` makes."""

@@ -74,6 +74,10 @@ class Reptile(GradientLearner):
         )
         self.final_outer_lr = final_outer_lr
 
+    @classmethod
+    def training_loss_label(cls, inner_steps: int | None) -> str:
+        return "support loss at the last inner step"  # Reptile's outer step takes no query loss
+
     def meta_loss(self, tasks: Task) -> torch.Tensor:
         raise NotImplementedError("Reptile's outer update is not the gradient of a loss.")
 

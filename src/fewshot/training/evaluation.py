@@ -137,16 +137,10 @@ def prediction_mode(
         algorithm.train(was_training)
 
 
-def adapts_by_steps(algorithm: Algorithm) -> bool:
-    """Whether the method adapts by a number of steps (gradient-based and fine-tuning methods,
-    which have `eval_inner_steps`); the others (metric methods) ignore `inner_steps`."""
-    return hasattr(algorithm, "eval_inner_steps")
-
-
 def reported_steps(algorithm: Algorithm, inner_steps: int | None) -> int | None:
     """The adaptation steps a result states: `inner_steps` or the method's own, and none for
     a method without steps (it ignored them)."""
-    if not adapts_by_steps(algorithm):
+    if not algorithm.adapts_by_steps:
         return None
     return algorithm.eval_inner_steps if inner_steps is None else inner_steps
 

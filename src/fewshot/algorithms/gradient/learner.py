@@ -90,6 +90,8 @@ class GradientLearner(InnerLoop, Algorithm):
     Parameters with `requires_grad=False` stay fixed unless named in `adapted`.
     """
 
+    adapts_by_steps = True
+
     def __init__(
         self,
         model: nn.Module,
@@ -142,6 +144,16 @@ class GradientLearner(InnerLoop, Algorithm):
         self.chunk_size = chunk_size
         self.checkpoint_inner = checkpoint_inner
         self.batch_norm = check_batch_norm_policy(batch_norm)
+
+    @classmethod
+    def training_loss_label(cls, inner_steps: int | None) -> str:
+        if inner_steps is None:
+            return super().training_loss_label(inner_steps)
+        return f"meta-loss on the queries ({inner_steps} inner step{'s' * (inner_steps != 1)})"
+
+    def evaluation_steps(self, support_size: int) -> int:
+        """The steps `adapt` takes by default on support sets of `support_size` examples."""
+        return self.eval_inner_steps
 
     @property
     def predicts_one_query_at_a_time(self) -> bool:
