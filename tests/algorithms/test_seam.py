@@ -236,3 +236,14 @@ def test_an_unknown_parameter_name_is_refused():
 
     with pytest.raises(ConfigError, match="has no parameters named classifier.weight"):
         MAML(tiny_conv4(), adapted=["classifier.weight"])
+
+
+def test_learning_rates_are_the_settings_declared_so():
+    """The divergence message and the tuner's search ask `learning_rates()`: the declared step
+    sizes, not the final or minimum values of a schedule (min_outer_lr, final_outer_lr)."""
+    from fewshot.algorithms.registry import METHODS
+
+    rates = {name: set(method.settings().learning_rates()) for name, method in METHODS.items()}
+    assert rates["maml"] == rates["reptile"] == rates["maml++"] == {"inner_lr"}
+    assert rates["baseline++"] == rates["finetune"] == {"finetune_lr"}
+    assert rates["protonet"] == rates["relationnet"] == set()

@@ -162,7 +162,7 @@ class TransferSettings(Settings):
     """Settings of the fine-tuning family; the run's --meta-batch is the pretraining batch size
     (examples), its --outer-lr the pretraining learning rate."""
 
-    finetune_lr: float | None = setting("Fine-tuning step size.", fallback=0.01)
+    finetune_lr: float | None = setting("Fine-tuning step size.", fallback=0.01, learning_rate=True)
     finetune_momentum: float | None = setting("Fine-tuning momentum.", fallback=0.9)
     finetune_dampening: float | None = setting("Fine-tuning momentum dampening.", fallback=0.9)
     finetune_weight_decay: float | None = setting("Fine-tuning weight decay.", fallback=1e-3)

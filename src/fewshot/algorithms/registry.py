@@ -28,15 +28,19 @@ def setting(
     choices: tuple[str, ...] | None = None,
     default_text: str | None = None,
     recorded_before: Any = None,
+    learning_rate: bool = False,
 ):
     """A field of a method's settings. Its value comes from, in order: the user; the paper's
     value for the dataset (the method's `defaults`); `fallback`; a rule of `Settings.resolve`.
     `default_text` describes the default in help text where a rule makes it.
     `recorded_before`: for a setting added after runs were recorded without it, the value those
     runs were trained with, which a run folder that lacks the setting keeps (None: the default).
+    `learning_rate`: a step size that a divergence may be blamed on and a tuner searches on a
+    log scale (not the final or minimum value of a schedule).
     """
     metadata = {"help": help, "fallback": fallback, "choices": choices}
     metadata |= {"default_text": default_text, "recorded_before": recorded_before}
+    metadata |= {"learning_rate": learning_rate}
     return field(default=None, metadata=metadata)
 
 
@@ -112,13 +116,9 @@ class Settings:
         return self
 
     def learning_rates(self) -> dict[str, float]:
-        """The method's own learning rates by option name, for the divergence message (not the
-        final or minimum values of schedules, which do not cause divergences)."""
-        return {
-            f.name: getattr(self, f.name)
-            for f in fields(self)
-            if f.name.endswith("_lr") and not f.name.startswith(("final_", "min_"))
-        }
+        """The method's own learning rates by setting name (those declared `learning_rate`),
+        for the divergence message and the tuner's default search."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["learning_rate"]}
 
 
 @dataclass
@@ -127,7 +127,8 @@ class InnerLoopSettings(Settings):
 
     inner_lr: float | None = setting(
         "Inner (adaptation) step size alpha; Meta-SGD: the initial value of every learned "
-        "step size; Reptile: the inner optimizer's learning rate."
+        "step size; Reptile: the inner optimizer's learning rate.",
+        learning_rate=True,
     )
     inner_steps: int | None = setting("Inner steps per task in meta-training.", fallback=1)
     eval_inner_steps: int | None = setting(
