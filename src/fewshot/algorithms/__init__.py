@@ -1,6 +1,8 @@
 """Meta-learning methods. Each module defines one method and registers it (`registry`); the
 imports below are the registrations."""
 
+# MAML first: the registration order is the order of listings (`fewshot methods`, help texts)
+from fewshot.algorithms import maml  # noqa: F401
 from fewshot.algorithms.anil import ANIL
 from fewshot.algorithms.base import Algorithm, Predictor
 from fewshot.algorithms.baseline import Baseline, BaselinePlusPlus, CosineClassifier

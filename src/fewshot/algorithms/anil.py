@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from fewshot.algorithms.gradient import GradientLearner
-from fewshot.algorithms.maml import MAML_DEFAULTS
+from fewshot.algorithms.recipes import FINN_2017
 from fewshot.algorithms.registry import GradientSettings, Method, Problem, register
 from fewshot.algorithms.rules import SGD
 from fewshot.models import body_and_head
@@ -66,6 +66,6 @@ register(
         "Understanding the Effectiveness of MAML (ICLR)",
         build=build,
         batch_norm="transductive",
-        defaults=MAML_DEFAULTS,
+        defaults=FINN_2017,
     )
 )

@@ -19,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from fewshot.algorithms.gradient import GradientLearner
+from fewshot.algorithms.recipes import FINN_2017
 from fewshot.algorithms.registry import GradientSettings, Method, Problem, register
 from fewshot.algorithms.rules import SGD
 
@@ -52,47 +53,6 @@ def build(settings: MAMLSettings, problem: Problem) -> MAML:
     )
 
 
-# Finn et al. 2017, sec. 5 and their code: sinusoid K = 10, 25 tasks, alpha = 0.01, 10 steps
-# at test; Omniglot 5-way, 32 tasks, alpha = 0.4, 1 step in training and 3 at test.
-MAML_DEFAULTS = {
-    "sinusoid": dict(
-        shots=10,
-        queries=10,
-        meta_batch=25,
-        inner_lr=0.01,
-        inner_steps=1,
-        eval_inner_steps=10,
-        outer_lr=1e-3,
-        iterations=8000,
-        val_every=2000,
-    ),
-    "omniglot": dict(
-        shots=1,
-        queries=15,
-        meta_batch=32,
-        inner_lr=0.4,
-        inner_steps=1,
-        eval_inner_steps=3,
-        outer_lr=1e-3,
-        iterations=60000,
-        val_every=500,
-    ),
-    # Finn et al. 2017, sec. 5.2: 5 inner steps of 0.01 in training, 10 at test, 4 tasks per
-    # meta-batch (the 1-shot setting), 15 queries per class; their 32-filter Conv4 is
-    # `--backbone conv4-32` (the default, 64 filters, overfits sooner).
-    "mini-imagenet": dict(
-        shots=1,
-        queries=15,
-        meta_batch=4,
-        inner_lr=0.01,
-        inner_steps=5,
-        eval_inner_steps=10,
-        outer_lr=1e-3,
-        iterations=60000,
-        val_every=500,
-    ),
-}
-
 register(
     Method(
         name="maml",
@@ -102,6 +62,6 @@ register(
         "Deep Networks (ICML)",
         build=build,
         batch_norm="transductive",
-        defaults=MAML_DEFAULTS,
+        defaults=FINN_2017,
     )
 )

@@ -43,7 +43,7 @@ from fewshot.algorithms.batchnorm import (
     tracking_statistics,
 )
 from fewshot.algorithms.gradient import GradientLearner
-from fewshot.algorithms.maml import MAML_DEFAULTS
+from fewshot.algorithms.recipes import FINN_2017
 from fewshot.algorithms.registry import GradientSettings, Method, Problem, register, setting
 from fewshot.algorithms.rules import SGD, PerLayerPerStepSGD
 from fewshot.errors import ConfigError, require_positive
@@ -251,7 +251,7 @@ register(
         batch_norm="transductive",
         defaults={
             "sinusoid": {
-                **MAML_DEFAULTS["sinusoid"],
+                **FINN_2017["sinusoid"],
                 "inner_steps": 5,
                 "iterations_per_epoch": 100,
                 "lslr": False,

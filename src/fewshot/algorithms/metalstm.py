@@ -44,7 +44,7 @@ from fewshot.algorithms.batchnorm import (
     tracking_statistics,
 )
 from fewshot.algorithms.gradient import GradientLearner
-from fewshot.algorithms.maml import MAML_DEFAULTS
+from fewshot.algorithms.recipes import FINN_2017
 from fewshot.algorithms.registry import InnerLoopSettings, Method, Problem, register, setting
 from fewshot.algorithms.rules import InnerRule, Params
 from fewshot.errors import ConfigError, require_positive
@@ -262,7 +262,7 @@ register(
         batch_norm="inductive",
         defaults={
             "sinusoid": {
-                **MAML_DEFAULTS["sinusoid"],
+                **FINN_2017["sinusoid"],
                 "inner_lr": 0.01,
                 "inner_steps": 10,
                 "eval_inner_steps": 10,

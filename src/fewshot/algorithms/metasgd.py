@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from fewshot.algorithms.gradient import GradientLearner
-from fewshot.algorithms.maml import MAML_DEFAULTS
+from fewshot.algorithms.recipes import FINN_2017
 from fewshot.algorithms.registry import (
     GradientSettings,
     Method,
@@ -69,7 +69,7 @@ register(
         build=build,
         batch_norm="transductive",
         defaults={
-            dataset: {**values, **_ONE_STEP[dataset]} for dataset, values in MAML_DEFAULTS.items()
+            dataset: {**values, **_ONE_STEP[dataset]} for dataset, values in FINN_2017.items()
         },
     )
 )
