@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from fewshot.cli import main
+from fewshot.cli import in_flags, main
 from fewshot.devices import describe_device, resolve_device
 from fewshot.errors import ConfigError
 
@@ -30,9 +30,11 @@ def two_gpus(no_gpu, monkeypatch):
 
 
 def refusal(text: str) -> str:
+    """The refusal as the command line prints it (the library's names `device=TEXT`)."""
     with pytest.raises(ConfigError) as error:
         resolve_device(text)
-    return str(error.value)
+    assert str(error.value).startswith(f"`device={text}`: ")
+    return in_flags(str(error.value))
 
 
 def test_auto_is_the_cpu_without_cuda(no_gpu):

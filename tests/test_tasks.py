@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fewshot import TaskSampler
+from fewshot.cli import in_flags
 from fewshot.datasets.omniglot import omniglot_split
 from fewshot.errors import ConfigError, DataError
 
@@ -113,9 +114,9 @@ def test_uint8_images_become_floats_in_unit_range():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(ways=11, shots=1, queries=1), "ways=11 is larger than the 10 classes"),
-        (dict(ways=1, shots=1, queries=1), "ways=1 makes episodes of one class.*set ways to 2"),
-        (dict(ways=5, shots=5, queries=4), r"shots \+ queries = 9 is more than the 8 examples"),
+        (dict(ways=11, shots=1, queries=1), "`ways`=11 is larger than the 10 classes"),
+        (dict(ways=1, shots=1, queries=1), "`ways`=1 makes episodes of one class.*set `ways` to 2"),
+        (dict(ways=5, shots=5, queries=4), r"`shots` \+ `queries` = 9 is more than the 8 exa"),
         (dict(ways=0, shots=1, queries=1), "ways must be positive"),
         (dict(ways=5, shots=-1, queries=1), "shots must be positive"),
     ],
@@ -128,14 +129,15 @@ def test_impossible_requests_get_one_clear_error(kwargs, message):
 
 def test_messages_name_the_options_the_caller_gives():
     inputs, labels = labelled_data(num_classes=8)
-    training = {"ways": "--train-ways", "queries": "--train-queries"}
+    training = {"ways": "train_ways", "queries": "train_queries"}
     with pytest.raises(ConfigError) as refused:
         TaskSampler(inputs, labels, ways=60, shots=1, queries=1, option_names=training)
     assert str(refused.value) == (
-        "--train-ways=60 is larger than the 8 classes in this split; set --train-ways to 8 or "
+        "`train_ways`=60 is larger than the 8 classes in this split; set `train_ways` to 8 or "
         "fewer."
     )
-    with pytest.raises(ConfigError, match=r"lower shots or --train-queries\.$"):
+    assert in_flags(str(refused.value)).startswith("--train-ways=60 is larger than the 8")
+    with pytest.raises(ConfigError, match=r"lower `shots` or `train_queries`\.$"):
         TaskSampler(inputs, labels, ways=5, shots=4, queries=5, option_names=training)
 
 

@@ -11,6 +11,7 @@ import io
 import itertools
 import json
 import os
+import re
 import sys
 import time
 import typing
@@ -63,6 +64,26 @@ TEST_SEED = 0
 PAPER = "[default: the paper's; `fewshot methods` lists them]"
 
 
+PARAMETER = re.compile(r"`([a-z][a-z0-9_]*)(?:=([^`]*))?`")  # `name` or `name=value`
+
+
+def in_flags(text: str) -> str:
+    """A library message or help text in the command line's words: each `name` or
+    `name=value` becomes --name, --name value, or --no-name for `name=False` (the convention
+    of `fewshot.errors`: backquotes around one word name a parameter)."""
+
+    def flag(match: re.Match) -> str:
+        name, value = match.groups()
+        option = name.replace("_", "-")
+        if value in (None, "True"):
+            return f"--{option}"
+        if value == "False":
+            return f"--no-{option}"
+        return f"--{option} {value.strip(chr(34) + chr(39))}"
+
+    return PARAMETER.sub(flag, text)
+
+
 @contextlib.contextmanager
 def one_line_errors() -> Iterator[None]:
     """Print a user error as one line (exit 2) unless --debug asks for the traceback."""
@@ -72,7 +93,7 @@ def one_line_errors() -> Iterator[None]:
         if click.get_current_context().find_root().params.get("debug"):
             raise
         if not isinstance(error, AGREED_ERRORS) or environment_world().is_main:
-            click.echo(f"{error.prefix}: {error.cli_message}", err=True)
+            click.echo(f"{error.prefix}: {in_flags(str(error))}", err=True)
         raise SystemExit(error.exit_code) from None
 
 
@@ -131,7 +152,7 @@ def method_options(command):
             "" if len(owners[name]) == len(METHODS) else f" Methods: {', '.join(owners[name])}."
         )
         papers = papers_defaults(name)
-        help_text = f"{f.metadata['help']}{methods} {default_text(f)}{papers}"
+        help_text = in_flags(f"{f.metadata['help']}{methods} {default_text(f)}{papers}")
         if kind is bool:
             option = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
         else:
@@ -1097,7 +1118,7 @@ def describe_method(method) -> dict:
         "class": method.algorithm.__name__,
         "paper": method.paper,
         "batch_norm": method.batch_norm,
-        "settings": {f.name: f.metadata["help"] for f in fields(method.settings)},
+        "settings": {f.name: in_flags(f.metadata["help"]) for f in fields(method.settings)},
         "defaults": method.defaults,
     }
 

@@ -64,7 +64,7 @@ def why_unavailable(device: torch.device) -> str:
 
 
 def unavailable(text: str, reason: str) -> ConfigError:
-    return ConfigError(f"--device {text}: {reason}; available: {', '.join(available_devices())}.")
+    return ConfigError(f"`device={text}`: {reason}; available: {', '.join(available_devices())}.")
 
 
 def describe_device(device: str) -> str:

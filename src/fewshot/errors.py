@@ -1,23 +1,18 @@
 """User-facing errors: one line that says what is wrong and what to do.
 
 The command line prints these without a traceback; everything else is a bug and keeps its traceback.
+
+A message speaks the library's words: it names a parameter as `name`, or `name=value`, in
+backquotes. The command line shows each as its option (`fewshot.cli.in_flags`: --name,
+--name value, and --no-name for `name=False`), so one message serves both.
 """
 
 
 class FewshotError(Exception):
-    """Base class for errors caused by the user's input, data or files.
-
-    `cli_message` is the message in the command line's words where advice differs between
-    it and the Python API (`--download` there, `download=True` here); the command line
-    prints it, Python shows the message itself.
-    """
+    """Base class for errors caused by the user's input, data or files."""
 
     exit_code = 2
     prefix = "error"
-
-    def __init__(self, message: str, cli_message: str | None = None) -> None:
-        super().__init__(message)
-        self.cli_message = message if cli_message is None else cli_message
 
 
 class DataError(FewshotError):

@@ -106,8 +106,8 @@ class TaskSampler:
         inputs: examples, shape (n, ...); images may be uint8 and are scaled to [0, 1] floats.
         labels: integer class of each example, shape (n,).
         ways, shots, queries: N, K and Q.
-        option_names: what error messages call "ways", "shots" and "queries" (the command
-            line's options, e.g. "--train-ways" for training episodes) [default: as here].
+        option_names: the parameters that error messages name for "ways", "shots" and
+            "queries" (e.g. "train_ways" for training episodes) [default: as here].
     """
 
     def __init__(
@@ -249,7 +249,7 @@ def check_episode_fits(
     """Refuse episodes that data of `counts` examples per class cannot fill, or that cannot be
     answered wrongly (one way), naming the options to change as `option_names` calls them."""
     names = {"ways": "ways", "shots": "shots", "queries": "queries", **(option_names or {})}
-    w, s, q = names["ways"], names["shots"], names["queries"]
+    w, s, q = (f"`{names[key]}`" for key in ("ways", "shots", "queries"))
     if ways < 2:  # every answer in a one-class episode is right: 100% that means nothing
         raise ConfigError(
             f"{w}={ways} makes episodes of one class, which every model gets right; set {w} "

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fewshot.cli import in_flags
 from fewshot.datasets import omniglot as og
 from fewshot.errors import DataError
 
@@ -63,11 +64,11 @@ def test_second_load_comes_from_the_cache(omniglot_root):
 
 
 def test_missing_folder_says_how_to_get_omniglot_in_each_interface_s_words(tmp_path):
-    with pytest.raises(DataError, match="Pass download=True .* or point data_root") as refused:
+    with pytest.raises(DataError, match="Pass `download=True` .* or point `data_root`") as refused:
         og.load_omniglot(tmp_path / "nowhere")
-    python, command_line = str(refused.value), refused.value.cli_message
+    python, command_line = str(refused.value), in_flags(str(refused.value))
     assert "--" not in python  # no command-line option in the Python API's message
-    assert "Pass --download " in command_line and "--data-root" in command_line
+    assert "Pass --download to" in command_line and "point --data-root (or" in command_line
     assert "download=True" not in command_line and "data_root" not in command_line
 
 

@@ -56,7 +56,7 @@ def test_conv4_32_is_finns_miniimagenet_network():
 @pytest.mark.parametrize(
     "values, message",
     [
-        (dict(dataset="sinusoid", backbone="resnet12"), "--backbone applies to"),
+        (dict(dataset="sinusoid", backbone="resnet12"), "`backbone` applies to"),
         (dict(dataset="omniglot", backbone="resnet18"), "unknown backbone 'resnet18'"),
     ],
 )
@@ -67,7 +67,7 @@ def test_backbones_that_do_not_apply_are_refused(values, message):
 
 def test_relation_networks_keep_their_own_embedding_module():
     config = TrainConfig(algorithm="relationnet", dataset="omniglot", backbone="resnet12")
-    with pytest.raises(ConfigError, match="drop --backbone"):
+    with pytest.raises(ConfigError, match="drop `backbone`"):
         build_algorithm(config.resolved())
 
 

@@ -159,8 +159,8 @@ class FineTunedPredictor(Predictor):
 
 @dataclass
 class TransferSettings(Settings):
-    """Settings of the fine-tuning family; the run's --meta-batch is the pretraining batch size
-    (examples), its --outer-lr the pretraining learning rate."""
+    """Settings of the fine-tuning family; the run's `meta_batch` is the pretraining batch size
+    (examples), its `outer_lr` the pretraining learning rate."""
 
     finetune_lr: float | None = setting("Fine-tuning step size.", fallback=0.01, learning_rate=True)
     finetune_momentum: float | None = setting("Fine-tuning momentum.", fallback=0.9)

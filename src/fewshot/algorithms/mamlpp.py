@@ -115,7 +115,7 @@ class MAMLpp(GradientLearner):
         if bnrs and options.get("checkpoint_inner"):
             raise ConfigError(
                 "checkpoint_inner recomputes forward passes, which would update BNRS's running "
-                "statistics twice; turn one off (--no-bnrs or --no-checkpoint-inner)."
+                "statistics twice; turn one off (`bnrs=False` or `checkpoint_inner=False`)."
             )
         model = copy.deepcopy(model)
         batch_norm_params = []
@@ -188,7 +188,7 @@ class MAMLppSettings(GradientSettings):
     )
     msl_epochs: int | None = setting("Epochs over which MSL anneals its weights.", fallback=10)
     da: bool | None = setting(
-        "DA: first-order meta-gradients for the first --da-epochs epochs.", fallback=True
+        "DA: first-order meta-gradients for the first `da_epochs` epochs.", fallback=True
     )
     da_epochs: int | None = setting("Epochs of first-order meta-gradients with DA.", fallback=50)
     bnwb: bool | None = setting(
@@ -201,7 +201,7 @@ class MAMLppSettings(GradientSettings):
         "LSLR: learned inner step sizes per layer and per step.", fallback=True
     )
     ca: bool | None = setting(
-        "CA: cosine annealing of the outer learning rate to --min-outer-lr.", fallback=True
+        "CA: cosine annealing of the outer learning rate to `min_outer_lr`.", fallback=True
     )
     min_outer_lr: float | None = setting(
         "The outer learning rate CA anneals to by the last iteration.", fallback=1e-5
@@ -214,11 +214,11 @@ class MAMLppSettings(GradientSettings):
         super().check(run)
         require_positive(msl_epochs=self.msl_epochs, iterations_per_epoch=self.iterations_per_epoch)
         if self.da_epochs < 0 or self.min_outer_lr < 0:
-            raise ConfigError("--da-epochs and --min-outer-lr must be >= 0.")
+            raise ConfigError("`da_epochs` and `min_outer_lr` must be >= 0.")
         if self.ca and self.min_outer_lr > run.outer_lr:
             raise ConfigError(
-                f"--min-outer-lr ({self.min_outer_lr}) is above --outer-lr ({run.outer_lr}); "
-                "lower it, or turn cosine annealing off with --no-ca."
+                f"`min_outer_lr` ({self.min_outer_lr}) is above `outer_lr` ({run.outer_lr}); "
+                "lower it, or turn cosine annealing off with `ca=False`."
             )
 
 

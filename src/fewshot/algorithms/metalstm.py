@@ -84,7 +84,7 @@ class MetaLSTMRule(InnerRule):
         require_positive(hidden_size=hidden_size)
         if not 0 < initial_step_size < 1:
             raise ConfigError(
-                f"Meta-LSTM's initial step size (--inner-lr) is an input-gate value and must lie "
+                f"Meta-LSTM's initial step size (`inner_lr`) is an input-gate value and must lie "
                 f"in (0, 1), got {initial_step_size}."
             )
         self.hidden_size = hidden_size
@@ -224,14 +224,14 @@ class MetaLSTMSettings(InnerLoopSettings):
         require_positive(hidden_size=self.hidden_size)
         if not 0 < self.inner_lr < 1:
             raise ConfigError(
-                f"for meta-lstm, --inner-lr is the input gate's initial value and must lie in "
+                f"for meta-lstm, `inner_lr` is the input gate's initial value and must lie in "
                 f"(0, 1), got {self.inner_lr}."
             )
         if self.gradient_clip < 0:
-            raise ConfigError(f"--gradient-clip must be >= 0, got {self.gradient_clip}.")
+            raise ConfigError(f"`gradient_clip` must be >= 0, got {self.gradient_clip}.")
         if not 0 <= self.statistics_momentum <= 1:
             raise ConfigError(
-                f"--statistics-momentum must lie in [0, 1], got {self.statistics_momentum}."
+                f"`statistics_momentum` must lie in [0, 1], got {self.statistics_momentum}."
             )
 
 

@@ -133,7 +133,7 @@ class InnerLoopSettings(Settings):
     inner_steps: int | None = setting("Inner steps per task in meta-training.", fallback=1)
     eval_inner_steps: int | None = setting(
         "Inner steps when adapting a trained model (evaluation, prediction).",
-        default_text="the paper's, per dataset, else --inner-steps",
+        default_text="the paper's, per dataset, else `inner_steps`",
     )
     vectorize: bool | None = setting(
         "Run the tasks of a meta-batch together under torch.func.vmap, or one at a time for "
@@ -175,7 +175,7 @@ class InnerLoopSettings(Settings):
         if self.eval_inner_steps < 0:
             raise ConfigError(f"eval_inner_steps must be >= 0, got {self.eval_inner_steps}.")
         if run.train_ways != run.ways:
-            raise ConfigError("this method's output layer has --ways outputs; drop --train-ways.")
+            raise ConfigError("this method's output layer has `ways` outputs; drop `train_ways`.")
 
 
 @dataclass
@@ -225,7 +225,7 @@ class Method:
             if key in self.defaults:
                 return self.defaults[key]
         raise ConfigError(
-            f"{self.name} does not handle --dataset {dataset.name}; use --dataset "
+            f"{self.name} does not handle `dataset={dataset.name}`; use `dataset` "
             + handled_datasets(self.defaults)
         )
 

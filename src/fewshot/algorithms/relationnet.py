@@ -126,8 +126,8 @@ class RelationNetSettings(Settings):
         check_pooling(self.support_pooling)
         if not get_dataset(run.dataset).images:
             raise ConfigError(
-                "relationnet compares convolutional feature maps and does not handle --dataset "
-                f"{run.dataset}; use protonet, matchingnet or a gradient-based method."
+                "relationnet compares convolutional feature maps and does not handle "
+                f"`dataset={run.dataset}`; use protonet, matchingnet or a gradient-based method."
             )
 
 
@@ -135,7 +135,7 @@ def build(settings: RelationNetSettings, problem: Problem) -> RelationNet:
     if problem.backbone != "conv4":
         raise ConfigError(
             "relationnet has its own embedding module (Sung et al.'s, feature maps for its "
-            "relation module); drop --backbone."
+            "relation module); drop `backbone`."
         )
     encoder = RelationEncoder(problem.channels, image_size=problem.image_size)
     return RelationNet(

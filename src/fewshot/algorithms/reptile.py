@@ -123,7 +123,7 @@ class ReptileSettings(InnerLoopSettings):
         "Examples per inner step when adapting a trained model (0: all).", fallback=0
     )
     final_outer_lr: float | None = setting(
-        "The value epsilon (--outer-lr) is annealed to, linearly, by the last iteration.",
+        "The value epsilon (`outer_lr`) is annealed to, linearly, by the last iteration.",
         fallback=0.0,
     )
 

@@ -73,11 +73,11 @@ def load_benchmark(
         raise ConfigError(f"unknown split part {part!r}; choose one of {', '.join(PARTS)}.")
     if data_root is None:
         raise DataError(
-            f"--dataset {name} needs --data-root DIR, the folder that holds {benchmark.holds}."
+            f"`dataset={name}` needs `data_root` DIR, the folder that holds {benchmark.holds}."
         )
     root = Path(data_root).expanduser()
     if not root.is_dir():
-        raise DataError(f"--data-root {root} is not a folder; point it at {benchmark.holds}.")
+        raise DataError(f"`data_root={root}` is not a folder; point it at {benchmark.holds}.")
     return benchmark.load(root, part, image_size or benchmark.image_size)
 
 

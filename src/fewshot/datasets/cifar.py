@@ -137,7 +137,7 @@ def cifar_binary_folder(root: Path) -> Path:
         )
     raise DataError(
         f"CIFAR-100's binary files (cifar-100-binary/train.bin and test.bin) are not in {root}; "
-        "unpack cifar-100-binary.tar.gz there, or point --data-root at the folder holding it."
+        "unpack cifar-100-binary.tar.gz there, or point `data_root` at the folder holding it."
     )
 
 

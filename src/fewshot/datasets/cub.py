@@ -54,7 +54,7 @@ def cub_images_folder(root: Path) -> Path:
         if images.is_dir():
             return images
     raise DataError(
-        f"CUB_200_2011/images is not in {root}; point --data-root at the folder where "
+        f"CUB_200_2011/images is not in {root}; point `data_root` at the folder where "
         "CUB_200_2011.tgz was unpacked (it holds CUB_200_2011/images/<class>/*.jpg)."
     )
 

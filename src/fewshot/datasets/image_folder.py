@@ -90,7 +90,7 @@ def load_parts(config, data_root: Path | None, download: bool, parts: tuple[str,
     """(images, labels, None) of each part: DATA_ROOT/train, /val and /test, all converted to
     the run's channels, else to those the first part's images have."""
     if data_root is None:
-        raise DataError("--dataset folder needs --data-root DIR with train/, val/, test/.")
+        raise DataError("`dataset=folder` needs `data_root` DIR with train/, val/, test/.")
     loaded, channels = [], config.channels  # None: the first part's images decide
     for part in parts:
         images, labels, _ = load_image_folder(Path(data_root) / part, config.image_size, channels)

@@ -60,7 +60,7 @@ def mini_imagenet_rows(root: Path, part: str) -> dict[str, list[str]]:
     path = root / f"{part}.csv"
     if not path.is_file():
         raise DataError(
-            f"miniImageNet's {part}.csv is not in {root}; point --data-root at the folder that "
+            f"miniImageNet's {part}.csv is not in {root}; point `data_root` at the folder that "
             "holds train.csv, val.csv and test.csv (Ravi & Larochelle's split) and images/."
         )
     try:
@@ -114,7 +114,7 @@ def _class_folders(root: Path, part: str) -> list[Path]:
     folder = root / part
     if not folder.is_dir():
         raise DataError(
-            f"tieredImageNet's {part}/ folder is not in {root}; point --data-root at the folder "
+            f"tieredImageNet's {part}/ folder is not in {root}; point `data_root` at the folder "
             "that holds train/, val/ and test/, each with one folder of images per class."
         )
     found = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))

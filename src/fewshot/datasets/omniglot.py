@@ -155,15 +155,11 @@ def _find_or_download(root: Path, archive: str, download: bool) -> Path:
 
 
 def missing_archive(root: Path, archive: str) -> DataError:
-    """The error for a zip not in `root`, in the Python API's words and the command line's."""
-    missing = f"Omniglot's {archive}.zip is not in {root}."
-    holding = "a folder holding images_background.zip and images_evaluation.zip"
-    fetch = "to fetch it from the official address"
+    """The error for a zip not in `root`."""
     return DataError(
-        f"{missing} Pass download=True {fetch}, or point data_root (or $FEWSHOT_DATA_ROOT) at "
-        f"{holding}.",
-        cli_message=f"{missing} Pass --download {fetch}, or point --data-root (or "
-        f"$FEWSHOT_DATA_ROOT) at {holding}.",
+        f"Omniglot's {archive}.zip is not in {root}. Pass `download=True` to fetch it from the "
+        "official address, or point `data_root` (or $FEWSHOT_DATA_ROOT) at a folder holding "
+        "images_background.zip and images_evaluation.zip."
     )
 
 

@@ -73,7 +73,7 @@ class Preprocessing:
             raise DataError(
                 f"{path} is a {kinds[found]} image but the model was trained on "
                 f"{kinds[self.channels]} ones ({self.channels} channel"
-                f"{'s' if self.channels > 1 else ''}); pass --convert to convert it."
+                f"{'s' if self.channels > 1 else ''}); pass `convert=True` to convert it."
             )
         pixels = resized(flat, self.image_size, "L" if self.channels == 1 else "RGB")
         inverted = self.should_invert(np.asarray(flat.convert("L")), invert)

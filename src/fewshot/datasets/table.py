@@ -41,7 +41,7 @@ def load_table(path: str | os.PathLike, label_column: str) -> Table:
     naming the row and column."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"--data-root {path}: no such CSV file.")
+        raise DataError(f"`data_root={path}`: no such CSV file.")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.reader(f))
@@ -139,7 +139,7 @@ def _number(path: Path, line: int, column: str, cell: str) -> float:
 def load_parts(config, data_root: Path | None, download: bool, parts: tuple[str, ...]):
     """(rows, labels, None) of each part of the CSV file `data_root`."""
     if data_root is None:
-        raise DataError("--dataset csv needs --data-root FILE.csv.")
+        raise DataError("`dataset=csv` needs `data_root=FILE.csv`.")
     table = load_table(data_root, config.label_column)
     return [(x, y, None) for x, y in table_parts(table, parts)]
 

@@ -24,7 +24,7 @@ def parse_augment(text: str | None) -> tuple[str, ...]:
     unknown = [n for n in names if n not in AUGMENTATIONS]
     if unknown:
         raise ConfigError(
-            f"--augment {text}: unknown {', '.join(unknown)}; choose among "
+            f"`augment={text}`: unknown {', '.join(unknown)}; choose among "
             f"{', '.join(AUGMENTATIONS)} (comma-separated)."
         )
     return names

@@ -138,7 +138,7 @@ class TrainConfig:
                     )
         for name, wanted in dataset.required.items():
             if getattr(self, name) is None:
-                raise ConfigError(f"--dataset {self.dataset} needs {flag(name)} {wanted}.")
+                raise ConfigError(f"`dataset={self.dataset}` needs `{name}` {wanted}.")
         parse_augment(self.augment)
         if self.sampler not in (None, *SAMPLERS):
             raise ConfigError(
@@ -239,11 +239,6 @@ def applies(name: str, dataset: str) -> bool:
     return name in own or name not in dataset_settings()
 
 
-def flag(name: str) -> str:
-    """The command-line option of the setting `name`."""
-    return "--" + name.replace("_", "-")
-
-
 def check_episode_settings(given: dict) -> None:
     """Meta-Dataset's episodes draw their own shots and queries: giving them (`given`: the
     settings a user gave) is refused rather than ignored."""
@@ -252,21 +247,21 @@ def check_episode_settings(given: dict) -> None:
     names = ("shots", "queries", "train_ways", "train_queries")
     given = [name for name in names if given.get(name) is not None]
     if given:
-        flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+        names = ", ".join(f"`{name}`" for name in given)
         raise ConfigError(
-            f"--sampler meta-dataset draws each episode's ways, shots and queries; drop {flags}."
+            f"`sampler=meta-dataset` draws each episode's ways, shots and queries; drop {names}."
         )
 
 
 def check_dataset_settings(values: dict) -> None:
-    """Refuse a run setting given for a dataset it does not belong to (e.g. --split with
+    """Refuse a run setting given for a dataset it does not belong to (e.g. `split` with
     sinusoids): it would do nothing."""
     dataset = values["dataset"]
     for name in dataset_settings():
         if values[name] is not None and not applies(name, dataset):
             datasets = [other.name for other in DATASETS.values() if name in other.settings]
             raise ConfigError(
-                f"{flag(name)} applies to --dataset {' or '.join(datasets)} only, not {dataset}."
+                f"`{name}` applies to `dataset` {' or '.join(datasets)} only, not {dataset}."
             )
 
 

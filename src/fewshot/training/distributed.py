@@ -84,7 +84,7 @@ class World:
         if meta_batch % self.size:
             raise ConfigError(
                 f"a meta-batch of {meta_batch} cannot be split evenly over {self.size} "
-                f"processes; use a --meta-batch that is a multiple of {self.size}."
+                f"processes; use a `meta_batch` that is a multiple of {self.size}."
             )
         return meta_batch // self.size
 
@@ -113,13 +113,13 @@ def rank_device(world: World, device: str) -> str:
         return device
     if kind.type != "cuda":
         raise ConfigError(
-            f"--device {device}: a run of several processes trains on CPUs (gloo) or CUDA GPUs "
-            "(nccl); give --device cpu or cuda."
+            f"`device={device}`: a run of several processes trains on CPUs (gloo) or CUDA GPUs "
+            "(nccl); give `device` cpu or cuda."
         )
     if kind.index is not None:
         raise ConfigError(
-            f"--device {device} names one GPU, but each of the {world.size} processes needs its "
-            f"own; give --device {kind.type} (each process takes the GPU of its LOCAL_RANK)."
+            f"`device={device}` names one GPU, but each of the {world.size} processes needs its "
+            f"own; give `device={kind.type}` (each process takes the GPU of its LOCAL_RANK)."
         )
     if world.local_rank >= accelerator_count(kind.type):
         raise ConfigError(

@@ -29,8 +29,8 @@ class TaskSources:
 
 
 # The options that set each part's episodes, for messages that say which one to change.
-EPISODE_OPTIONS = {"ways": "--ways", "shots": "--shots", "queries": "--queries"}
-TRAINING_EPISODE_OPTIONS = {**EPISODE_OPTIONS, "ways": "--train-ways", "queries": "--train-queries"}
+EPISODE_OPTIONS = {"ways": "ways", "shots": "shots", "queries": "queries"}
+TRAINING_EPISODE_OPTIONS = {**EPISODE_OPTIONS, "ways": "train_ways", "queries": "train_queries"}
 
 
 def build_sources(
@@ -99,7 +99,7 @@ def data_root_for(config: TrainConfig, data_root=None) -> Path | None:
         if not Path(config.data_root).exists():
             raise DataError(
                 f"the run was trained on data in {config.data_root}, which is no longer there; "
-                "point --data-root at where it is now."
+                "point `data_root` at where it is now."
             )
         return Path(config.data_root)
     return None if dataset.default_root is None else dataset.default_root()

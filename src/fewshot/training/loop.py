@@ -446,8 +446,8 @@ def check_meta_dataset_training(config: TrainConfig, world: World) -> None:
         )
     if world.share(config.meta_batch) != 1:
         raise ConfigError(
-            f"--sampler meta-dataset trains on one episode at a time in each process: use "
-            f"--meta-batch {world.size}."
+            "`sampler=meta-dataset` trains on one episode at a time in each process: use "
+            f"`meta_batch={world.size}`."
         )
 
 
@@ -469,7 +469,7 @@ def check_same_processes(run_dir: Path, state: TrainingState, world: World) -> N
         )
         raise ConfigError(
             f"{run_dir} was trained by {had} and this is {world.size}; resume it with {launch}, "
-            f"or start a new run from its weights with --init {run_dir}."
+            f"or start a new run from its weights with `init={run_dir}`."
         )
 
 
@@ -478,12 +478,12 @@ def check_new_run_folder(run_dir: Path) -> None:
     beside files that are not a run's."""
     if (run_dir / checkpoint.CONFIG_FILE).exists():
         raise ConfigError(
-            f"{run_dir} already holds a run; choose another --out, or continue it with "
-            f"--resume {run_dir}."
+            f"{run_dir} already holds a run; choose another `out`, or continue it with "
+            f"`resume={run_dir}`."
         )
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise ConfigError(
-            f"{run_dir} is not an empty folder and holds no run; choose a new or empty --out."
+            f"{run_dir} is not an empty folder and holds no run; choose a new or empty `out`."
         )
 
 
@@ -496,12 +496,12 @@ def extend(config: TrainConfig, run_dir: Path, done: int, iterations: int | None
         if done >= config.iterations:
             raise NothingToDo(
                 f"{run_dir} has finished its {config.iterations} iterations; to train it "
-                f"further, resume it with --iterations N (more than {config.iterations})."
+                f"further, resume it with `iterations` N (more than {config.iterations})."
             )
         return False
     if iterations < config.iterations:
         raise ConfigError(
-            f"--iterations {iterations} is fewer than the {config.iterations} {run_dir} was "
+            f"`iterations={iterations}` is fewer than the {config.iterations} {run_dir} was "
             f"given; resuming can only extend a run."
         )
     if schedule_depends_on_iterations(config, iterations):
@@ -545,7 +545,7 @@ def start_from(algorithm: Algorithm, init_run: Path) -> None:
     try:
         checkpoint.load_weights(algorithm, init_run / checkpoint.BEST_WEIGHTS)
     except CheckpointError as error:
-        raise ConfigError(f"--init {init_run}: {error}") from None
+        raise ConfigError(f"`init={init_run}`: {error}") from None
 
 
 def override_test_episodes(config: TrainConfig, episode: dict | None) -> None:
@@ -588,7 +588,7 @@ def load(
     if per_way_head and config.ways != trained_ways:
         raise ConfigError(
             f"{run_dir} was trained {trained_ways}-way and its {config.algorithm} model has "
-            f"one output per way; evaluate it {trained_ways}-way (drop --ways)."
+            f"one output per way; evaluate it {trained_ways}-way (drop `ways`)."
         )
     checkpoint.fit_weights(algorithm, tensors, weights)
     algorithm.max_ways = trained_ways if per_way_head else None
