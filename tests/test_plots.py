@@ -29,7 +29,8 @@ from fewshot.tasks import stream_generator
 from fewshot.training.checkpoint import read_config
 from fewshot.training.evaluation import evaluate, evaluate_episodes
 from fewshot.training.factory import build_sources
-from fewshot.training.loop import Run, load_run
+from fewshot.training.loading import load_run
+from fewshot.training.loop import Run
 from tests.datasets.test_image_folder import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]

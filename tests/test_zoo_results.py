@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from fewshot.cli import main as fewshot_main
 from fewshot.training.evaluation import evaluate
-from fewshot.training.loop import load_run
+from fewshot.training.loading import load_run
 from tests.conftest import REPO
 
 spec = importlib.util.spec_from_file_location("zoo_results", REPO / "scripts" / "zoo_results.py")

@@ -231,7 +231,7 @@ def score_fewshot(
     the test episodes; the scores go to the run folder's test_scores.json."""
     from fewshot.training.evaluation import evaluate_episodes
     from fewshot.training.factory import build_sources
-    from fewshot.training.loop import load
+    from fewshot.training.loading import load
 
     torch.set_num_threads(1)
     run_dir = run_dir or Path(args.out) / "fewshot"

@@ -21,7 +21,7 @@ from fewshot.algorithms import (
 from fewshot.datasets import SinusoidTasks, load_omniglot, omniglot_split
 from fewshot.models import Conv4, SinusoidMLP
 from fewshot.tasks import Batch, ExampleSampler, Support, Task, TaskSampler
-from fewshot.training.loop import load
+from fewshot.training.loading import load
 
 __version__ = "0.1.0"
 

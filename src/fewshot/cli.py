@@ -49,7 +49,8 @@ from fewshot.training.evaluation import (
     paired_difference,
     prediction_mode,
 )
-from fewshot.training.loop import load, load_run, override_test_episodes, train
+from fewshot.training.loading import load, load_run, override_test_episodes
+from fewshot.training.loop import train
 from fewshot.training.tensorboard import TensorBoardLogger
 
 # glibc's malloc returns large freed blocks to the system and takes them back with fresh,

@@ -26,7 +26,7 @@ from fewshot.training import checkpoint
 from fewshot.training.config import TrainConfig
 from fewshot.training.evaluation import EPISODES_PER_DRAW, evaluate, prediction_mode
 from fewshot.training.factory import build_algorithm
-from fewshot.training.loop import load_run
+from fewshot.training.loading import load_run
 
 TRAINING_METRICS = ("loss", "accuracy", "inner_loss")
 MISSING_MATPLOTLIB = "fewshot plot needs matplotlib: pip install 'fewshot[plot]'"

@@ -16,7 +16,7 @@ from fewshot.cli import main
 from fewshot.datasets.image_folder import load_image_folder
 from fewshot.datasets.transforms import ImageTransform, parse_augment, pixel_statistics
 from fewshot.errors import ConfigError
-from fewshot.training.loop import load_run
+from fewshot.training.loading import load_run
 from fewshot.training.state import STATE_FILE
 from tests.conftest import write_random_image_folder
 

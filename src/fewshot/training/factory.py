@@ -146,11 +146,14 @@ def build_algorithm(config: TrainConfig) -> Algorithm:
     return get_method(config.algorithm).build(config.settings, config.problem)
 
 
-def has_per_way_head(config: TrainConfig) -> bool:
+def has_per_way_head(config: TrainConfig, built: Algorithm | None = None) -> bool:
     """Whether the method's parameters depend on the number of ways (a head with one output
-    per class), so that it cannot classify among more classes than it was built for."""
+    per class), so that it cannot classify among more classes than it was built for.
+
+    Asked of the method's shapes (`built`, the method as `config` builds it, against one built
+    a way wider), so that no method has to declare it and none can declare it wrongly."""
     if get_dataset(config.dataset).regression:
         return False
-    built = build_algorithm(config).state_dict()
+    shapes = (built or build_algorithm(config)).state_dict()
     wider = build_algorithm(dataclasses.replace(config, ways=config.ways + 1)).state_dict()
-    return any(built[name].shape != wider[name].shape for name in built)
+    return any(shapes[name].shape != wider[name].shape for name in shapes)
