@@ -44,10 +44,10 @@ from fewshot.training.checkpoint import read_config
 from fewshot.training.config import SAMPLERS, TrainConfig, applies, check_episode_settings
 from fewshot.training.distributed import environment_world
 from fewshot.training.evaluation import (
-    evaluate,
     evaluate_episodes,
     paired_difference,
     prediction_mode,
+    test_report,
 )
 from fewshot.training.loading import load, load_run, override_test_episodes
 from fewshot.training.loop import train
@@ -502,39 +502,6 @@ def training_options(skip: tuple[str, ...] = ()):
         return command
 
     return decorate
-
-
-def test_report(algorithm, config, sampler, episodes, seed, inner_steps, device) -> dict:
-    """Meta-test results: accuracy at the evaluation steps, or MSE at 0, 1 and 10 steps."""
-    eval_steps = algorithm.eval_inner_steps if algorithm.adapts_by_steps else None
-    regression = get_dataset(config.dataset).regression
-    if regression and inner_steps is None and eval_steps is not None:
-        steps_to_report = sorted({0, 1, eval_steps})
-        results = [
-            evaluate(algorithm, sampler, episodes, seed, steps, device, progress=True)
-            for steps in steps_to_report
-        ]
-        report = results[-1].to_dict()
-        report["mse_by_inner_steps"] = {str(r.inner_steps): r.mean for r in results}
-        report["ci95_by_inner_steps"] = {str(r.inner_steps): r.ci95 for r in results}
-        report["lines"] = [str(r) for r in results]
-    else:
-        result = evaluate(algorithm, sampler, episodes, seed, inner_steps, device, progress=True)
-        report = result.to_dict()
-        report["lines"] = [str(result)]
-    episode_settings = {
-        "dataset": config.dataset,
-        "split": config.split if applies("split", config.dataset) else None,
-        "ways": None if regression else config.ways,
-        "shots": config.shots,
-        "queries": config.queries,
-        "seed": seed,
-        "algorithm": config.algorithm,
-        "batch_norm": algorithm.batch_norm,
-    }
-    if config.sampler == "meta-dataset":  # each episode has its own ways, shots and queries
-        episode_settings.update(sampler="meta-dataset", ways=None, shots=None, queries=None)
-    return {**report, **episode_settings}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

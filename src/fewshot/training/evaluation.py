@@ -10,9 +10,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from fewshot.algorithms.base import Algorithm
+from fewshot.datasets.registry import get_dataset
 from fewshot.errors import require_positive
 from fewshot.progress import progress_bar
 from fewshot.tasks import stream_generator
+from fewshot.training.config import TrainConfig, applies
 
 # Episodes are drawn in fixed-size chunks from a generator seeded with the evaluation seed, so
 # every model evaluated with the same seed sees exactly the same episodes.
@@ -174,3 +176,46 @@ def paired_difference(a: torch.Tensor, b: torch.Tensor) -> PairedDifference:
         test = scipy.stats.ttest_rel(a.double().numpy(), b.double().numpy())
         t, p = float(test.statistic), float(test.pvalue)
     return PairedDifference(differences.mean().item(), 1.96 * sd / math.sqrt(n), t, p, n)
+
+
+def test_report(
+    algorithm: Algorithm,
+    config: TrainConfig,
+    sampler,
+    episodes: int,
+    seed: int,
+    inner_steps: int | None,
+    device: torch.device | str,
+) -> dict:
+    """A run's meta-test report, as `fewshot eval` and the end of `fewshot train` print and
+    save it: accuracy at the evaluation steps (regression: the MSE at 0, 1 and the evaluation
+    steps), the episodes' settings, and "lines", the results as printed."""
+    eval_steps = algorithm.eval_inner_steps if algorithm.adapts_by_steps else None
+    regression = get_dataset(config.dataset).regression
+    if regression and inner_steps is None and eval_steps is not None:
+        steps_to_report = sorted({0, 1, eval_steps})
+        results = [
+            evaluate(algorithm, sampler, episodes, seed, steps, device, progress=True)
+            for steps in steps_to_report
+        ]
+        report = results[-1].to_dict()
+        report["mse_by_inner_steps"] = {str(r.inner_steps): r.mean for r in results}
+        report["ci95_by_inner_steps"] = {str(r.inner_steps): r.ci95 for r in results}
+        report["lines"] = [str(r) for r in results]
+    else:
+        result = evaluate(algorithm, sampler, episodes, seed, inner_steps, device, progress=True)
+        report = result.to_dict()
+        report["lines"] = [str(result)]
+    episode_settings = {
+        "dataset": config.dataset,
+        "split": config.split if applies("split", config.dataset) else None,
+        "ways": None if regression else config.ways,
+        "shots": config.shots,
+        "queries": config.queries,
+        "seed": seed,
+        "algorithm": config.algorithm,
+        "batch_norm": algorithm.batch_norm,
+    }
+    if config.sampler == "meta-dataset":  # each episode has its own ways, shots and queries
+        episode_settings.update(sampler="meta-dataset", ways=None, shots=None, queries=None)
+    return {**report, **episode_settings}
