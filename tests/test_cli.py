@@ -9,6 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from fewshot.cli import main, tunes_malloc
+from fewshot.training import TrainConfig
+from fewshot.training.checkpoint import write_config
 
 QUICK = ["--iterations", "20", "--val-every", "10", "--val-episodes", "25", "--test-episodes", "25"]
 
@@ -604,3 +606,24 @@ def test_the_tuned_allocator_is_left_out_where_memory_is_the_point():
     assert not tunes_malloc([*train, "--checkpoint-inner"], {})
     assert not tunes_malloc(train, {"MALLOC_ARENA_MAX": "2"})
     assert not tunes_malloc(train, {"FEWSHOT_NO_MALLOC_TUNING": "1"})
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's settings: Linux only")
+def test_checkpointing_from_a_config_file_or_a_resumed_run_also_keeps_the_default_allocator(
+    tmp_path,
+):
+    train = ["train", "--algorithm", "maml", "--dataset", "omniglot"]
+    asking = tmp_path / "asking.json"
+    asking.write_text(json.dumps({"algorithm": "maml", "checkpoint_inner": True}))
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps({"algorithm": "maml"}))
+    assert not tunes_malloc([*train, "--config", str(asking)], {})
+    assert not tunes_malloc([*train, f"--config={asking}"], {})
+    assert tunes_malloc([*train, "--config", str(asking), "--no-checkpoint-inner"], {})
+    assert tunes_malloc([*train, "--config", str(plain)], {})
+    run = tmp_path / "run"
+    run.mkdir()
+    config = TrainConfig(algorithm="maml", dataset="omniglot", settings={"checkpoint_inner": True})
+    write_config(run, config.resolved())
+    assert not tunes_malloc(["train", "--resume", str(run)], {})
+    assert tunes_malloc(["train", "--resume", str(tmp_path / "missing")], {})

@@ -1163,13 +1163,45 @@ def run() -> None:
 
 def tunes_malloc(argv: list[str], environment: Mapping[str, str]) -> bool:
     """Whether `fewshot` restarts under `TUNED_MALLOC`: on Linux, unless a MALLOC_*_ variable or
-    FEWSHOT_NO_MALLOC_TUNING is set, or `--checkpoint-inner` is asked for. The tuned settings
+    FEWSHOT_NO_MALLOC_TUNING is set, or the command checkpoints inner steps. The tuned settings
     keep freed memory in the process, which saves time but would undo what checkpointing is
-    for; a run that checkpoints from a config file or on --resume needs
-    FEWSHOT_NO_MALLOC_TUNING=1."""
+    for."""
     return (
         sys.platform == "linux"
         and not any(key.startswith("MALLOC_") for key in environment)
         and not environment.get("FEWSHOT_NO_MALLOC_TUNING")
-        and "--checkpoint-inner" not in argv
+        and not checkpoints_inner(argv)
     )
+
+
+def checkpoints_inner(argv: list[str]) -> bool:
+    """Whether the command's resolved settings ask for `checkpoint_inner`: its own flag, else
+    its --config file's, else the config.json of the run it resumes. A file that cannot be read
+    counts as no: the command itself then says what is wrong with it."""
+    flags = [a for a in argv if a in ("--checkpoint-inner", "--no-checkpoint-inner")]
+    if flags:
+        return flags[-1] == "--checkpoint-inner"
+    recorded = (("--resume", resumed_settings), ("--config", read_config_file))
+    for flag, read in recorded:
+        path = option_value(argv, flag)
+        if path is not None:
+            try:
+                return bool(read(Path(path)).get("checkpoint_inner"))
+            except (FewshotError, OSError):
+                return False
+    return False
+
+
+def resumed_settings(run_dir: Path) -> dict:
+    return dataclasses.asdict(read_config(run_dir).settings)
+
+
+def option_value(argv: list[str], flag: str) -> str | None:
+    """The value given to `flag` in `argv` ("--flag VALUE" or "--flag=VALUE"), the last one."""
+    value = None
+    for i, argument in enumerate(argv):
+        if argument == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif argument.startswith(flag + "="):
+            value = argument.removeprefix(flag + "=")
+    return value
