@@ -64,8 +64,9 @@ def evaluate_folder(folder: Path, data_root: Path | None, fresh: bool = False) -
     other policies ("policies") and for its other episode shapes ("shapes": {"ways": 20}, ...).
     Reports measured on the present weights are kept unless `fresh` (the code or the run's
     prediction settings changed, which the weights' digest does not see)."""
-    from fewshot.cli import check_meta_dataset_evaluation, set_threads, test_report
+    from fewshot.cli import check_meta_dataset_evaluation, set_threads
     from fewshot.training import load_run
+    from fewshot.training.evaluation import test_report
 
     card = json.loads((folder / "card.json").read_text())
     plan = [({}, None)] + [({}, p) for p in card.get("policies", [])]

@@ -29,6 +29,7 @@ def independent_anil_gradient(body, head, tasks, alpha, steps):
     return torch.autograd.grad(total, params)
 
 
+@pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("vectorize", [True, False])
 @pytest.mark.parametrize("steps", [1, 2])
 def test_meta_gradient_equals_an_independent_computation(vectorize, steps):

@@ -46,6 +46,7 @@ def assert_same_meta_gradient(make, tasks: Task) -> None:
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("network", [small_conv4, small_resnet12], ids=["conv4", "resnet12"])
 @pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
 @pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "per-task"])
@@ -67,6 +68,7 @@ def test_maml_meta_gradient_is_the_same_with_checkpointing(network, first_order,
     assert_same_meta_gradient(make, tasks)
 
 
+@pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "per-task"])
 def test_meta_sgd_and_anil_meta_gradients_are_the_same_with_checkpointing(vectorize):
     """The rule's learned step sizes (Meta-SGD) and an encoder run before the inner loop
@@ -111,6 +113,7 @@ def smooth_conv_net() -> nn.Module:
     )
 
 
+@pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "per-task"])
 def test_checkpointed_meta_gradient_matches_finite_differences(vectorize):
     """Second-order MAML, 2 inner steps, a conv net with batch norm checkpointed layer by layer:
@@ -145,6 +148,7 @@ def test_maml_plus_plus_refuses_checkpointing_with_per_step_running_statistics()
     assert learner.checkpoint_inner
 
 
+@pytest.mark.usefixtures("float64")
 def test_checkpointed_meta_gradient_by_autograd_grad():
     """The recomputed inner steps answer `torch.autograd.grad` as `backward` does (they return
     their inputs' gradients rather than accumulating them), and refuse a second derivative."""
@@ -197,7 +201,7 @@ def test_resnet12_recomputes_its_first_blocks_and_keeps_its_last_at_84x84():
     last stage (75 queries: about 720 MB against 620 MB), so only blocks 1 and 2 and the first
     stage of block 3 are recomputed; the sizes are measured on the meta device."""
     torch.manual_seed(0)
-    model = ResNet12(3, 5).float()  # as trained (the tests' default dtype is float64)
+    model = ResNet12(3, 5).float()  # as trained, whatever the default dtype
     maml = MAML(model, inner_lr=0.01, checkpoint_inner=True, vectorize=False)
     params = {n: p.expand(1, *p.shape) for n, p in maml.model.named_parameters()}
     segments = maml._segments(maml.model, params, True, None)

@@ -37,6 +37,7 @@ def closed_form_meta_gradient(w, tasks: Task, alpha: float, steps: int, first_or
     return total / len(tasks)
 
 
+@pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("vectorize", [True, False])
@@ -87,6 +88,7 @@ def finite_difference_gradient(fn, params, eps=1e-6):
     return grads
 
 
+@pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("steps", [1, 2])
 @pytest.mark.parametrize("vectorize", [True, False])
 def test_second_order_meta_gradient_matches_finite_differences(steps, vectorize):
@@ -102,6 +104,7 @@ def test_second_order_meta_gradient_matches_finite_differences(steps, vectorize)
         torch.testing.assert_close(p.grad, e, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.usefixtures("float64")
 def test_first_order_drops_exactly_the_second_order_term():
     """FOMAML's gradient is the query-loss gradient at the adapted parameters, taken as if they
     were the initial ones; the second-order gradient differs from it by the Hessian term."""
@@ -211,6 +214,7 @@ def test_adapt_returns_a_predictor_whose_parameters_lower_the_support_loss():
     torch.testing.assert_close(predictor(tasks.support_x)[0], direct)
 
 
+@pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("vectorize", [True, False])
 def test_second_order_meta_gradient_through_batch_norm_matches_finite_differences(vectorize):
     """Batch norm's fused kernel inside the second-order pass, with and without vmap.

@@ -93,6 +93,7 @@ def test_with_every_switch_off_the_meta_gradient_is_mamls(vectorize):
 # -- LSLR -----------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("vectorize", [True, False])
 def test_lslr_meta_gradient_of_weights_and_rates_matches_finite_differences(vectorize):
     learner = MAMLpp(

@@ -22,6 +22,7 @@ def vector_task(seed=0, ways=3, shots=2, queries=2, d=4):
     )
 
 
+@pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("scale", [1.0, 10.0, 100.0])
 def test_attention_is_a_softmax_of_scaled_cosines_summed_per_class(scale):
     """P(y = k | x) = sum_{i: y_i = k} exp(s cos(x, x_i)) / sum_j exp(s cos(x, x_j)), by hand."""

@@ -35,6 +35,7 @@ def sigmoid(x: float) -> float:
     return 1 / (1 + math.exp(-x))
 
 
+@pytest.mark.usefixtures("float64")
 def test_one_update_equals_a_hand_computation_on_a_three_coordinate_learner():
     torch.manual_seed(0)
     learner = MetaLSTM(nn.Linear(2, 1), inner_steps=1, hidden_size=3, loss=F.mse_loss)
@@ -109,6 +110,7 @@ class Recording(InnerRule):
         return self.rule(params, grads, losses, state, step)
 
 
+@pytest.mark.usefixtures("float64")
 def test_meta_gradient_reaches_gates_and_initial_cell_state_and_matches_finite_differences():
     """Gradients and losses enter the meta-learner as constants (the paper's assumption); with
     them held at their values, the meta-loss is a function of the LSTMs' weights and c_0 whose

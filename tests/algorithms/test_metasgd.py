@@ -20,6 +20,7 @@ def meta_sgd_with_distinct_rates(steps: int, vectorize: bool) -> MetaSGD:
     return learner
 
 
+@pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("steps", [1, 2])
 @pytest.mark.parametrize("vectorize", [True, False])
 def test_meta_gradient_of_weights_and_step_sizes_matches_finite_differences(steps, vectorize):

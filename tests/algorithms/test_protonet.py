@@ -37,6 +37,7 @@ def test_class_means_and_distances_match_loops():
                 torch.testing.assert_close(squared_distances(q, means)[t, i, k], expected)
 
 
+@pytest.mark.usefixtures("float64")
 def test_meta_gradient_matches_finite_differences():
     torch.manual_seed(0)
     encoder = nn.Linear(3, 2).double()

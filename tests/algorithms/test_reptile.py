@@ -30,6 +30,7 @@ def independent_reptile_update(model, tasks, epsilon, steps, make_optimizer):
     return [t + epsilon * d for t, d in zip(theta, differences)]
 
 
+@pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize(
     ("inner_optimizer", "make_optimizer"),
     [

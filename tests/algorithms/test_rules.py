@@ -20,6 +20,7 @@ def relu_mlp_with_a_dead_unit(seed=0):
     return model
 
 
+@pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("vectorize", [True, False])
 def test_second_order_through_adam_matches_finite_differences_even_at_zero_gradients(vectorize):
     learner = GradientLearner(
@@ -39,6 +40,7 @@ def test_second_order_through_adam_matches_finite_differences_even_at_zero_gradi
         torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("vectorize", [True, False])
 def test_per_layer_per_step_rates_get_the_finite_difference_meta_gradient(vectorize):
     def make_rule(params):

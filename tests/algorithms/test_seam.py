@@ -46,6 +46,7 @@ def test_wrapping_and_training_leave_the_users_model_unchanged(method):
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("method", GRADIENT_METHODS)
 def test_vectorised_and_one_task_at_a_time_paths_agree(method):
     results = [gradients_after_one_training_step(method, vectorize=v) for v in (True, False)]
@@ -58,6 +59,7 @@ def test_vectorised_and_one_task_at_a_time_paths_agree(method):
     torch.testing.assert_close(vec.predict(tasks), loop.predict(tasks), rtol=1e-7, atol=1e-8)
 
 
+@pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("method", GRADIENT_METHODS)
 def test_chunked_training_step_accumulates_the_whole_meta_batch_gradient(method):
     _, whole_metrics, whole = gradients_after_one_training_step(method, chunk_size=None)

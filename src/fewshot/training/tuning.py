@@ -148,17 +148,17 @@ def parse_search(text: str, method: Method) -> SearchDimension:
     name = name.strip().lstrip("-").replace("-", "_")
     if not equals or not name or not spec:
         raise ConfigError(
-            f"--search {text}: write NAME=LOW:HIGH[:log][:int] or NAME=A,B,... (choices)."
+            f"`search={text}`: write NAME=LOW:HIGH[:log][:int] or NAME=A,B,... (choices)."
         )
     types = option_types(method)
     if name in NOT_SEARCHABLE:
-        reason = NOT_SEARCHABLE[name].format(flag="--" + name.replace("_", "-"))
-        raise ConfigError(f"--search {text}: {name} {reason}.")
+        reason = NOT_SEARCHABLE[name].format(flag=f"`{name}`")
+        raise ConfigError(f"`search={text}`: {name} {reason}.")
     if name not in types:
         searchable = ", ".join(n for n in types if n not in NOT_SEARCHABLE)
         known = any(name in option_types(m) for m in METHODS.values())
         what = f"{method.name} has no setting {name}" if known else f"{name} is no training option"
-        raise ConfigError(f"--search {text}: {what}; {method.name} can search {searchable}.")
+        raise ConfigError(f"`search={text}`: {what}; {method.name} can search {searchable}.")
     kind, choices = types[name]
     try:
         if ":" in spec:
@@ -166,11 +166,10 @@ def parse_search(text: str, method: Method) -> SearchDimension:
         if "," in spec:
             return _choice_dimension(name, kind, choices, spec)
     except (ConfigError, ValueError) as error:
-        raise ConfigError(f"--search {text}: {error}") from None
-    flag = "--" + name.replace("_", "-")
+        raise ConfigError(f"`search={text}`: {error}") from None
     raise ConfigError(
-        f"--search {text}: give a range LOW:HIGH[:log][:int] or choices A,B,...; to fix one "
-        f"value use {flag} {spec}."
+        f"`search={text}`: give a range LOW:HIGH[:log][:int] or choices A,B,...; to fix one "
+        f"value use `{name}={spec}`."
     )
 
 
@@ -256,11 +255,11 @@ def search_space(
     names = [dimension.name for dimension in custom]
     for dimension in custom:
         if names.count(dimension.name) > 1:
-            raise ConfigError(f"--search names {dimension.name} twice; give one range.")
+            raise ConfigError(f"`search` names {dimension.name} twice; give one range.")
         if dimension.name in set(fixed):
-            flag = "--" + dimension.name.replace("_", "-")
+            flag = f"`{dimension.name}`"
             raise ConfigError(
-                f"{flag} is given, so {dimension.name} is fixed; drop {flag} or its --search."
+                f"{flag} is given, so {dimension.name} is fixed; drop {flag} or its `search`."
             )
     resolved = TrainConfig.from_dict(without(base, names)).resolved(device)
     defaults = [d for d in default_space(resolved, fixed=base) if d.name not in names]
@@ -268,7 +267,7 @@ def search_space(
     if not space:
         raise ConfigError(
             "nothing to search: every learning rate and step count is given; drop one or add "
-            "--search NAME=LOW:HIGH."
+            "`search` NAME=LOW:HIGH."
         )
     return space
 
@@ -571,7 +570,7 @@ def record_study(
         raise ConfigError(
             f"the study {study.study_name!r} in {hide_password(storage)} was run with other "
             f"settings ({'; '.join(differences)}); give the same options to continue it, or "
-            "start another with --study-name or --study-dir."
+            "start another with `study_name` or `study_dir`."
         )
     document = {"study_name": study.study_name, "storage": hide_password(storage), **settings}
     text = json.dumps(document, indent=2) + "\n"
@@ -587,7 +586,7 @@ def check_no_stale_trials(study: optuna.Study, study_dir: Path) -> None:
     if stale:
         raise ConfigError(
             f"{study_dir} holds trial folders its study's storage does not know ({stale[0]}, ...); "
-            "use a new --study-dir, or the --storage that made them."
+            "use a new `study_dir`, or the `storage` that made them."
         )
 
 
@@ -598,8 +597,8 @@ def check_study_folder(study_dir: Path, study_name: str) -> None:
         recorded = json.loads(path.read_text(encoding="utf-8")).get("study_name")
         if recorded != study_name:
             raise ConfigError(
-                f"{study_dir} holds the study {recorded!r}; continue it with --study-name "
-                f"{recorded}, or give another --study-dir."
+                f"{study_dir} holds the study {recorded!r}; continue it with "
+                f"`study_name={recorded}`, or give another `study_dir`."
             )
 
 
