@@ -130,13 +130,15 @@ def pinned(core: int, command: list[str]) -> list[str]:
 
 class ReferenceModel(torch.nn.Module):
     """A reference as fewshot's evaluator takes a method: `predict(tasks, inner_steps)`,
-    `is_transductive`, eval/train, and `eval_inner_steps` where it adapts by steps."""
+    `is_transductive`, eval/train, `adapts_by_steps`, and `eval_inner_steps` where it adapts
+    by steps (the references that do have it)."""
 
     def __init__(self, reference: torch.nn.Module) -> None:
         super().__init__()
         self.reference = reference
         self.is_transductive = reference.is_transductive
-        if hasattr(reference, "eval_inner_steps"):
+        self.adapts_by_steps = hasattr(reference, "eval_inner_steps")
+        if self.adapts_by_steps:
             self.eval_inner_steps = reference.eval_inner_steps
 
     def predict(self, tasks, inner_steps: int | None = None) -> torch.Tensor:

@@ -271,3 +271,21 @@ def test_a_setting_control_is_the_same_run_with_one_prediction_setting_changed(t
     with pytest.raises(SystemExit):
         setting_control([str(run), str(tmp_path / "other"), "no_such_setting=1"])
     assert not (tmp_path / "other").exists()
+
+
+def test_the_evaluator_reads_a_reference_s_steps_as_a_method_s():
+    """fewshot's evaluator asks `adapts_by_steps` of what it evaluates: the harness's wrapper
+    answers for a reference with steps (Reptile's) and for one without."""
+    from benchmarks.parity.run import ReferenceModel
+    from fewshot.training.evaluation import reported_steps
+
+    reptile = ReptileReference(
+        small_network(), inner_lr=0.1, inner_steps=2, inner_batch=None, eval_inner_steps=7,
+        epsilon=0.5, final_epsilon=0.0, iterations=2, loss=F.cross_entropy,
+    )  # fmt: skip
+    stepped = ReferenceModel(reptile)
+    assert stepped.adapts_by_steps and reported_steps(stepped, None) == 7
+    assert reported_steps(stepped, 3) == 3
+    metric = nn.Module()
+    metric.is_transductive = False
+    assert reported_steps(ReferenceModel(metric), 3) is None
