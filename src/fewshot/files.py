@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """Call write(tmp_path), flush it to disk, then rename it over `path`.
 
     The temporary file sits in the same folder (so the rename is atomic) and is removed if

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import nn
 
 from fewshot.datasets.registry import get_dataset
@@ -33,6 +35,7 @@ class FeaturesAndHead(nn.Module):
 
     features: nn.Sequential
     head: nn.Module
+    embedding_size: int  # the features' size, what `head` takes
 
     def forward(self, x):
         return self.head(self.features(x))
@@ -217,8 +220,8 @@ class SinusoidMLP(nn.Sequential):
 def default_model(
     dataset: str,
     ways: int | None,
-    channels: int = 1,
-    image_size: int = 28,
+    channels: int | None = 1,
+    image_size: int | None = 28,
     track_running_stats: bool = False,
     features: int | None = None,
     backbone: str = "conv4",
@@ -231,12 +234,15 @@ def default_model(
     if network == "sinusoid-mlp":
         return SinusoidMLP()
     if network == "table-mlp":
+        assert features is not None  # a table's: given, or read from its data (`from_data`)
         return TabularMLP(features, ways, track_running_stats=track_running_stats)
     if backbone in RESNET12_WIDTHS:
         widths = RESNET12_WIDTHS[backbone]
+        assert channels is not None and image_size is not None  # images': given or resolved
         return ResNet12(channels, ways, widths, image_size, track_running_stats=track_running_stats)
     if backbone not in CONV4_WIDTHS:
         raise ConfigError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}.")
+    assert channels is not None and image_size is not None
     return Conv4(
         channels,
         ways,
@@ -265,8 +271,9 @@ def checkpoint_segments(model: nn.Module) -> list[tuple[str, nn.Module, int | No
     (`ResidualBlock`) is split into `module(x, stage=k)`, k = 0 .. stages - 1 (stage None: the
     whole module)."""
     if type(model).forward is FeaturesAndHead.forward:
-        parts = [(f"features.{n}", m) for n, m in model.features.named_children()]
-        parts.append(("head", model.head))
+        network = cast(FeaturesAndHead, model)  # its forward is head(features(x))
+        parts = [(f"features.{n}", m) for n, m in network.features.named_children()]
+        parts.append(("head", network.head))
     elif type(model).forward is nn.Sequential.forward:
         parts = list(model.named_children())
     else:
@@ -274,5 +281,5 @@ def checkpoint_segments(model: nn.Module) -> list[tuple[str, nn.Module, int | No
     return [
         (name, module, stage)
         for name, module in parts
-        for stage in (range(module.stages) if hasattr(module, "stages") else [None])
+        for stage in (range(cast(int, module.stages)) if hasattr(module, "stages") else [None])
     ]

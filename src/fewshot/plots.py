@@ -13,11 +13,13 @@ import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 
 from fewshot.algorithms import Algorithm, get_method
+from fewshot.algorithms.gradient import GradientLearner
 from fewshot.datasets.registry import get_dataset
 from fewshot.datasets.sinusoid import INPUT_RANGE, SinusoidTasks, sinusoid
 from fewshot.errors import FewshotError
@@ -25,7 +27,7 @@ from fewshot.tasks import Task, stream_generator
 from fewshot.training import checkpoint
 from fewshot.training.config import TrainConfig
 from fewshot.training.evaluation import EPISODES_PER_DRAW, evaluate, prediction_mode
-from fewshot.training.factory import build_algorithm
+from fewshot.training.factory import EpisodeSampler, build_algorithm
 from fewshot.training.loading import load_run
 
 TRAINING_METRICS = ("loss", "accuracy", "inner_loss")
@@ -90,9 +92,9 @@ def _validation_curve(records: list[dict]) -> ValidationCurve | None:
 def moving_average(values: Sequence[float], window: int) -> np.ndarray:
     """Mean of each value and the `window - 1` before it (fewer at the start): a training
     loss logged every few iterations is too noisy to read raw."""
-    values = np.asarray(values, dtype=float)
-    sums = np.cumsum(np.insert(values, 0, 0.0))
-    ends = np.arange(1, len(values) + 1)
+    array = np.asarray(values, dtype=float)
+    sums = np.cumsum(np.insert(array, 0, 0.0))
+    ends = np.arange(1, len(array) + 1)
     starts = np.maximum(ends - window, 0)
     return (sums[ends] - sums[starts]) / (ends - starts)
 
@@ -516,11 +518,12 @@ class LoadedRun:
     path: Path
     config: TrainConfig
     algorithm: Algorithm
-    test: object
+    test: EpisodeSampler
 
     @classmethod
     def load(cls, path: Path, data_root: Path | None = None) -> LoadedRun:
         config, algorithm, sources = load_run(path, data_root)
+        assert sources.test is not None  # the part `load_run` builds
         return cls(Path(path), config, algorithm, sources.test)
 
     @property
@@ -623,7 +626,7 @@ def write_adaptation(
 def write_sinusoid(
     run: LoadedRun, compared: LoadedRun | None, out: Path, steps: int, seed: int
 ) -> Path:
-    test_task = sinusoid_test_task(run.test, seed)
+    test_task = sinusoid_test_task(cast(SinusoidTasks, run.test), seed)  # regression: sinusoids
     counts = sorted({0, 1, steps})
     models = [run] if compared is None else [run, compared]
     fits = [sinusoid_fit(m.algorithm, test_task, counts, seed, m.label) for m in models]
@@ -657,7 +660,9 @@ def evaluation_steps(run: LoadedRun) -> int | None:
     if not algorithm.adapts_by_steps:
         return None
     ways = 1 if get_dataset(run.config.dataset).regression else run.config.ways
-    return algorithm.evaluation_steps(ways * run.config.shots)
+    assert run.config.shots is not None  # a run's recorded configuration is resolved
+    # A method that adapts by steps is a `GradientLearner`.
+    return cast(GradientLearner, algorithm).evaluation_steps(ways * run.config.shots)
 
 
 def describe_task(config: TrainConfig) -> str:

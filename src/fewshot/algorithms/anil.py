@@ -48,6 +48,8 @@ class ANILSettings(GradientSettings):
 
 
 def build(settings: ANILSettings, problem: Problem) -> ANIL:
+    # Resolved settings: the paper's values or the fallbacks.
+    assert settings.inner_lr is not None
     model = problem.network()
     return ANIL(
         *body_and_head(model),

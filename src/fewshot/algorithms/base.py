@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,10 @@ from torch import nn
 
 from fewshot.errors import ConfigError
 from fewshot.tasks import Support, Task
+
+if TYPE_CHECKING:
+    from fewshot.datasets.preprocessing import Preprocessing
+    from fewshot.training.config import TrainConfig
 
 # Which examples a batch-norm layer takes its statistics from when a trained method predicts:
 # "transductive": the batch at hand, so the queries of an episode influence each other's
@@ -144,8 +149,8 @@ class Algorithm(nn.Module):
     # were read (a `datasets.preprocessing.Preprocessing`, None for sinusoids and tables), and
     # the run's configuration.
     max_ways: int | None = None
-    preprocessing = None
-    config = None  # the run's TrainConfig
+    preprocessing: Preprocessing | None = None
+    config: TrainConfig | None = None  # the run's TrainConfig
 
     def adapt(
         self,
@@ -161,6 +166,7 @@ class Algorithm(nn.Module):
         """
         if isinstance(support_x, Support):
             return self.adapt_to_support(support_x, inner_steps)
+        assert support_y is not None  # support tensors come with their labels
         return self.adapt_tasks(support_x, support_y, inner_steps)
 
     def adapt_tasks(
@@ -203,7 +209,7 @@ class Algorithm(nn.Module):
         return torch.optim.Adam(self.parameters(), lr=lr), None
 
 
-def check_batch_norm_policy(policy: str) -> str:
+def check_batch_norm_policy(policy: str | None) -> str:
     if policy not in BATCH_NORM_POLICIES:
         raise ConfigError(
             f"batch_norm must be one of {', '.join(BATCH_NORM_POLICIES)}, got {policy!r}."

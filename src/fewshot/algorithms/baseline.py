@@ -81,6 +81,7 @@ def build_baseline(settings: BaselineSettings, problem: Problem) -> Baseline:
 def build_baseline_plus_plus(settings: BaselineSettings, problem: Problem) -> BaselinePlusPlus:
     body, _, features = pretrained_parts(problem)
     options = settings.fine_tuning(problem)
+    assert settings.classes is not None  # `fit_data`'s: the training data's classes
     return BaselinePlusPlus(body, features, problem.ways, settings.classes, **options)
 
 

@@ -51,6 +51,10 @@ class PerStepBatchNorm(nn.Module):
     """
 
     is_batch_norm = True  # for `base.has_batch_norm`: its output depends on the batch
+    # Buffers: None without `running_statistics` (and the count without `momentum=None`).
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    batches_tracked: torch.Tensor | None
 
     def __init__(
         self,
@@ -75,7 +79,9 @@ class PerStepBatchNorm(nn.Module):
         self.register_buffer("batches_tracked", torch.zeros(steps) if counted else None)
 
     @classmethod
-    def replacing(cls, layer: nn.Module, steps: int = 1, **options: Any) -> PerStepBatchNorm:
+    def replacing(
+        cls, layer: nn.modules.batchnorm._BatchNorm, steps: int = 1, **options: Any
+    ) -> PerStepBatchNorm:
         """A per-step layer that starts every step from `layer`'s weights and biases."""
         new = cls(layer.num_features, steps, eps=layer.eps, **options)
         for mine, theirs in ((new.weight, layer.weight), (new.bias, layer.bias)):
@@ -92,6 +98,7 @@ class PerStepBatchNorm(nn.Module):
         bias = self.bias[step] if self.per_step_weights else self.bias
         mode = _MODE.get()
         if self.running_mean is not None:
+            assert self.running_var is not None  # registered with the running mean
             if mode == "track" and self.momentum is not None:
                 # The fused kernel normalises and updates the running rows in one pass over x,
                 # where a separate mean and variance (`_track`) cost two more (docs/parity.md).
@@ -108,6 +115,9 @@ class PerStepBatchNorm(nn.Module):
         """The cumulative average (`momentum=None`), whose factor 1 / count is a tensor the
         fused kernel does not take."""
         dims = [0, *range(2, x.dim())]
+        # Tracked with `momentum=None`: every running buffer is there.
+        assert self.batches_tracked is not None
+        assert self.running_mean is not None and self.running_var is not None
         self.batches_tracked[step].add_(1)
         factor = 1 / self.batches_tracked[step]
         for running, batch in (

@@ -17,18 +17,18 @@ import copy
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fewshot.algorithms.base import Predictor, batch_norm_mode
-from fewshot.algorithms.gradient import GradientLearner, LossFn
+from fewshot.algorithms.gradient import GradientLearner, GradientPredictor, LossFn
 from fewshot.algorithms.registry import Problem, Settings, setting
 from fewshot.algorithms.rules import MomentumSGD
 from fewshot.errors import ConfigError, require_positive
-from fewshot.models import body_and_head
+from fewshot.models import FeaturesAndHead, body_and_head
 from fewshot.tasks import Batch
 
 
@@ -88,11 +88,14 @@ class TransferLearner(GradientLearner):
 
     @property
     def body(self) -> nn.Module:
-        return self.model[0] if self.adapt_body else self.encoder
+        if self.adapt_body:
+            return cast(nn.Sequential, self.model)[0]  # Sequential(body, head)
+        assert self.encoder is not None  # the body, which does not adapt
+        return self.encoder
 
     @property
     def head(self) -> nn.Module:
-        return self.model[1] if self.adapt_body else self.model
+        return cast(nn.Sequential, self.model)[1] if self.adapt_body else self.model
 
     # -- pretraining ------------------------------------------------------------------------
 
@@ -102,10 +105,11 @@ class TransferLearner(GradientLearner):
         head = self.head if self.classifier is None else self.classifier
         return head(self.body(x))
 
-    def meta_loss(self, batch: Batch) -> torch.Tensor:
+    # These take a `Batch` of examples, not a `Task` (`training_data = "examples"`).
+    def meta_loss(self, batch: Batch) -> torch.Tensor:  # type: ignore[override]
         return self.loss(self.pretraining_outputs(batch.x), batch.y)
 
-    def training_step(self, batch: Batch) -> dict[str, float]:
+    def training_step(self, batch: Batch) -> dict[str, float]:  # type: ignore[override]
         outputs = self.pretraining_outputs(batch.x)
         loss = self.loss(outputs, batch.y)
         if torch.isfinite(loss):
@@ -137,14 +141,15 @@ class TransferLearner(GradientLearner):
         `inner_steps` overrides the number of steps that `epochs` makes."""
         steps = self.fine_tuning_steps(support_x.shape[1]) if inner_steps is None else inner_steps
         with batch_norm_mode(self, training=False):
-            return FineTunedPredictor(self, super().adapt_tasks(support_x, support_y, steps))
+            fitted = super().adapt_tasks(support_x, support_y, steps)
+            return FineTunedPredictor(self, cast(GradientPredictor, fitted))
 
 
 class FineTunedPredictor(Predictor):
     """A fine-tuned predictor: `params` holds each task's fitted parameters (a leading task
     dimension); batch norm normalises with the running statistics whatever the learner's mode."""
 
-    def __init__(self, learner: TransferLearner, fitted: Predictor) -> None:
+    def __init__(self, learner: TransferLearner, fitted: GradientPredictor) -> None:
         super().__init__(self._outputs)
         self.learner, self.fitted = learner, fitted
 
@@ -181,6 +186,8 @@ class TransferSettings(Settings):
 
     def check(self, run) -> None:
         super().check(run)
+        assert self.finetune_lr is not None and self.finetune_epochs is not None  # resolved
+        assert self.finetune_batch is not None
         require_positive(finetune_lr=self.finetune_lr, finetune_epochs=self.finetune_epochs)
         if self.finetune_batch < 0:
             raise ConfigError(f"finetune_batch must be >= 0, got {self.finetune_batch}.")
@@ -214,21 +221,26 @@ def pretrained_parts(problem: Problem) -> tuple[nn.Module, nn.Module | None, int
     or None, body output size)."""
     if problem.regression:
         body, head = body_and_head(problem.network())
-        return body, head, head.in_features
-    body = problem.network(head=False, track_running_stats=True)
-    return body, None, body.embedding_size
+        return body, head, cast(nn.Linear, head).in_features  # the regression MLP's last layer
+    embedding = cast(FeaturesAndHead, problem.network(head=False, track_running_stats=True))
+    return embedding, None, embedding.embedding_size
+
+
+Learner = TypeVar("Learner", bound=TransferLearner)
 
 
 def build_with_linear_heads(
-    learner_class: type[TransferLearner], settings: TransferSettings, problem: Problem
-) -> TransferLearner:
+    learner_class: type[Learner], settings: TransferSettings, problem: Problem
+) -> Learner:
     """`learner_class(body, head, classifier)` on the literature's network: a linear
     `ways`-way head and a linear pretraining head over `settings.classes` (for regression, the
     network's last layer is both)."""
     body, last_layer, features = pretrained_parts(problem)
     options = settings.fine_tuning(problem)
     if problem.regression:
+        assert last_layer is not None  # the regression network's, its head
         return learner_class(body, last_layer, None, **options)
+    assert settings.classes is not None  # `fit_data`'s: the training data's classes
     head, classifier = nn.Linear(features, problem.ways), nn.Linear(features, settings.classes)
     return learner_class(body, head, classifier, **options)
 

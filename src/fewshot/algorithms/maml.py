@@ -46,6 +46,8 @@ class MAMLSettings(GradientSettings):
 
 
 def build(settings: MAMLSettings, problem: Problem) -> MAML:
+    # Resolved settings: the paper's values or the fallbacks.
+    assert settings.inner_lr is not None
     return MAML(
         problem.network(),
         inner_lr=settings.inner_lr,

@@ -29,6 +29,7 @@ network and its learned inner rates were meta-trained under batch statistics
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -45,7 +46,7 @@ from fewshot.algorithms.batchnorm import (
 from fewshot.algorithms.gradient import GradientLearner
 from fewshot.algorithms.recipes import FINN_2017
 from fewshot.algorithms.registry import GradientSettings, Method, Problem, register, setting
-from fewshot.algorithms.rules import SGD, PerLayerPerStepSGD
+from fewshot.algorithms.rules import SGD, InnerRule, Params, PerLayerPerStepSGD
 from fewshot.errors import ConfigError, require_positive
 from fewshot.tasks import Task
 
@@ -89,6 +90,8 @@ class MAMLpp(GradientLearner):
             unless `adapted` says otherwise.
     """
 
+    iterations_done: torch.Tensor  # a buffer: the meta-iterations trained, the schedules' clock
+
     def __init__(
         self,
         model: nn.Module,
@@ -126,7 +129,7 @@ class MAMLpp(GradientLearner):
         if bnwb and batch_norm_params and options.get("adapted") is None:
             fixed = set(batch_norm_params)
             options["adapted"] = lambda name: name not in fixed
-        rule = SGD(inner_lr)
+        rule: InnerRule | Callable[[Params], InnerRule] = SGD(inner_lr)
         if lslr:
             rule = partial(PerLayerPerStepSGD, steps=inner_steps, lr=inner_lr)
         super().__init__(model, rule, inner_steps=inner_steps, first_order=first_order, **options)
@@ -166,6 +169,7 @@ class MAMLpp(GradientLearner):
             metrics = super().training_step(tasks)
         with torch.no_grad():
             for name, buffer in own.items():
+                assert copies is not None  # made of `own`, which is not empty
                 buffer.copy_(copies[name].mean(0))
         self.iterations_done += 1
         return metrics
@@ -212,6 +216,9 @@ class MAMLppSettings(GradientSettings):
 
     def check(self, run) -> None:
         super().check(run)
+        # Resolved settings: the paper's values or the fallbacks.
+        assert self.msl_epochs is not None and self.iterations_per_epoch is not None
+        assert self.da_epochs is not None and self.min_outer_lr is not None
         require_positive(msl_epochs=self.msl_epochs, iterations_per_epoch=self.iterations_per_epoch)
         if self.da_epochs < 0 or self.min_outer_lr < 0:
             raise ConfigError("`da_epochs` and `min_outer_lr` must be >= 0.")
@@ -224,6 +231,9 @@ class MAMLppSettings(GradientSettings):
 
 def build(settings: MAMLppSettings, problem: Problem) -> MAMLpp:
     switches = ("msl", "msl_epochs", "da", "da_epochs", "bnwb", "bnrs", "lslr", "ca")
+    # Resolved settings: the paper's values or the fallbacks.
+    assert settings.inner_lr is not None and settings.min_outer_lr is not None
+    assert settings.iterations_per_epoch is not None
     return MAMLpp(
         problem.network(),
         inner_lr=settings.inner_lr,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,7 @@ from torch import nn
 from fewshot.algorithms.metric import MetricLearner
 from fewshot.algorithms.registry import Method, Problem, Settings, register, setting
 from fewshot.errors import ConfigError, require_positive
+from fewshot.models import FeaturesAndHead
 
 # s by default: chosen by measurement on the validation classes (docs/methods/matchingnet.md).
 MATCHING_SCALE = 100.0
@@ -146,13 +148,18 @@ class MatchingNetSettings(Settings):
 
     def check(self, run) -> None:
         super().check(run)
+        # Resolved settings: the paper's values or the fallbacks.
+        assert self.similarity_scale is not None
         require_positive(similarity_scale=self.similarity_scale)
         if not math.isfinite(self.similarity_scale):
             raise ConfigError(f"similarity_scale must be finite, got {self.similarity_scale}.")
 
 
 def build(settings: MatchingNetSettings, problem: Problem) -> MatchingNet:
-    encoder = problem.network(head=False, track_running_stats=True)
+    encoder = cast(FeaturesAndHead, problem.network(head=False, track_running_stats=True))
+    # Resolved settings: the paper's values or the fallbacks.
+    assert settings.full_context is not None and settings.batch_norm is not None
+    assert settings.similarity_scale is not None
     return MatchingNet(
         encoder,
         full_context=settings.full_context,

@@ -221,6 +221,9 @@ class MetaLSTMSettings(InnerLoopSettings):
 
     def check(self, run) -> None:
         super().check(run)
+        # Resolved settings: the paper's values or the fallbacks.
+        assert self.hidden_size is not None and self.inner_lr is not None
+        assert self.gradient_clip is not None and self.statistics_momentum is not None
         require_positive(hidden_size=self.hidden_size)
         if not 0 < self.inner_lr < 1:
             raise ConfigError(
@@ -236,6 +239,9 @@ class MetaLSTMSettings(InnerLoopSettings):
 
 
 def build(settings: MetaLSTMSettings, problem: Problem) -> MetaLSTM:
+    # Resolved settings: the paper's values or the fallbacks.
+    assert settings.hidden_size is not None and settings.inner_lr is not None
+    assert settings.statistics_momentum is not None
     return MetaLSTM(
         problem.network(),
         hidden_size=settings.hidden_size,

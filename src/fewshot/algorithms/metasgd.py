@@ -46,6 +46,8 @@ class MetaSGDSettings(GradientSettings):
 
 
 def build(settings: MetaSGDSettings, problem: Problem) -> MetaSGD:
+    # Resolved settings: the paper's values or the fallbacks.
+    assert settings.inner_lr is not None
     return MetaSGD(
         problem.network(),
         inner_lr=settings.inner_lr,

@@ -50,6 +50,8 @@ class ProtoNetSettings(Settings):
 
 
 def build(settings: ProtoNetSettings, problem: Problem) -> ProtoNet:
+    # Resolved settings: the paper's values or the fallbacks.
+    assert settings.batch_norm is not None
     encoder = problem.network(head=False, track_running_stats=True)
     return ProtoNet(encoder, batch_norm=settings.batch_norm)
 

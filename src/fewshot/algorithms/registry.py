@@ -61,8 +61,8 @@ class Problem:
 
     dataset: str
     ways: int
-    channels: int = 1
-    image_size: int = 28
+    channels: int | None = 1  # of images (None for other data)
+    image_size: int | None = 28  # of images
     features: int | None = None  # of a table's rows
     backbone: str = "conv4"  # images' network: `models.BACKBONES`
 
@@ -169,6 +169,9 @@ class InnerLoopSettings(Settings):
 
     def check(self, run) -> None:
         super().check(run)
+        # The run's resolved settings: the paper's values, fallbacks and `resolve`'s rules.
+        assert self.inner_lr is not None and self.inner_steps is not None
+        assert self.chunk_size is not None and self.eval_inner_steps is not None
         require_positive(
             inner_lr=self.inner_lr, inner_steps=self.inner_steps, chunk_size=self.chunk_size
         )

@@ -54,7 +54,7 @@ POOLINGS = ("sum", "mean")
 RELATION_POOLING = "mean"
 
 
-def check_pooling(pooling: str) -> str:
+def check_pooling(pooling: str | None) -> str:
     if pooling not in POOLINGS:
         raise ConfigError(f"support_pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}.")
     return pooling
@@ -137,6 +137,10 @@ def build(settings: RelationNetSettings, problem: Problem) -> RelationNet:
             "relationnet has its own embedding module (Sung et al.'s, feature maps for its "
             "relation module); drop `backbone`."
         )
+    assert problem.channels is not None and problem.image_size is not None  # images'
+    # Resolved settings: the paper's values or the fallbacks.
+    assert settings.relation_hidden is not None and settings.batch_norm is not None
+    assert settings.support_pooling is not None
     encoder = RelationEncoder(problem.channels, image_size=problem.image_size)
     return RelationNet(
         encoder,

@@ -129,6 +129,9 @@ class ReptileSettings(InnerLoopSettings):
 
 
 def build(settings: ReptileSettings, problem: Problem) -> Reptile:
+    # Resolved settings: the paper's values or the fallbacks.
+    assert settings.inner_lr is not None and settings.inner_optimizer is not None
+    assert settings.final_outer_lr is not None
     return Reptile(
         problem.network(),
         inner_lr=settings.inner_lr,

@@ -101,7 +101,8 @@ def read_cache(path: Path, key: str, shape: tuple[int, ...]) -> torch.Tensor | N
             path.unlink()
         return None
     if hasattr(mmap, "MADV_RANDOM"):  # episodes read scattered images: no read-ahead
-        mapped._mmap.madvise(mmap.MADV_RANDOM)
+        # numpy's stubs leave out the memmap's private mmap object, which has madvise
+        mapped._mmap.madvise(mmap.MADV_RANDOM)  # type: ignore[attr-defined]
     return torch.from_numpy(mapped)
 
 

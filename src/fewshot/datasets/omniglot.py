@@ -164,7 +164,9 @@ def missing_archive(root: Path, archive: str) -> DataError:
 
 
 def _decode_archives(archives: list[Path]) -> Characters:
-    images, character, names = [], [], []
+    images: list[np.ndarray] = []
+    character: list[int] = []  # each drawing's character, an index into `names`
+    names: list[str] = []
     for archive in archives:
         try:
             with zipfile.ZipFile(archive) as zf:

@@ -90,6 +90,7 @@ class Preprocessing:
         read = [self.read(path, invert, convert) for path in paths]
         images = as_float(torch.stack([x for x, _ in read]))
         if self.mean is not None:
+            assert self.std is not None  # recorded with the mean (--normalize)
             images = ImageTransform(tuple(self.mean), tuple(self.std))(images)
         return images, [inverted for _, inverted in read]
 

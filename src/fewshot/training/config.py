@@ -29,8 +29,8 @@ SAMPLERS = ("fixed", "meta-dataset")
 class TrainConfig:
     """Everything that defines a run; `None` means "the paper's default for this method".
 
-    `settings` holds the method's own settings: a dict of the ones given (before `resolved`)
-    or the method's `Settings` dataclass (after).
+    `settings` holds the method's own settings, the method's `Settings` dataclass; it may be
+    given as a dict of the ones given, which `__post_init__` makes that dataclass.
     `meta_batch` counts tasks, or examples for methods trained on ordinary batches
     (`Algorithm.training_data == "examples"`).
     """
@@ -64,7 +64,8 @@ class TrainConfig:
     test_episodes: int = 600  # meta-test episodes at the end of training (0: none)
     data_root: str | None = None  # where the data was when the run started (recorded)
     init: str | None = None  # a run whose best weights this run starts from
-    settings: Any = field(default_factory=dict)
+    # A dict given here becomes the method's `Settings` in `__post_init__`.
+    settings: Settings = field(default_factory=dict)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if isinstance(self.settings, dict):
@@ -112,6 +113,11 @@ class TrainConfig:
         return run
 
     def check(self) -> None:
+        # `resolved` gives these their values (the dataset's, or the method's papers').
+        assert self.shots is not None and self.queries is not None
+        assert self.train_ways is not None and self.train_queries is not None
+        assert self.meta_batch is not None and self.iterations is not None
+        assert self.val_every is not None and self.outer_lr is not None
         require_positive(
             ways=self.ways,
             shots=self.shots,
@@ -176,7 +182,8 @@ class TrainConfig:
             raise ConfigError("settings must be one JSON object of names and values.")
         run_keys = {f.name for f in fields(cls)} - {"settings"}
         run = checked_types({k: v for k, v in values.items() if k in run_keys}, cls)
-        return cls(**run, settings={k: v for k, v in values.items() if k not in run_keys})
+        settings = {k: v for k, v in values.items() if k not in run_keys}
+        return cls(**run, settings=settings)  # type: ignore[arg-type]  # see `settings`
 
 
 def checked_types(values: dict, owner: type) -> dict:
@@ -245,11 +252,11 @@ def check_episode_settings(given: dict) -> None:
     if given.get("sampler") != "meta-dataset":
         return
     names = ("shots", "queries", "train_ways", "train_queries")
-    given = [name for name in names if given.get(name) is not None]
-    if given:
-        names = ", ".join(f"`{name}`" for name in given)
+    drawn = [name for name in names if given.get(name) is not None]
+    if drawn:
+        listed = ", ".join(f"`{name}`" for name in drawn)
         raise ConfigError(
-            f"`sampler=meta-dataset` draws each episode's ways, shots and queries; drop {names}."
+            f"`sampler=meta-dataset` draws each episode's ways, shots and queries; drop {listed}."
         )
 
 

@@ -6,10 +6,12 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import torch
 
 from fewshot.algorithms.base import Algorithm
+from fewshot.algorithms.gradient import GradientLearner
 from fewshot.datasets.registry import get_dataset
 from fewshot.errors import require_positive
 from fewshot.progress import progress_bar
@@ -100,7 +102,7 @@ def evaluate_episodes(
     """
     require_positive(episodes=episodes)
     generator = stream_generator(stream, seed)
-    scores = []
+    parts = []
     bar = progress_bar(
         desc="evaluating", total=episodes, unit="episode", disable=not progress, leave=False
     )
@@ -110,9 +112,9 @@ def evaluate_episodes(
         for start in range(0, episodes, per_draw):
             batch = tasks.sample(per_draw, generator)[: episodes - start].to(device)
             predictions = algorithm.predict(batch, inner_steps=inner_steps)
-            scores.append(episode_scores(predictions, batch.query_y).cpu())
+            parts.append(episode_scores(predictions, batch.query_y).cpu())
             bar.update(len(batch))
-    scores = torch.cat(scores).double()
+    scores = torch.cat(parts).double()
     ci95 = 1.96 * scores.std().item() / math.sqrt(len(scores)) if len(scores) > 1 else float("nan")
     metric = "mse" if batch.query_y.is_floating_point() else "accuracy"
     steps = reported_steps(algorithm, inner_steps)
@@ -144,7 +146,8 @@ def reported_steps(algorithm: Algorithm, inner_steps: int | None) -> int | None:
     a method without steps (it ignored them)."""
     if not algorithm.adapts_by_steps:
         return None
-    return algorithm.eval_inner_steps if inner_steps is None else inner_steps
+    learner = cast(GradientLearner, algorithm)  # a method that adapts by steps
+    return learner.eval_inner_steps if inner_steps is None else inner_steps
 
 
 @dataclass(frozen=True)
@@ -190,7 +193,9 @@ def test_report(
     """A run's meta-test report, as `fewshot eval` and the end of `fewshot train` print and
     save it: accuracy at the evaluation steps (regression: the MSE at 0, 1 and the evaluation
     steps), the episodes' settings, and "lines", the results as printed."""
-    eval_steps = algorithm.eval_inner_steps if algorithm.adapts_by_steps else None
+    # A method that adapts by steps is a `GradientLearner`.
+    learner = cast(GradientLearner, algorithm)
+    eval_steps = learner.eval_inner_steps if algorithm.adapts_by_steps else None
     regression = get_dataset(config.dataset).regression
     if regression and inner_steps is None and eval_steps is not None:
         steps_to_report = sorted({0, 1, eval_steps})

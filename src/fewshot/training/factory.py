@@ -6,26 +6,34 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from fewshot.algorithms import Algorithm, get_method
 from fewshot.datasets.preprocessing import Preprocessing, background_of, read_preprocessing
 from fewshot.datasets.registry import get_dataset
+from fewshot.datasets.sinusoid import SinusoidExamples, SinusoidTasks
 from fewshot.datasets.transforms import ImageTransform, parse_augment, pixel_statistics
 from fewshot.episodes import MetaDatasetSampler
 from fewshot.errors import ConfigError, DataError
 from fewshot.tasks import ExampleSampler, TaskSampler
 from fewshot.training.config import TrainConfig
 
+# A sampler of episodes: N-way K-shot, Meta-Dataset's, or a generated dataset's tasks.
+EpisodeSampler = TaskSampler | MetaDatasetSampler | SinusoidTasks
+# The training part's: episodes, or mini-batches of examples for the methods that train on them.
+TrainingSampler = EpisodeSampler | ExampleSampler | SinusoidExamples
+
 
 @dataclass
 class TaskSources:
     """Samplers of meta-training, validation and meta-test episodes (disjoint classes); the
     training one samples mini-batches of examples instead for methods that train on them
-    (`Algorithm.training_data == "examples"`)."""
+    (`Algorithm.training_data == "examples"`). A part not built (`build_sources`'s `parts`)
+    is None."""
 
-    train: object
-    val: object
-    test: object
+    train: TrainingSampler | None
+    val: EpisodeSampler | None
+    test: EpisodeSampler | None
 
 
 # The options that set each part's episodes, for messages that say which one to change.
@@ -44,7 +52,7 @@ def build_sources(
     if dataset.tasks is not None:  # generated: the held-out tasks are never drawn in training
         train, held_out = dataset.tasks(config, examples)
         return TaskSources(train, held_out, held_out)
-    samplers = {}
+    samplers: dict[str, TrainingSampler] = {}
     loaded = labelled_parts(config, data_root, download, parts)
     if config.normalize and config.pixel_mean is None:  # where it applies: folders, benchmarks
         config.pixel_mean, config.pixel_std = pixel_statistics(loaded[0][0])  # training images
@@ -58,6 +66,9 @@ def build_sources(
             if config.sampler == "meta-dataset":
                 samplers[part] = MetaDatasetSampler(images, labels, groups, transform=transform)
                 continue
+            # The resolved configuration's (its dataset's, or the method's papers' values).
+            assert config.shots is not None and config.queries is not None
+            assert config.train_ways is not None and config.train_queries is not None
             samplers[part] = TaskSampler(
                 images,
                 labels,
@@ -69,7 +80,8 @@ def build_sources(
             )
         except (ConfigError, DataError) as error:
             raise type(error)(f"{part} part: {error}") from None
-    return TaskSources(samplers.get("train"), samplers.get("val"), samplers.get("test"))
+    held_out = cast(dict[str, EpisodeSampler], samplers)  # only "train" may sample examples
+    return TaskSources(samplers.get("train"), held_out.get("val"), held_out.get("test"))
 
 
 def image_transform(config: TrainConfig, train: bool) -> ImageTransform | None:
@@ -109,7 +121,9 @@ def labelled_parts(config: TrainConfig, data_root, download: bool, parts: tuple[
     """(images, labels, groups) of each requested part of the configured dataset, groups being
     what Meta-Dataset's episodes draw their classes from (`MetaDatasetSampler`), or None."""
     data_root = data_root_for(config, data_root)
-    return get_dataset(config.dataset).load(config, data_root, download, parts)
+    load = get_dataset(config.dataset).load
+    assert load is not None  # a dataset read from files, not generated (`Dataset.tasks`)
+    return load(config, data_root, download, parts)
 
 
 def training_preprocessing(config: TrainConfig, train) -> Preprocessing | None:
@@ -119,6 +133,7 @@ def training_preprocessing(config: TrainConfig, train) -> Preprocessing | None:
     if dataset.source is None:
         return None
     background = background_of(train.inputs) if dataset.measures_background else None
+    assert config.image_size is not None and config.channels is not None  # images': resolved
     return Preprocessing(
         config.image_size,
         config.channels,
@@ -138,6 +153,7 @@ def recorded_preprocessing(run_dir: Path, config: TrainConfig) -> Preprocessing 
         return recorded
     if dataset.before_records is not None:
         return dataset.before_records
+    assert config.image_size is not None and config.channels is not None  # images': recorded
     return Preprocessing(config.image_size, config.channels, None, "an image folder")
 
 

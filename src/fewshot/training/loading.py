@@ -11,6 +11,7 @@ from fewshot.errors import ConfigError, require_positive
 from fewshot.training import checkpoint
 from fewshot.training.config import SAMPLERS, TrainConfig
 from fewshot.training.factory import (
+    TaskSources,
     build_algorithm,
     build_sources,
     has_per_way_head,
@@ -83,7 +84,7 @@ def load_run(
     device: str = "cpu",
     batch_norm: str | None = None,
     episode: dict | None = None,
-):
+) -> tuple[TrainConfig, Algorithm, TaskSources]:
     """The configuration, best weights and test-episode sampler of a finished run.
 
     `batch_norm` overrides the run's batch-norm policy at prediction (to measure its effect);
@@ -91,5 +92,6 @@ def load_run(
     model allows it (a method whose head has one output per way cannot change its ways).
     """
     algorithm = load(run_dir, device, batch_norm, episode)
+    assert algorithm.config is not None  # `load` sets it
     sources = build_sources(algorithm.config, data_root, download, parts=("test",))
     return algorithm.config, algorithm, sources

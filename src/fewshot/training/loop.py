@@ -20,6 +20,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from fewshot.algorithms.base import Algorithm
 from fewshot.datasets.preprocessing import write_preprocessing
 from fewshot.datasets.registry import get_dataset
 from fewshot.devices import describe_device
+from fewshot.episodes import MetaDatasetSampler
 from fewshot.errors import (
     CheckpointError,
     ConfigError,
@@ -38,7 +40,7 @@ from fewshot.errors import (
 )
 from fewshot.files import atomic_write_text
 from fewshot.progress import progress_bar
-from fewshot.tasks import Task, stream_generator
+from fewshot.tasks import ExampleSampler, Task, TaskSampler, stream_generator
 from fewshot.training import checkpoint
 from fewshot.training.config import TrainConfig
 from fewshot.training.distributed import (
@@ -176,6 +178,9 @@ class Run:
         self.listeners, self.world = listeners, world
         self.progress = False
         seed_everything(config.seed)  # the same initial weights in every process
+        # A resolved configuration: these have their values.
+        assert config.outer_lr is not None and config.iterations is not None
+        assert config.meta_batch is not None
         self.algorithm = build_algorithm(config).to(device)
         self.optimizer, self.scheduler = self.algorithm.configure_optimizers(
             config.outer_lr, config.iterations
@@ -217,6 +222,7 @@ class Run:
                 "learning-rate schedule; it was written by another version of the method."
             )
         if self.scheduler is not None:
+            assert state.scheduler is not None  # the checkpoint has one too (checked above)
             self.scheduler.load_state_dict(state.scheduler)
         restore_rngs(state.rngs(self.world.rank), self.generator)
         self.iteration, self.elapsed = state.iteration, state.elapsed
@@ -232,19 +238,22 @@ class Run:
 
     def step(self) -> dict[str, float]:
         # this process's share of meta_batch tasks (or examples, for methods trained on them)
-        tasks = self.sources.train.sample(self.share, self.generator).to(self.device)
+        train = self.sources.train
+        assert train is not None  # a run builds every part
+        tasks = train.sample(self.share, self.generator).to(self.device)
         try:
-            return meta_step(self.algorithm, self.optimizer, tasks, self.scheduler, self.world)
+            # A `Batch` of examples goes to the methods whose `training_step` takes one.
+            return meta_step(self.algorithm, self.optimizer, tasks, self.scheduler, self.world)  # type: ignore[arg-type]
         except NonFiniteError as error:
             config = self.config
             rates = {**config.settings.learning_rates(), "outer_lr": config.outer_lr}
-            rates = " or ".join(
+            lower = " or ".join(
                 f"--{name.replace('_', '-')} (now {value})" for name, value in rates.items()
             )
             kept = f"the checkpoint of iteration {self.checkpointed} is kept"
             raise DivergenceError(
                 f"training diverged at iteration {self.iteration + 1}: {error}; {kept}. "
-                f"The likely cause is a learning rate too high: lower {rates}."
+                f"The likely cause is a learning rate too high: lower {lower}."
             ) from None
 
     def validate(self) -> EvalResult:
@@ -273,6 +282,7 @@ class Run:
 
     def run(self, progress: bool) -> None:
         config, main = self.config, self.world.is_main
+        assert config.iterations is not None  # resolved
         progress = progress and main
         self.progress = progress
         started = time.perf_counter() - self.elapsed
@@ -391,6 +401,7 @@ def train_in_world(
     else:
         config = config.resolved(world.device)
         check_meta_dataset_training(config, world)
+        assert config.meta_batch is not None  # resolved
         world.share(config.meta_batch)  # a meta-batch the processes cannot share is refused
         if world.is_main:
             check_new_run_folder(run_dir)
@@ -399,7 +410,9 @@ def train_in_world(
     if not resume:
         config.settings = config.settings.fit_data(sources.train)
         for name in get_dataset(config.dataset).from_data:  # a table's features, and so on
-            setattr(config, name, sources.train.inputs.shape[1])
+            # data read from files, whose samplers `build_sources` makes
+            loaded = cast(TaskSampler | ExampleSampler | MetaDatasetSampler, sources.train)
+            setattr(config, name, loaded.inputs.shape[1])
         config.data_root = recorded_data_root(config, data_root)
     main = world.is_main
     run = Run(config, run_dir, sources, world.device, listeners if main else (), world)
@@ -441,6 +454,7 @@ def check_meta_dataset_training(config: TrainConfig, world: World) -> None:
             "output per way; use a method without a per-class head (protonet, matchingnet, "
             "relationnet)."
         )
+    assert config.meta_batch is not None  # resolved
     if world.share(config.meta_batch) != 1:
         raise ConfigError(
             "`sampler=meta-dataset` trains on one episode at a time in each process: use "
@@ -489,6 +503,7 @@ def extend(config: TrainConfig, run_dir: Path, done: int, iterations: int | None
     they changed. A run with nothing left to do is refused, and so is an extension that would
     change its learning-rate schedule (then it would not match a run given `iterations` from
     the start)."""
+    assert config.iterations is not None  # a run's recorded configuration is resolved
     if iterations is None or iterations == config.iterations:
         if done >= config.iterations:
             raise NothingToDo(
@@ -515,8 +530,10 @@ def schedule_depends_on_iterations(config: TrainConfig, iterations: int) -> bool
     """Whether the method's outer learning rate over the run's first `config.iterations` steps
     would differ if the run had `iterations` in all (an annealed schedule does)."""
     algorithm = build_algorithm(config)
+    assert config.iterations is not None  # resolved
 
     def rates(total: int) -> list[float]:
+        assert config.outer_lr is not None and config.iterations is not None  # resolved
         optimizer, schedule = algorithm.configure_optimizers(config.outer_lr, total)
         if schedule is None:
             return []

@@ -4,8 +4,12 @@ metrics.jsonl, under RUN_DIR/tensorboard, through torch's SummaryWriter."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fewshot.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 LOG_FOLDER = "tensorboard"
 NOT_SCALARS = {"iteration", "split", "metric", "episodes", "inner_steps", "best"}
@@ -29,7 +33,7 @@ class TensorBoardLogger:
             ) from None
         self._writer_class = SummaryWriter
         self.log_dir = Path(run_dir) / LOG_FOLDER
-        self.writer = None
+        self.writer: SummaryWriter | None = None
 
     def __call__(self, record: dict) -> None:
         step = record["iteration"]

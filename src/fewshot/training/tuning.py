@@ -22,11 +22,11 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from fewshot.algorithms.registry import METHODS, Method, get_method
+from fewshot.algorithms.registry import METHODS, InnerLoopSettings, Method, get_method
 from fewshot.devices import describe_device
 from fewshot.errors import ConfigError, DivergenceError, FewshotError, RunStopped
 from fewshot.files import atomic_write, atomic_write_text
@@ -37,6 +37,8 @@ from fewshot.training.loop import Listener, train
 
 if TYPE_CHECKING:
     import optuna
+    from optuna import Study
+    from optuna.trial import FrozenTrial
 
 STUDY_FILE = "study.json"
 BEST_FILE = "best.json"
@@ -107,6 +109,7 @@ class SearchDimension:
         """The trial's value of this option, drawn by the study's sampler."""
         if self.choices is not None:
             return trial.suggest_categorical(self.name, list(self.choices))
+        assert self.low is not None and self.high is not None  # numbers, without choices
         if self.integer:
             return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
         return trial.suggest_float(self.name, self.low, self.high, log=self.log)
@@ -115,6 +118,7 @@ class SearchDimension:
         """The values that reach the edges of the dimension, to check before any trial."""
         if self.choices is not None:
             return list(self.choices)
+        assert self.low is not None and self.high is not None  # numbers, without choices
         return [int(v) if self.integer else v for v in (self.low, self.high)]
 
     def describe(self) -> str:
@@ -314,7 +318,8 @@ def eval_steps_floor(base: dict, space: Sequence[SearchDimension], resolved: Tra
     searched = {d.name for d in space}
     if "inner_steps" not in searched or "eval_inner_steps" in searched | set(base):
         return None
-    return resolved.settings.eval_inner_steps
+    # `inner_steps` is searched: a method with an inner loop
+    return cast(InnerLoopSettings, resolved.settings).eval_inner_steps
 
 
 def pruning_listener(trial: optuna.Trial, last_iteration: int) -> Listener:
@@ -361,7 +366,9 @@ def run_trial(
     trial.set_user_attr("host", socket.gethostname())
     try:
         config = plan.config(settings)
-        listener = pruning_listener(trial, config.resolved(plan.device).iterations)
+        iterations = config.resolved(plan.device).iterations
+        assert iterations is not None  # resolved
+        listener = pruning_listener(trial, iterations)
         # train prints each validation even without a progress bar; the study prints a line
         # per trial instead
         with contextlib.redirect_stdout(io.StringIO()):
@@ -385,6 +392,7 @@ def run_trial(
     except (RunStopped, KeyboardInterrupt):
         trial.set_user_attr("note", f"stopped; fewshot train --resume {run_dir} finishes it")
         raise
+    assert best is not None  # a finished run has validated (at its last iteration at least)
     return best.mean
 
 
@@ -451,7 +459,7 @@ def tune(
 
     bar = progress_bar(desc="tuning", total=trials, unit="trial", disable=log is None)
 
-    def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    def after_trial(study: Study, trial: FrozenTrial) -> None:
         if log is not None:
             with bar.external_write_mode():
                 log(trial_line(trial, metric))
@@ -506,6 +514,7 @@ def median_pruner(resolved: TrainConfig, prune_after: int | None) -> optuna.prun
     optuna = import_optuna()
     if prune_after is None:
         return optuna.pruners.NopPruner()
+    assert resolved.val_every is not None  # resolved
     return optuna.pruners.MedianPruner(
         n_startup_trials=prune_after, n_warmup_steps=resolved.val_every + 1
     )

@@ -10,7 +10,8 @@ time, but for the trailing segments that save no more, together, than the larges
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -27,7 +28,7 @@ from fewshot.models import checkpoint_segments
 # (module, params, x, params_per_task, task_buffers, stage) -> outputs.
 RunSegment = Callable[..., torch.Tensor | tuple]
 # One segment's arguments but the inputs: (part, params, params_per_task, task buffers, stage).
-Segment = tuple[nn.Module, Params, bool, Params | None, int]
+Segment = tuple[nn.Module, Params | None, bool, Params | None, int | None]
 
 
 class RecomputedStep(torch.autograd.Function):
@@ -85,7 +86,7 @@ class RecomputedStep(torch.autograd.Function):
 def recomputed_update(
     update: Update,
     adapted: list[str],
-    learned: list[torch.Tensor],
+    learned: Sequence[torch.Tensor],
     params: Params,
     state: object,
     x: torch.Tensor,
@@ -98,13 +99,14 @@ def recomputed_update(
     inputs, spec = tree_flatten((params, state, x, y))
     tensors = [i for i, v in enumerate(inputs) if isinstance(v, torch.Tensor)]
     # How `run` flattened its results, which the forward pass's outputs are put back into.
-    results = {}
+    results: dict[str, Any] = {}
 
     def run(values: list[torch.Tensor], create_graph: bool) -> list[torch.Tensor]:
         leaves = list(inputs)
         for i, value in zip(tensors, values, strict=True):
             leaves[i] = value
-        p, s, losses = update(*tree_unflatten(leaves, spec), create_graph)
+        step_params, step_state, step_x, step_y = tree_unflatten(leaves, spec)
+        p, s, losses = update(step_params, step_state, step_x, step_y, create_graph)
         flat, results["spec"] = tree_flatten(({n: p[n] for n in adapted}, s, losses))
         results["flat"] = flat
         return [v for v in flat if isinstance(v, torch.Tensor)]
@@ -119,7 +121,7 @@ def in_segments(
     run_segment: RunSegment,
     module: nn.Module,
     params: Params,
-    x: torch.Tensor,
+    x: torch.Tensor | tuple,
     params_per_task: bool,
     task_buffers: Params | None,
 ) -> torch.Tensor:
@@ -135,7 +137,7 @@ def in_segments(
             x = run_segment(*args)
         else:
             x = checkpoint(run_segment, *args, use_reentrant=False)
-    return x
+    return cast(torch.Tensor, x)  # the last segment's outputs: the module's
 
 
 def segments_of(
@@ -155,7 +157,8 @@ def saved_bytes(
     """The bytes each segment saves for the backward pass on inputs shaped as `x`, measured
     on the meta device (shapes only, nothing computed); None where an operation has no
     meta implementation."""
-    saved, seen = [], {}
+    saved: list[int] = []
+    seen: dict[int, torch.Tensor] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         if id(t) not in seen:  # a tensor saved by several operations is kept once

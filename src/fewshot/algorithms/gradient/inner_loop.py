@@ -16,11 +16,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
-from fewshot.algorithms.rules import Params
-
-if TYPE_CHECKING:
-    from fewshot.algorithms.gradient.learner import GradientLearner
+from fewshot.algorithms.rules import InnerRule, Params
 
 _INNER_STEP: ContextVar[int] = ContextVar("fewshot_inner_step", default=0)
 
@@ -66,8 +64,30 @@ class Trajectory:
 class InnerLoop:
     """`GradientLearner`'s inner loop: the adapted parameters of every task (`trajectory`)."""
 
+    # What the inner loop reads of the `GradientLearner` it is part of.
+    model: nn.Module
+    rule: InnerRule
+    adapted_names: list[str]
+    meta_learned_names: list[str]
+    first_order: bool
+    checkpoint_inner: bool
+
+    if TYPE_CHECKING:
+
+        def _encode(self, x: torch.Tensor, params: Params | None = None) -> torch.Tensor: ...
+
+        def _call_model(
+            self, params: Params, x: torch.Tensor, segmented: bool = False
+        ) -> torch.Tensor: ...
+
+        def per_task_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+
+        def _recomputed_update(
+            self, params: Params, state: object, x: torch.Tensor, y: torch.Tensor, step: int
+        ) -> tuple[Params, object, torch.Tensor]: ...
+
     def trajectory(
-        self: GradientLearner,
+        self,
         x: torch.Tensor,
         y: torch.Tensor,
         steps: int,
@@ -113,7 +133,7 @@ class InnerLoop:
         return Trajectory(path, losses)
 
     def _inner_update(
-        self: GradientLearner,
+        self,
         params: Params,
         state: object,
         x: torch.Tensor,
@@ -144,7 +164,7 @@ class InnerLoop:
         )
         return {**params, **updated}, state, losses
 
-    def _step_update(self: GradientLearner, step: int) -> Update:
+    def _step_update(self, step: int) -> Update:
         """Step `step`'s differentiable `_inner_update`, starting from parameters made to
         require gradients: what a recomputed step runs (`checkpointing.recomputed_update`)."""
 
@@ -154,10 +174,11 @@ class InnerLoop:
 
         return update
 
-    def _initial_params(self: GradientLearner, tasks: int, differentiable: bool) -> Params:
+    def _initial_params(self, tasks: int, differentiable: bool) -> Params:
         """phi_0 = theta for every task: differentiable views of the meta-learned parameters, or
         detached copies (a snapshot) when nothing is differentiated."""
         params = {}
+        theta: torch.Tensor  # a parameter, or a detached view or copy of it
         for name, theta in self.model.named_parameters():
             if not differentiable:
                 theta = theta.detach().clone()

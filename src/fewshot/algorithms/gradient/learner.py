@@ -10,6 +10,7 @@ import copy
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -136,7 +137,10 @@ class GradientLearner(InnerLoop, Algorithm):
             rule = rule({n: parameters[n] for n in self.adapted_names})
         self.rule = rule
         self.inner_steps = inner_steps
-        self.eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
+        # None where a subclass makes the steps depend on the support set (`evaluation_steps`).
+        self.eval_inner_steps: int | None = (
+            inner_steps if eval_inner_steps is None else eval_inner_steps
+        )
         self.first_order = first_order
         self.loss = loss
         self.inner_batch, self.eval_inner_batch = inner_batch, eval_inner_batch
@@ -151,7 +155,7 @@ class GradientLearner(InnerLoop, Algorithm):
             return super().training_loss_label(inner_steps)
         return f"meta-loss on the queries ({inner_steps} inner step{'s' * (inner_steps != 1)})"
 
-    def evaluation_steps(self, support_size: int) -> int:
+    def evaluation_steps(self, support_size: int) -> int | None:
         """The steps `adapt` takes by default on support sets of `support_size` examples."""
         return self.eval_inner_steps
 
@@ -175,6 +179,7 @@ class GradientLearner(InnerLoop, Algorithm):
                 "use torch.no_grad() instead of torch.inference_mode()."
             )
         steps = self.eval_inner_steps if inner_steps is None else inner_steps
+        assert steps is not None  # a learner without `eval_inner_steps` passes its steps
         with torch.enable_grad():
             path = self.trajectory(
                 support_x, support_y, steps, differentiable=False, batch=self.eval_inner_batch
@@ -240,13 +245,14 @@ class GradientLearner(InnerLoop, Algorithm):
             batch=self.inner_batch,
             keep_all_steps=every_step,
         )
-        losses = 0
+        losses: torch.Tensor | int = 0
         for step, weight in enumerate(weights, start=1):
             if weight > 0:
                 params = path.params[step] if every_step else path.params[-1]
                 outputs = self.query_outputs(params, tasks.query_x, step)
                 losses = losses + weight * self.per_task_loss(outputs, tasks.query_y)
         # `outputs` are the last step's, whose weight is never zero.
+        losses = cast(torch.Tensor, losses)  # so its term was added: a tensor
         return QueryResult(losses, _accuracy(outputs, tasks.query_y), _last(path.support_losses))
 
     def query_outputs(
@@ -271,7 +277,8 @@ class GradientLearner(InnerLoop, Algorithm):
             return checkpointing.in_segments(
                 self._on_every_task, self.model, params, x, True, buffers
             )
-        return self._on_every_task(self.model, params, x, True, buffers)
+        # The whole model (no `stage`): its outputs are a tensor.
+        return cast(torch.Tensor, self._on_every_task(self.model, params, x, True, buffers))
 
     def _encode(self, x: torch.Tensor, params: Params | None = None) -> torch.Tensor:
         """The encoder's features of every task's inputs (the inputs themselves without one),
@@ -283,7 +290,7 @@ class GradientLearner(InnerLoop, Algorithm):
             return checkpointing.in_segments(
                 self._on_every_task, self.encoder, params, x, False, None
             )
-        return self._on_every_task(self.encoder, params, x, False)
+        return cast(torch.Tensor, self._on_every_task(self.encoder, params, x, False))
 
     def _segmented(self) -> bool:
         """Whether forward passes outside the inner steps run one checkpointed segment at a

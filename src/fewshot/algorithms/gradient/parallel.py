@@ -133,8 +133,8 @@ def task_of(x: torch.Tensor | tuple, i: int) -> torch.Tensor | tuple:
 
 
 def _call(
-    module: nn.Module, params: Params, buffers: Params, x: torch.Tensor, **kwargs: object
-) -> torch.Tensor:
+    module: nn.Module, params: Params, buffers: Params, x: torch.Tensor | tuple, **kwargs: object
+) -> torch.Tensor | tuple:
     return functional_call(module, (params, buffers), (x,), kwargs)
 
 
