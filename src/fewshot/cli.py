@@ -80,7 +80,8 @@ def in_flags(text: str) -> str:
             return f"--{option}"
         if value == "False":
             return f"--no-{option}"
-        return f"--{option} {value.strip(chr(34) + chr(39))}"
+        unquoted = value.strip("\"'")
+        return f"--{option} {unquoted}"
 
     return PARAMETER.sub(flag, text)
 

@@ -36,9 +36,9 @@ class TaskSources:
     test: EpisodeSampler | None
 
 
-# The options that set each part's episodes, for messages that say which one to change.
-EPISODE_OPTIONS = {"ways": "ways", "shots": "shots", "queries": "queries"}
-TRAINING_EPISODE_OPTIONS = {**EPISODE_OPTIONS, "ways": "train_ways", "queries": "train_queries"}
+# What a training sampler's errors call its ways and queries, so that they say which option to
+# change (the other parts' samplers name them as they are).
+TRAINING_EPISODE_OPTIONS = {"ways": "train_ways", "queries": "train_queries"}
 
 
 def build_sources(
@@ -75,7 +75,7 @@ def build_sources(
                 ways=config.train_ways if train else config.ways,
                 shots=config.shots,
                 queries=config.train_queries if train else config.queries,
-                option_names=TRAINING_EPISODE_OPTIONS if train else EPISODE_OPTIONS,
+                option_names=TRAINING_EPISODE_OPTIONS if train else None,
                 transform=transform,
             )
         except (ConfigError, DataError) as error:
