@@ -92,15 +92,37 @@ def test_pretraining_is_cross_entropy_over_all_training_classes():
     )
 
 
-def test_fine_tuning_steps_are_epochs_of_mini_batches():
+def test_fine_tuning_steps_are_epochs_of_mini_batches_that_end_with_each_epoch():
+    """Chen et al.'s BaselineFinetune: every epoch is cut into batches of 4, the last smaller."""
     learner = Baseline(tiny_body(), nn.Linear(FEATURES, 3), epochs=100, batch=4)
-    assert learner.fine_tuning_steps(5) == 125  # 500 examples in batches of 4
-    assert learner.fine_tuning_steps(25) == 625
+    assert learner.fine_tuning_steps(5) == 200  # each epoch a batch of 4, then one of 1
+    assert learner.fine_tuning_steps(25) == 700  # 6 batches of 4, then one of 1
+    assert learner.fine_tuning_steps(8) == 200
     assert learner.fine_tuning_steps(3) == 100  # a batch larger than the set: full batch
     assert learner.eval_inner_steps is None
     assert Baseline(tiny_body(), nn.Linear(FEATURES, 3), batch=None, epochs=7).eval_inner_steps == 7
 
 
+class RowCounter(nn.Module):
+    """A head that records how many examples each of its calls sees."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head, self.rows = head, []
+
+    def forward(self, x):
+        self.rows.append(len(x))
+        return self.head(x)
+
+
+def test_each_fine_tuning_epoch_sees_every_support_example_once_in_batches_of_4_then_1():
+    learner = Baseline(tiny_body(), RowCounter(nn.Linear(FEATURES, 3)), epochs=3, batch=4)
+    learner.vectorize = False  # one task at a time, so the head sees each step's rows
+    tasks = conv_tasks(num_tasks=1)  # 3 ways, 1 shot...
+    support = torch.cat([tasks.support_x] * 2, dim=1)[:, :5]  # ...made 5 support examples
+    labels = torch.cat([tasks.support_y] * 2, dim=1)[:, :5]
+    learner.eval().adapt_tasks(support, labels)
+    assert learner.head.rows == [4, 1] * 3
 @pytest.mark.parametrize("method_class", [Baseline, FineTune])
 def test_full_batch_fine_tuning_equals_torch_sgd_in_eval_mode(method_class):
     """Each episode's head (and body, for FineTune) fitted by torch.optim.SGD with the same

@@ -89,6 +89,22 @@ def test_mini_batches_visit_every_example_once_per_epoch_in_a_new_order_each_epo
     assert len({tuple(epoch[0].tolist()) for epoch in epochs}) > 1  # reshuffled
 
 
+def test_mini_batches_that_end_with_each_pass_cut_it_into_4_and_1_then_reshuffle():
+    """Chen et al.'s fine-tuning: each pass over 5 examples is a batch of 4, then one of 1."""
+    from fewshot.algorithms.gradient import _mini_batch, _random_order
+
+    torch.manual_seed(0)
+    x = torch.arange(2 * 5, dtype=torch.float64).view(2, 5, 1)
+    y = x.squeeze(-1).clone()
+    order = _random_order(x, batch=4, steps=20, whole_passes=True)
+    batches = [_mini_batch(x, y, order, 4, step, whole_passes=True)[1] for step in range(20)]
+    assert [b.shape[1] for b in batches] == [4, 1] * 10
+    epochs = [torch.cat(batches[i : i + 2], dim=1) for i in range(0, 20, 2)]
+    for epoch in epochs:
+        assert torch.equal(epoch.sort(dim=1).values, y)  # every example exactly once
+    assert len({tuple(epoch[0].tolist()) for epoch in epochs}) > 1  # reshuffled
+
+
 def test_adapting_a_trained_reptile_uses_the_support_set_only():
     tasks = sinusoid_like_tasks()
     reptile = Reptile(small_mlp(), inner_optimizer="sgd", inner_lr=0.01, loss=F.mse_loss)

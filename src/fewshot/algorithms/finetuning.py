@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -25,6 +24,7 @@ from torch import nn
 
 from fewshot.algorithms.base import Predictor, batch_norm_mode
 from fewshot.algorithms.gradient import GradientLearner, GradientPredictor, LossFn
+from fewshot.algorithms.gradient.inner_loop import steps_per_pass
 from fewshot.algorithms.registry import Problem, Settings, setting
 from fewshot.algorithms.rules import MomentumSGD
 from fewshot.errors import ConfigError, require_positive
@@ -49,6 +49,7 @@ class TransferLearner(GradientLearner):
     """
 
     training_data = "examples"
+    whole_passes = True  # Chen et al.'s fine-tuning: each epoch's last mini-batch is smaller
 
     def __init__(
         self,
@@ -122,10 +123,11 @@ class TransferLearner(GradientLearner):
     # -- fine-tuning ------------------------------------------------------------------------
 
     def fine_tuning_steps(self, support_size: int) -> int:
-        """Steps of `epochs` passes over a support set in mini-batches of `batch`."""
+        """Steps of `epochs` passes over a support set, each pass cut into mini-batches of
+        `batch`, the last one smaller."""
         if self.batch is None or self.batch >= support_size:
             return self.epochs
-        return math.ceil(self.epochs * support_size / self.batch)
+        return self.epochs * steps_per_pass(support_size, self.batch)
 
     def evaluation_steps(self, support_size: int) -> int:
         if self.eval_inner_steps is None:

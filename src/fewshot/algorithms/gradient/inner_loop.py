@@ -94,6 +94,7 @@ class InnerLoop:
         differentiable: bool | None = None,
         batch: int | None = None,
         keep_all_steps: bool = False,
+        whole_passes: bool = False,
     ) -> Trajectory:
         """The adapted parameters of every task of (x, y) at once, each with a leading task dim:
         phi_0 .. phi_steps with `keep_all_steps` (for losses after every step), else phi_steps.
@@ -102,7 +103,9 @@ class InnerLoop:
         (and the rule's parameters) to the result, through the inner gradients too unless
         `first_order`. Otherwise every step starts from detached parameters, so memory does
         not grow with the steps, and the result is a snapshot: later changes to theta do not
-        change it. `batch` is the mini-batch size of each step (None: the whole support set).
+        change it. `batch` is the mini-batch size of each step (None: the whole support set);
+        `whole_passes` cuts each pass over a task's examples into its own mini-batches, the
+        last one smaller (`random_order`).
         """
         differentiable = torch.is_grad_enabled() if differentiable is None else differentiable
         create_graph = differentiable and not self.first_order
@@ -110,13 +113,13 @@ class InnerLoop:
         with torch.set_grad_enabled(differentiable):
             features = self._encode(x)
         params = self._initial_params(len(x), differentiable)
-        order = random_order(x, batch, steps)
+        order = random_order(x, batch, steps, whole_passes)
         path, losses = [params], []
         with torch.enable_grad():
             state = self.rule.init_state({n: params[n] for n in names})
             for step in range(steps if names else 0):
                 params = with_gradients(params, names)
-                xs, ys = mini_batch(features, y, order, batch, step)
+                xs, ys = mini_batch(features, y, order, batch, step, whole_passes)
                 if create_graph and self.checkpoint_inner:
                     params, state, support_losses = self._recomputed_update(
                         params, state, xs, ys, step
@@ -197,23 +200,43 @@ def with_gradients(params: Params, names: list[str]) -> Params:
     }
 
 
-def random_order(x: torch.Tensor, batch: int | None, steps: int) -> torch.Tensor | None:
+def random_order(
+    x: torch.Tensor, batch: int | None, steps: int, whole_passes: bool = False
+) -> torch.Tensor | None:
     """For mini-batched inner steps: each task's examples in a new random order for every
     pass over them (an epoch), the passes concatenated, as many as `steps` batches need.
-    Drawn from torch's global generator, which the resumable checkpoint holds."""
+
+    Batches of exactly `batch` run on from one pass into the next (Nichol et al.'s Reptile);
+    with `whole_passes` each pass of n examples is cut into ceil(n / batch) batches of its
+    own, the last one smaller (Chen et al.'s fine-tuning: 100 passes over a 5-example support
+    set in batches of 4 are 200 steps, of 4 and 1 examples). Drawn from torch's global
+    generator, which the resumable checkpoint holds."""
     n = x.shape[1]
     if batch is None or batch >= n:
         return None
-    epochs = -(-steps * batch // n)
+    epochs = -(-steps // steps_per_pass(n, batch)) if whole_passes else -(-steps * batch // n)
     keys = torch.rand(x.shape[0], epochs, n, device=x.device)
     return keys.argsort(dim=2).flatten(1)
 
 
-def mini_batch(x, y, order, batch, step):
-    """Step `step`'s mini-batch: the next `batch` examples of each task's order."""
+def steps_per_pass(n: int, batch: int) -> int:
+    """Mini-batches of at most `batch` in one pass over `n` examples."""
+    return -(-n // batch)
+
+
+def mini_batch(x, y, order, batch, step, whole_passes=False):
+    """Step `step`'s mini-batch: the next `batch` examples of each task's order (with
+    `whole_passes`, no further than the end of the pass)."""
     if order is None:
         return x, y
-    index = order[:, step * batch : (step + 1) * batch]
+    if whole_passes:
+        n = x.shape[1]
+        epoch, within = divmod(step, steps_per_pass(n, batch))
+        start = epoch * n + within * batch
+        end = epoch * n + min((within + 1) * batch, n)
+    else:
+        start, end = step * batch, (step + 1) * batch
+    index = order[:, start:end]
     rows = torch.arange(len(order), device=order.device).unsqueeze(1)
     return x[rows, index], y[rows, index]
 

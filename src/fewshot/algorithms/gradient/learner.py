@@ -92,6 +92,8 @@ class GradientLearner(InnerLoop, Algorithm):
     """
 
     adapts_by_steps = True
+    # Mini-batches of the support set end with each pass over it (`inner_loop.random_order`).
+    whole_passes = False
 
     def __init__(
         self,
@@ -182,7 +184,12 @@ class GradientLearner(InnerLoop, Algorithm):
         assert steps is not None  # a learner without `eval_inner_steps` passes its steps
         with torch.enable_grad():
             path = self.trajectory(
-                support_x, support_y, steps, differentiable=False, batch=self.eval_inner_batch
+                support_x,
+                support_y,
+                steps,
+                differentiable=False,
+                batch=self.eval_inner_batch,
+                whole_passes=self.whole_passes,
             )
         # The tasks' own buffers, where adaptation kept some, go with the predictor.
         buffers = parallel.current_task_buffers()
@@ -244,6 +251,7 @@ class GradientLearner(InnerLoop, Algorithm):
             self.inner_steps,
             batch=self.inner_batch,
             keep_all_steps=every_step,
+            whole_passes=self.whole_passes,
         )
         losses: torch.Tensor | int = 0
         for step, weight in enumerate(weights, start=1):
