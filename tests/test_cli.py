@@ -4,6 +4,7 @@ import json
 import math
 import re
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -21,7 +22,7 @@ def run(*args):
 
 RESULT_LINE = re.compile(
     r"(?P<metric>mse|accuracy) (?P<mean>[\d.]+)%? ± (?P<ci95>[\d.]+)%? "
-    r"\(95% CI, (?P<episodes>\d+) episodes\)(?: after (?P<steps>\d+) inner steps)?"
+    r"\(95% CI, (?P<episodes>\d+) episodes\)(?: after (?P<steps>\d+) inner steps?)?"
 )
 
 
@@ -99,12 +100,21 @@ def test_eval_json_reports_the_protocol(sinusoid_run):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--inner-lr", "-1"], "inner_lr must be positive"),
-        (["--meta-batch", "0"], "meta_batch must be positive"),
-        (["--chunk-size", "0"], "chunk_size must be positive"),
-        (["--algorithm", "protonet"], "protonet does not handle --dataset sinusoid; use --dataset"),
+        (["--inner-lr", "-1"], "--inner-lr must be positive"),
+        (["--meta-batch", "0"], "--meta-batch must be positive"),
+        (["--chunk-size", "0"], "--chunk-size must be positive"),
+        (
+            ["--algorithm", "protonet"],
+            "protonet does not handle --dataset sinusoid; use --dataset omniglot, folder, csv, "
+            "mini-imagenet, tiered-imagenet, cifar-fs, fc100 or cub.",
+        ),
         (["--algorithm", "protonet", "--first-order"], "first_order is not a setting of protonet"),
         (["--dataset", "omniglot", "--data-root", "/nonexistent"], "Pass --download"),
+        (
+            ["--dataset", "omniglot", "--data-root", __file__],
+            f"--data-root is the folder that holds omniglot's files, and {__file__} is a file; "
+            f"point it at the folder, {Path(__file__).parent}.",
+        ),
     ],
 )
 def test_bad_training_input_is_one_line_and_writes_nothing(tmp_path, args, message):
@@ -167,7 +177,8 @@ def test_config_file_with_unknown_keys_is_refused(tmp_path):
     config = tmp_path / "c.json"
     config.write_text('{"inner_lr": 0.02, "inner_rate": 3}')
     result = run("train", "--config", config, "--out", tmp_path / "r")
-    assert result.exit_code == 2 and "inner_rate is not a setting of maml;" in result.output
+    expected = "inner_rate is not a setting of maml (did you mean inner_lr?); its settings are"
+    assert result.exit_code == 2 and expected in result.output
     assert result.output.count("\n") == 1 and not (tmp_path / "r").exists()
 
 

@@ -117,8 +117,8 @@ def test_uint8_images_become_floats_in_unit_range():
         (dict(ways=11, shots=1, queries=1), "`ways`=11 is larger than the 10 classes"),
         (dict(ways=1, shots=1, queries=1), "`ways`=1 makes episodes of one class.*set `ways` to 2"),
         (dict(ways=5, shots=5, queries=4), r"`shots` \+ `queries` = 9 is more than the 8 exa"),
-        (dict(ways=0, shots=1, queries=1), "ways must be positive"),
-        (dict(ways=5, shots=-1, queries=1), "shots must be positive"),
+        (dict(ways=0, shots=1, queries=1), "`ways` must be positive"),
+        (dict(ways=5, shots=-1, queries=1), "`shots` must be positive"),
     ],
 )
 def test_impossible_requests_get_one_clear_error(kwargs, message):

@@ -26,7 +26,7 @@ from fewshot.errors import FewshotError
 from fewshot.tasks import Task, stream_generator
 from fewshot.training import checkpoint
 from fewshot.training.config import TrainConfig
-from fewshot.training.evaluation import EPISODES_PER_DRAW, evaluate, prediction_mode
+from fewshot.training.evaluation import EPISODES_PER_DRAW, evaluate, inner_steps, prediction_mode
 from fewshot.training.factory import EpisodeSampler, build_algorithm
 from fewshot.training.loading import load_run
 
@@ -330,7 +330,7 @@ def _draw_validation(axes, curves: TrainingCurves, window: int) -> None:
         _draw_noisy(axes, iterations, training, window, "C0", "training accuracy")
     x = np.asarray(validation.iterations)
     mean, ci = scale * np.asarray(validation.mean), scale * np.asarray(validation.ci95)
-    steps = "" if validation.inner_steps is None else f", {validation.inner_steps} inner steps"
+    steps = "" if validation.inner_steps is None else f", {inner_steps(validation.inner_steps)}"
     label = f"validation ({validation.episodes} episodes{steps}) ± 95% CI"
     axes.plot(x, mean, "o-", color="C3", markersize=4, label=label)
     axes.fill_between(x, mean - ci, mean + ci, color="C3", alpha=0.2)
@@ -643,7 +643,7 @@ def write_episode(run: LoadedRun, out: Path, seed: int) -> Path:
     predictions = predict_test_episode(run.algorithm, run.test, seed)
     correct, total = int(predictions.correct.sum()), len(predictions.predicted)
     steps = evaluation_steps(run)
-    after = "" if steps is None else f" after {steps} inner steps"
+    after = "" if steps is None else f" after {inner_steps(steps)}"
     title = (
         f"{run.label}, {describe_task(run.config)}\n"
         f"first test episode of seed {seed}{after}: {correct}/{total} queries right "

@@ -123,6 +123,8 @@ def test_each_fine_tuning_epoch_sees_every_support_example_once_in_batches_of_4_
     labels = torch.cat([tasks.support_y] * 2, dim=1)[:, :5]
     learner.eval().adapt_tasks(support, labels)
     assert learner.head.rows == [4, 1] * 3
+
+
 @pytest.mark.parametrize("method_class", [Baseline, FineTune])
 def test_full_batch_fine_tuning_equals_torch_sgd_in_eval_mode(method_class):
     """Each episode's head (and body, for FineTune) fitted by torch.optim.SGD with the same

@@ -249,3 +249,33 @@ def test_learning_rates_are_the_settings_declared_so():
     assert rates["maml"] == rates["reptile"] == rates["maml++"] == {"inner_lr"}
     assert rates["baseline++"] == rates["finetune"] == {"finetune_lr"}
     assert rates["protonet"] == rates["relationnet"] == set()
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda m: MAML(m, bogus=1), "MAML takes no option `bogus`; it takes inner_lr, "),
+        (lambda m: ProtoNet(m, inner_lr=0.1), "ProtoNet takes no option `inner_lr`; it takes "),
+        (lambda m: Reptile(m, inner_rate=0.1), "Reptile takes no option `inner_rate`"),
+        (
+            lambda m: MetaLSTM(m, first_order=False),
+            "MetaLSTM sets the option `first_order` itself; leave it out.",
+        ),
+    ],
+)
+def test_an_option_a_method_does_not_take_is_refused_in_one_line(make, message):
+    """The library's own error, not Python's TypeError from the constructors' chain."""
+    from fewshot.errors import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        make(nn.Linear(2, 2))
+    assert str(refused.value).startswith(message) and "\n" not in str(refused.value)
+
+
+def test_a_type_error_of_another_constructor_is_not_taken_for_a_refused_option():
+    from fewshot.algorithms.base import option_refusal
+
+    linear = "Linear.__init__() got an unexpected keyword argument 'bogus'"
+    assert option_refusal(MAML, linear) is None  # nn.Linear is not in MAML's chain
+    learner = "GradientLearner.__init__() got an unexpected keyword argument 'bogus'"
+    assert option_refusal(MAML, learner).startswith("MAML takes no option `bogus`")

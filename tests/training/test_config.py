@@ -61,6 +61,22 @@ def test_protonet_has_no_inner_loop_settings():
         TrainConfig(algorithm="protonet", settings={"chunk_size": 2})
 
 
+def test_a_misspelt_setting_is_refused_with_the_closest_names():
+    with pytest.raises(ConfigError, match=r"iteratons is not a setting of maml \(did you mean "
+                       r"iterations\?\); its settings are"):  # fmt: skip
+        TrainConfig.from_dict({"iteratons": 3}).resolved()
+    with pytest.raises(ConfigError, match=r"^zzz is not a setting of maml; its settings"):
+        TrainConfig.from_dict({"zzz": 3}).resolved()
+
+
+def test_every_value_of_the_wrong_type_is_named_not_only_the_first():
+    message = "ways must be an integer, got 1.5. shots must be an integer or null, got 'one'."
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        TrainConfig.from_dict({"ways": 1.5, "shots": "one"})
+    with pytest.raises(ConfigError, match="`inner_lr` must be positive, got -1.0. `inner_steps` "):
+        TrainConfig.from_dict({"inner_lr": -1.0, "inner_steps": 0}).resolved()
+
+
 def test_a_gpu_takes_the_whole_meta_batch_in_one_pass():
     assert default_chunk_size(True, 32, 80, "cuda") == 32
     assert default_chunk_size(True, 32, 80, "cuda:1") == 32
@@ -72,7 +88,7 @@ def test_a_gpu_takes_the_whole_meta_batch_in_one_pass():
 
 
 def test_non_positive_chunk_size_is_refused():
-    with pytest.raises(ConfigError, match="chunk_size must be positive"):
+    with pytest.raises(ConfigError, match="`chunk_size` must be positive"):
         TrainConfig(dataset="omniglot", settings={"chunk_size": 0}).resolved()
 
 

@@ -103,7 +103,7 @@ def test_a_finite_validation_replaces_a_nan_best():
 
 @pytest.mark.parametrize("episodes", [0, -3])
 def test_no_episodes_is_a_clear_error(episodes):
-    with pytest.raises(ConfigError, match=f"episodes must be positive, got {episodes}"):
+    with pytest.raises(ConfigError, match=f"`episodes` must be positive, got {episodes}"):
         evaluate(Peek(), sampler(), episodes=episodes)
 
 
@@ -129,6 +129,8 @@ def test_only_methods_that_adapt_by_steps_report_steps():
     assert evaluate(Stepped(), sampler(), episodes=5).inner_steps == 3
     stepped = evaluate(Stepped(), sampler(), episodes=5, inner_steps=5)
     assert stepped.inner_steps == 5 and str(stepped).endswith("after 5 inner steps")
+    one = evaluate(Stepped(), sampler(), episodes=5, inner_steps=1)
+    assert str(one).endswith("after 1 inner step")
 
 
 @pytest.mark.slow

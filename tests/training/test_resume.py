@@ -110,7 +110,7 @@ def test_graceful_stop_writes_a_checkpoint_and_says_how_to_resume(uninterrupted,
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130
     last_line = stderr.strip().splitlines()[-1]
-    assert last_line.startswith("stopped: stopped by ") and f"--resume {out}" in last_line
+    assert last_line.startswith("stopped: by ") and f"--resume {out}" in last_line
     stopped_at = load_state(out / STATE_FILE).iteration
     assert metrics(out)[-1]["iteration"] <= stopped_at < 400
     assert run_to_end("train", "--resume", out).returncode == 0

@@ -201,7 +201,7 @@ def test_a_diverging_trial_is_marked_and_the_study_goes_on(tmp_path):
             "reptile has no setting first_order; reptile can search",
         ),
         (["--inner-lr", "0.01", "--search", "inner-lr=1e-3:1e-1:log"], "--inner-lr is given"),
-        (["--search", "meta_batch=0:8"], "with meta_batch = 0, meta_batch must be positive"),
+        (["--search", "meta_batch=0:8"], "with meta_batch = 0, --meta-batch must be positive"),
         (
             ["--outer-lr", 1e-3, "--inner-lr", 0.01, "--inner-steps", 1],
             "nothing to search: every learning rate and step count is given",

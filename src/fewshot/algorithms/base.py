@@ -10,6 +10,9 @@ named classes) returns a `SupportPredictor` for inputs without a task dimension.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+import re
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -85,6 +88,43 @@ class SupportPredictor:
         return [self.classes[i] for i in self(inputs).argmax(-1).tolist()]
 
 
+# Python's words for a keyword argument that no constructor takes, or that one passes again.
+_UNEXPECTED = re.compile(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'")
+_REPEATED = re.compile(r"(\w+)\.__init__\(\) got multiple values for keyword argument '(\w+)'")
+
+
+def option_refusal(cls: type, message: str) -> str | None:
+    """The one-line refusal of an option for `cls`'s constructor, where `message` is Python's
+    TypeError about a keyword argument of a constructor in `cls`'s chain; else None."""
+    chain = {klass.__name__ for klass in cls.__mro__}
+    for pattern, words in ((_UNEXPECTED, "takes no option"), (_REPEATED, "sets the option")):
+        match = pattern.search(message)
+        if match and match.group(1) in chain:
+            name = match.group(2)
+            if pattern is _REPEATED:
+                return f"{cls.__name__} {words} `{name}` itself; leave it out."
+            return f"{cls.__name__} {words} `{name}`; it takes {', '.join(options_of(cls))}."
+    return None
+
+
+def options_of(cls: type) -> list[str]:
+    """The keyword options `cls`'s constructor takes: its own named parameters, and those of
+    the constructors it passes `**options` on to."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is nn.Module:
+            continue
+        parameters = inspect.signature(inspect.unwrap(init)).parameters.values()
+        for parameter in parameters:  # those with defaults: the options, not the model
+            keyword = parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+            if keyword and parameter.default is not parameter.empty:
+                names.append(parameter.name)
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return list(dict.fromkeys(names))
+
+
 class Algorithm(nn.Module):
     """A meta-learning method wrapping a model.
 
@@ -102,6 +142,28 @@ class Algorithm(nn.Module):
     # Whether the method adapts by a number of steps, so that `inner_steps` changes its
     # predictions (gradient-based methods and the fine-tuning family; metric methods do not).
     adapts_by_steps: bool = False
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        """Each method's constructor refuses an option it does not take, or one it sets
+        itself, in one line (`ConfigError`) instead of Python's TypeError from deep in the
+        chain of constructors that pass `**options` on."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+
+        @functools.wraps(init)
+        def checked_init(self, *args: object, **options: object) -> None:
+            try:
+                init(self, *args, **options)
+            except TypeError as error:
+                outermost = type(self).__init__ is checked_init  # not one passed options on
+                refusal = option_refusal(type(self), str(error)) if outermost else None
+                if refusal is None:
+                    raise
+                raise ConfigError(refusal) from None
+
+        cls.__init__ = checked_init  # type: ignore[method-assign]
 
     @classmethod
     def training_loss_label(cls, inner_steps: int | None) -> str:

@@ -192,7 +192,7 @@ class TransferSettings(Settings):
         assert self.finetune_batch is not None
         require_positive(finetune_lr=self.finetune_lr, finetune_epochs=self.finetune_epochs)
         if self.finetune_batch < 0:
-            raise ConfigError(f"finetune_batch must be >= 0, got {self.finetune_batch}.")
+            raise ConfigError(f"`finetune_batch` must be >= 0, got {self.finetune_batch}.")
         if self.batch_norm != "inductive":
             raise ConfigError(
                 "the fine-tuning methods normalise with the running statistics of pretraining "

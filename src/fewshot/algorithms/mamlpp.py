@@ -114,7 +114,7 @@ class MAMLpp(GradientLearner):
         require_positive(inner_steps=inner_steps, msl_epochs=msl_epochs)
         require_positive(iterations_per_epoch=iterations_per_epoch)
         if da_epochs < 0 or min_outer_lr < 0:
-            raise ConfigError("da_epochs and min_outer_lr must be >= 0.")
+            raise ConfigError("`da_epochs` and `min_outer_lr` must be >= 0.")
         if bnrs and options.get("checkpoint_inner"):
             raise ConfigError(
                 "checkpoint_inner recomputes forward passes, which would update BNRS's running "

@@ -165,7 +165,7 @@ class MetaLSTM(GradientLearner):
         **options: Any,
     ) -> None:
         if gradient_clip is not None and gradient_clip <= 0:
-            raise ConfigError(f"gradient_clip must be positive, got {gradient_clip}.")
+            raise ConfigError(f"`gradient_clip` must be positive, got {gradient_clip}.")
         if not 0 <= statistics_momentum <= 1:
             raise ConfigError(f"statistics_momentum must lie in [0, 1], got {statistics_momentum}.")
         model = copy.deepcopy(model)

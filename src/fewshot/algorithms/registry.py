@@ -176,7 +176,7 @@ class InnerLoopSettings(Settings):
             inner_lr=self.inner_lr, inner_steps=self.inner_steps, chunk_size=self.chunk_size
         )
         if self.eval_inner_steps < 0:
-            raise ConfigError(f"eval_inner_steps must be >= 0, got {self.eval_inner_steps}.")
+            raise ConfigError(f"`eval_inner_steps` must be >= 0, got {self.eval_inner_steps}.")
         if run.train_ways != run.ways:
             raise ConfigError("this method's output layer has `ways` outputs; drop `train_ways`.")
 

@@ -61,7 +61,7 @@ class Reptile(GradientLearner):
                 f"{inner_optimizer!r}."
             )
         if final_outer_lr < 0:
-            raise ConfigError(f"final_outer_lr must be >= 0, got {final_outer_lr}.")
+            raise ConfigError(f"`final_outer_lr` must be >= 0, got {final_outer_lr}.")
         rule = Adam(inner_lr, betas=(0.0, 0.999)) if inner_optimizer == "adam" else SGD(inner_lr)
         super().__init__(
             model,

@@ -73,7 +73,7 @@ class MomentumSGD(InnerRule):
             ("weight_decay", weight_decay),
         ):
             if value < 0:
-                raise ConfigError(f"{name} must be >= 0, got {value}.")
+                raise ConfigError(f"`{name}` must be >= 0, got {value}.")
         self.lr, self.momentum = lr, momentum
         self.dampening, self.weight_decay = dampening, weight_decay
 

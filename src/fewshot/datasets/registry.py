@@ -98,8 +98,8 @@ def get_dataset(name: str) -> Dataset:
 
 
 def handled_datasets(defaults: Iterable[str]) -> str:
-    """How a refusal names the datasets a method's paper defaults serve (`defaults`: the
-    datasets it has them for), image folders among them where it has the defaults they take."""
-    defaults = list(defaults)
-    folder = DATASETS["folder"].defaults_from[0] in defaults
-    return ", ".join(defaults) + (" or folder." if folder else ".")
+    """How a refusal names every dataset a method handles: those that take paper defaults
+    it has (`defaults`: the datasets it has them for), "a, b or c."."""
+    keys = set(defaults)
+    names = [d.name for d in DATASETS.values() if keys.intersection(d.defaults_from)]
+    return (", ".join(names[:-1]) + " or " if len(names) > 1 else "") + names[-1] + "."

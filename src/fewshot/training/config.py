@@ -9,6 +9,7 @@ dataset, so nothing here knows a method by name.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -155,7 +156,7 @@ class TrainConfig:
                 f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}."
             )
         if self.test_episodes < 0:
-            raise ConfigError(f"test_episodes must be >= 0, got {self.test_episodes}.")
+            raise ConfigError(f"`test_episodes` must be >= 0, got {self.test_episodes}.")
         if self.channels not in (1, 3, None):  # None: an image folder's, until it is read
             raise ConfigError(f"channels must be 1 (grayscale) or 3 (RGB), got {self.channels}.")
         if self.image_size is not None and self.image_size < 16:
@@ -189,9 +190,17 @@ class TrainConfig:
 def checked_types(values: dict, owner: type) -> dict:
     """`values` with each checked against the type of `owner`'s field of that name (numbers
     where numbers go, and so on; ints are accepted as floats); a ConfigError names the first
-    value that does not fit."""
+    value that does not fit, all of them."""
     hints = typing.get_type_hints(owner)
-    return {name: _checked(name, value, hints[name]) for name, value in values.items()}
+    checked, errors = {}, []
+    for name, value in values.items():
+        try:
+            checked[name] = _checked(name, value, hints[name])
+        except ConfigError as error:
+            errors.append(str(error))
+    if errors:  # every value that does not fit, not only the first
+        raise ConfigError(" ".join(errors))
+    return checked
 
 
 def _checked(name: str, value: Any, hint: Any) -> Any:
@@ -296,6 +305,13 @@ def run_setting_names() -> list[str]:
     return [f.name for f in fields(TrainConfig) if f.name != "settings"]
 
 
+def closest_names(unknown: list[str], names: list[str]) -> str:
+    """ " (did you mean iterations?)" for the names in `names` closest to the unknown ones,
+    or "" where none is close."""
+    matches = [m for u in unknown for m in difflib.get_close_matches(u, names, n=1)]
+    return f" (did you mean {', '.join(dict.fromkeys(matches))}?)" if matches else ""
+
+
 def _settings_from_dict(name: str, settings_class: type[Settings], values: dict) -> Settings:
     known = {f.name for f in fields(settings_class)}
     unknown = sorted(set(values) - known)
@@ -303,7 +319,7 @@ def _settings_from_dict(name: str, settings_class: type[Settings], values: dict)
         given = ", ".join(unknown)
         raise ConfigError(
             f"{given} {'is not a setting' if len(unknown) == 1 else 'are not settings'} of "
-            f"{name}; its settings are {', '.join(sorted(known))}, and the run's are "
-            f"{', '.join(run_setting_names())}."
+            f"{name}{closest_names(unknown, [*known, *run_setting_names()])}; its settings are "
+            f"{', '.join(sorted(known))}, and the run's are {', '.join(run_setting_names())}."
         )
     return settings_class(**checked_types(values, settings_class))

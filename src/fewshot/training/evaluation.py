@@ -45,7 +45,7 @@ class EvalResult:
         return cls(**values)
 
     def __str__(self) -> str:
-        steps = "" if self.inner_steps is None else f" after {self.inner_steps} inner steps"
+        steps = "" if self.inner_steps is None else f" after {inner_steps(self.inner_steps)}"
         if self.metric == "accuracy":
             value, spread = f"{100 * self.mean:.2f}%", f"{100 * self.ci95:.2f}%"
         else:
@@ -53,6 +53,11 @@ class EvalResult:
         if self.episodes < 2:  # one score has no spread: say so rather than print "± nan"
             return f"{self.metric} {value} (1 episode: too few for a confidence interval){steps}"
         return f"{self.metric} {value} ± {spread} (95% CI, {self.episodes} episodes){steps}"
+
+
+def inner_steps(count: int) -> str:
+    """ "1 inner step", "5 inner steps"."""
+    return f"{count} inner step{'s' * (count != 1)}"
 
 
 def episode_scores(predictions: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:

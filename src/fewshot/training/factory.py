@@ -121,7 +121,13 @@ def labelled_parts(config: TrainConfig, data_root, download: bool, parts: tuple[
     """(images, labels, groups) of each requested part of the configured dataset, groups being
     what Meta-Dataset's episodes draw their classes from (`MetaDatasetSampler`), or None."""
     data_root = data_root_for(config, data_root)
-    load = get_dataset(config.dataset).load
+    dataset = get_dataset(config.dataset)
+    if dataset.images and data_root is not None and data_root.is_file():
+        raise DataError(
+            f"`data_root` is the folder that holds {dataset.name}'s files, and {data_root} is a "
+            f"file; point it at the folder, {data_root.parent}."
+        )
+    load = dataset.load
     assert load is not None  # a dataset read from files, not generated (`Dataset.tasks`)
     return load(config, data_root, download, parts)
 

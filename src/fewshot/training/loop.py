@@ -282,13 +282,12 @@ class Run:
 
     def run(self, progress: bool) -> None:
         config, main = self.config, self.world.is_main
-        assert config.iterations is not None  # resolved
+        assert config.iterations is not None and config.val_every is not None  # resolved
         progress = progress and main
         self.progress = progress
         started = time.perf_counter() - self.elapsed
         invocation_started = time.perf_counter()  # --time-limit counts per invocation
         bar = progress_bar(
-            range(self.iteration + 1, config.iterations + 1),
             desc="meta-training",
             initial=self.iteration,
             total=config.iterations,
@@ -296,10 +295,11 @@ class Run:
         )
         if main:
             bar.write(f"device: {self.describe_processes()}")  # the run's first line
-        with stop_requests() as stop:
-            for iteration in bar:
+        with stop_requests() as stop, bar:
+            for iteration in range(self.iteration + 1, config.iterations + 1):
                 metrics = self.step()
                 self.iteration = iteration
+                bar.update()  # before any line about this iteration: one numbering
                 self.elapsed = time.perf_counter() - started
                 if main and iteration % LOG_EVERY == 0:
                     seconds = round(self.elapsed, 3)
@@ -334,7 +334,7 @@ class Run:
                     if self.world.is_distributed:
                         resume = f"torchrun (as launched) -m {resume}"
                     raise RunStopped(
-                        f"stopped by {by} after iteration {iteration}, checkpoint written; "
+                        f"by {by} after iteration {iteration}, checkpoint written; "
                         f"resume with: {resume}"
                     )
         if self.checkpointed != self.iteration:  # the last iteration may have just written one

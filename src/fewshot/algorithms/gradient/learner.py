@@ -125,7 +125,7 @@ class GradientLearner(InnerLoop, Algorithm):
             if value is not None:
                 require_positive(**{name: value})
         if eval_inner_steps is not None and eval_inner_steps < 0:
-            raise ConfigError(f"eval_inner_steps must be >= 0, got {eval_inner_steps}.")
+            raise ConfigError(f"`eval_inner_steps` must be >= 0, got {eval_inner_steps}.")
         keep = copy.deepcopy if running_statistics else _with_batch_statistics_copy
         self.model = keep(model)
         self.encoder = None if encoder is None else keep(encoder)
