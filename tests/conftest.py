@@ -22,6 +22,16 @@ def missing_omniglot() -> str | None:
     return f"Omniglot zips not found in {root}; set FEWSHOT_DATA_ROOT to their folder."
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`-n 2`), each worker, and each process a test starts, computes on one
+    thread: two workers with torch's default of a thread per core would oversubscribe them."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """A test that reads Omniglot through its fixtures carries the `omniglot` marker even where
     it does not say so. Without the zips, outside CI, every `omniglot` test is skipped: a

@@ -267,28 +267,29 @@ def test_a_sinusoid_runs_config_holds_no_image_settings(sinusoid_run):
 
 @pytest.mark.slow
 def test_time_limit_stops_with_a_validated_checkpoint_and_resume_continues(tmp_path):
+    """A time limit belongs to one invocation: a stop by it says how to resume and runs no
+    meta-test; --resume takes a new limit; the meta-test runs once, when the run finishes."""
     out = tmp_path / "timed"
-    result = run(
-        "train",
-        "--iterations",
-        "100000",
-        "--time-limit",
-        "0.02",
-        "--val-episodes",
-        "5",
-        "--test-episodes",
-        "0",
-        "--out",
-        out,
-    )
+    quick = ("--val-episodes", "5", "--test-episodes", "5")
+    result = run("train", "--iterations", "1500", "--time-limit", "0.005", *quick, "--out", out)
     assert result.exit_code == 0, result.output
     first = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     stopped_at = first[-1]["iteration"]
-    assert first[-1]["split"] == "val" and 0 < stopped_at < 100000
-    result = run("train", "--resume", out, "--test-episodes", "0")
+    assert first[-1]["split"] == "val" and 0 < stopped_at < 1500
+    assert (
+        f"time limit of 0.005 minutes reached after iteration {stopped_at}; resume with: "
+        f"fewshot train --resume {out}\n" in result.output
+    )
+    assert "meta-test" not in result.output  # not before the run has finished
+    result = run("train", "--resume", out, "--time-limit", "0.005")
     assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"resuming {out} at iteration {stopped_at} of 1500\n")
     later = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert later[-1]["iteration"] > stopped_at  # the limit counts per invocation
+    result = run("train", "--resume", out)  # no limit: the recorded one was the first's
+    assert result.exit_code == 0, result.output
+    assert result.output.count("meta-test mse") == 3  # at 0, 1 and 10 inner steps, once
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["iteration"] == 1500
 
 
 @pytest.mark.slow

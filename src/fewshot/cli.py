@@ -50,7 +50,7 @@ from fewshot.training.evaluation import (
     test_report,
 )
 from fewshot.training.loading import load, load_run, override_test_episodes
-from fewshot.training.loop import train
+from fewshot.training.loop import train, trained_iterations
 from fewshot.training.tensorboard import TensorBoardLogger
 
 # glibc's malloc returns large freed blocks to the system and takes them back with fresh,
@@ -239,6 +239,9 @@ def evaluation_options(command):
 
 
 # A study makes its own run folders, and scores trials without a meta-test.
+# What `--resume` takes besides the options that shape no result (--threads, --device,
+# --tensorboard): a longer run, and this invocation's time limit and meta-test.
+RESUME_OPTIONS = {"iterations", "time_limit", "test_episodes"}
 TRAIN_ONLY_OPTIONS = ("test_episodes", "resume", "out", "tensorboard")
 
 
@@ -526,12 +529,13 @@ def train_command(
     given = explicitly_given(options)
     main_process = environment_world().is_main  # under torchrun, rank 0 reads, logs, reports
     if resume is not None:
-        refused = given - {"iterations", "test_episodes"}
+        refused = given - RESUME_OPTIONS
         if refused or config_file is not None:
             flags = ", ".join(f"--{name.replace('_', '-')}" for name in sorted(refused))
             raise ConfigError(
                 f"--resume continues {resume} with the settings in its config.json (only "
-                f"--iterations may extend it); drop {flags or '--config'}."
+                f"--iterations may extend it, and --time-limit and --test-episodes apply to "
+                f"this invocation); drop {flags or '--config'}."
             )
         # rank 0 reads the run folder and sends it to the others, which may not reach it
         out, config = resume, read_config(resume) if main_process else None
@@ -550,10 +554,11 @@ def train_command(
     set_threads(None if config is None else config.dataset, threads)
     listeners = [TensorBoardLogger(out)] if tensorboard and main_process else []
     extend_to = options["iterations"] if resume is not None and "iterations" in given else None
+    time_limit = options["time_limit"] if resume is not None and "time_limit" in given else None
     try:
         algorithm, sources, best = train(
             config, out, data_root, download, device, resume=resume is not None,
-            listeners=listeners, iterations=extend_to,
+            listeners=listeners, iterations=extend_to, time_limit=time_limit,
         )  # fmt: skip
     finally:
         for listener in listeners:
@@ -563,7 +568,7 @@ def train_command(
     click.echo(f"best validation: {best}")
     resolved = read_config(out)
     test_episodes = options["test_episodes"] if "test_episodes" in given else resolved.test_episodes
-    if test_episodes > 0:
+    if test_episodes > 0 and trained_iterations(out) == resolved.iterations:  # once, at the end
         report = test_report(
             algorithm, resolved, sources.test, test_episodes, TEST_SEED, None, device
         )

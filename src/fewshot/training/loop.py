@@ -37,6 +37,7 @@ from fewshot.errors import (
     DivergenceError,
     NothingToDo,
     RunStopped,
+    require_positive,
 )
 from fewshot.files import atomic_write_text
 from fewshot.progress import progress_bar
@@ -190,6 +191,7 @@ class Run:
         if world.rank > 0:  # its own dropout and augmentation draws
             seed_everything(world.seed(config.seed))
         self.iteration = 0
+        self.time_limit = config.time_limit  # minutes this invocation may train, or None
         self.best: EvalResult | None = None
         self.elapsed = 0.0
         self.checkpointed = 0
@@ -294,7 +296,11 @@ class Run:
             disable=not progress,
         )
         if main:
-            bar.write(f"device: {self.describe_processes()}")  # the run's first line
+            if self.iteration > 0:  # the run's first line, in a log file as on a terminal
+                bar.write(
+                    f"resuming {self.run_dir} at iteration {self.iteration} of {config.iterations}"
+                )
+            bar.write(f"device: {self.describe_processes()}")
         with stop_requests() as stop, bar:
             for iteration in range(self.iteration + 1, config.iterations + 1):
                 metrics = self.step()
@@ -308,8 +314,8 @@ class Run:
                 agreed = agree(  # what one process decides, all do
                     self.world,
                     stop=stop["signal"] is not None,
-                    out_of_time=config.time_limit is not None
-                    and time.perf_counter() - invocation_started >= 60 * config.time_limit,
+                    out_of_time=self.time_limit is not None
+                    and time.perf_counter() - invocation_started >= 60 * self.time_limit,
                 )
                 if (
                     iteration % config.val_every == 0
@@ -323,22 +329,26 @@ class Run:
                 elif iteration % config.checkpoint_every == 0 or agreed["stop"]:
                     self.save_checkpoint()
                 if agreed["out_of_time"]:
-                    if main:
-                        bar.write(f"time limit of {config.time_limit} minutes reached")
+                    if main and iteration < config.iterations:
+                        bar.write(
+                            f"time limit of {self.time_limit:g} minutes reached after iteration "
+                            f"{iteration}; resume with: {self.resume_command()}"
+                        )
                     break
                 if agreed["stop"]:
                     by = "another process"
                     if stop["signal"] is not None:
                         by = signal.Signals(stop["signal"]).name
-                    resume = f"fewshot train --resume {self.run_dir}"
-                    if self.world.is_distributed:
-                        resume = f"torchrun (as launched) -m {resume}"
                     raise RunStopped(
                         f"by {by} after iteration {iteration}, checkpoint written; "
-                        f"resume with: {resume}"
+                        f"resume with: {self.resume_command()}"
                     )
         if self.checkpointed != self.iteration:  # the last iteration may have just written one
             self.save_checkpoint()
+
+    def resume_command(self) -> str:
+        resume = f"fewshot train --resume {self.run_dir}"
+        return f"torchrun (as launched) -m {resume}" if self.world.is_distributed else resume
 
     def describe_processes(self) -> str:
         """The device line: "cpu (1 thread)", or "cpu (1 thread) x 2 processes (gloo)"."""
@@ -358,9 +368,14 @@ def train(
     resume: bool = False,
     listeners: Sequence[Listener] = (),
     iterations: int | None = None,
+    time_limit: float | None = None,
 ) -> tuple[Algorithm, TaskSources, EvalResult | None]:
     """Meta-train as `config` says (or continue the run in `run_dir` with `resume=True`,
     to `iterations` in all if given: a finished run is extended).
+
+    A time limit belongs to one call: `time_limit` minutes (default: `config.time_limit` for a
+    new run, none for a resumed one), after which the run validates, writes its checkpoint and
+    returns, to be resumed later (`trained_iterations` tells how far it went).
 
     Writes config.json, metrics.jsonl (a line every LOG_EVERY iterations and per validation),
     model.safetensors (best weights by validation) and state.safetensors (resumable
@@ -378,7 +393,7 @@ def train(
     with process_group(device) as world:
         return train_in_world(
             world, config, Path(run_dir), data_root, download, progress, resume, listeners,
-            iterations,
+            iterations, time_limit,
         )  # fmt: skip
 
 
@@ -392,6 +407,7 @@ def train_in_world(
     resume: bool,
     listeners: Sequence[Listener],
     iterations: int | None,
+    time_limit: float | None = None,
 ) -> tuple[Algorithm, TaskSources, EvalResult | None]:
     """`train` in this process of `world`."""
     if resume:
@@ -416,6 +432,10 @@ def train_in_world(
         config.data_root = recorded_data_root(config, data_root)
     main = world.is_main
     run = Run(config, run_dir, sources, world.device, listeners if main else (), world)
+    if time_limit is not None:
+        require_positive(time_limit=time_limit)
+    if resume or time_limit is not None:
+        run.time_limit = time_limit
     if resume:
         run.restore(state)
         if main:
@@ -460,6 +480,12 @@ def check_meta_dataset_training(config: TrainConfig, world: World) -> None:
             "`sampler=meta-dataset` trains on one episode at a time in each process: use "
             f"`meta_batch={world.size}`."
         )
+
+
+def trained_iterations(run_dir: Path) -> int:
+    """The iterations a run folder's checkpoint has trained: its config's `iterations` when
+    it finished, fewer when a time limit or a stop ended it first."""
+    return load_state(run_dir / STATE_FILE).iteration
 
 
 def read_resumable(run_dir: Path) -> tuple[TrainConfig, TrainingState]:
