@@ -1,11 +1,12 @@
 """Run by torchrun from test_distributed.py: for every registered method, one outer step over 2
-processes (each on half the meta-batch) must equal one step of a single process on the whole
-meta-batch, computed here by every process on its own. Each process checks; process 0 prints
-"same step: METHOD" for each (a failed check on either ends the job with an error).
+processes (each on its share of a meta-batch of 5: 3 tasks and 2, an uneven split) must equal
+one step of a single process on the whole meta-batch, computed here by every process on its
+own. Each process checks; process 0 prints "same step: METHOD" for each (a failed check on
+either ends the job with an error).
 
 Methods trained on batches of examples normalise batch norm over each process's share of the
 batch (as DistributedDataParallel without SyncBatchNorm does), so for them the single-process
-step is the mean of the halves' gradients, each computed alone."""
+step is the mean of the shares' gradients, each computed alone and weighted by its size."""
 
 from __future__ import annotations
 
@@ -21,27 +22,29 @@ from fewshot.training.distributed import agree, process_group
 from fewshot.training.factory import build_algorithm
 from fewshot.training.loop import NonFiniteError, meta_step
 
-META_BATCH = 4
+META_BATCH = 5  # over 2 processes: 3 and 2
 CLASSES, PER_CLASS = 12, 6
 
 
-def halves(whole, size: int):
-    share = META_BATCH // size
+def shares(whole, size: int):
+    """The meta-batch cut as the ranks share it: the first META_BATCH % size take one more."""
+    sizes = [META_BATCH // size + (r < META_BATCH % size) for r in range(size)]
+    ends = [sum(sizes[: r + 1]) for r in range(size)]
+    cuts = [(end - n, end) for n, end in zip(sizes, ends)]
     if isinstance(whole, Task):
-        return [whole[r * share : (r + 1) * share] for r in range(size)]
-    return [Batch(whole.x[r * share : (r + 1) * share], whole.y[r * share : (r + 1) * share])
-            for r in range(size)]  # fmt: skip
+        return [whole[a:b] for a, b in cuts]
+    return [Batch(whole.x[a:b], whole.y[a:b]) for a, b in cuts]
 
 
-def step_on_halves_alone(algorithm, parts) -> None:
-    """theta <- theta - mean over parts of each part's gradient, in one process."""
+def step_on_shares_alone(algorithm, parts) -> None:
+    """theta <- theta - sum over parts of (part size / META_BATCH) x the part's gradient."""
     total = [torch.zeros_like(p) for p in algorithm.parameters()]
     for part in parts:
         algorithm.zero_grad()
         algorithm.training_step(part)
         for sum_, p in zip(total, algorithm.parameters()):
             if p.grad is not None:
-                sum_ += p.grad / len(parts)
+                sum_ += p.grad * len(part) / META_BATCH
     with torch.no_grad():
         for p, g in zip(algorithm.parameters(), total):
             p -= g
@@ -75,10 +78,11 @@ def main() -> int:
             alone = build_algorithm(config)
             together = copy.deepcopy(alone)
             if examples:
-                step_on_halves_alone(alone, halves(whole, world.size))
+                step_on_shares_alone(alone, shares(whole, world.size))
             else:
                 meta_step(alone, torch.optim.SGD(alone.parameters(), lr=1.0), whole)
-            own = halves(whole, world.size)[world.rank]
+            own = shares(whole, world.size)[world.rank]
+            assert len(own) == world.share(META_BATCH)
             meta_step(together, torch.optim.SGD(together.parameters(), lr=1.0), own, world=world)
             for (key, a), b in zip(alone.named_parameters(), together.parameters()):
                 torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-5, msg=f"{name}: {key}")

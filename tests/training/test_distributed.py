@@ -155,10 +155,12 @@ def test_a_failing_process_ends_the_whole_job_with_its_message(tmp_path):
     assert load_state(tmp_path / "run" / STATE_FILE).iteration == 0  # resumable from there
 
 
-def test_a_meta_batch_is_split_evenly_or_refused():
+def test_a_meta_batch_is_shared_as_evenly_as_it_can_be():
     assert World(1, 4).share(16) == 4
-    with pytest.raises(ConfigError, match="cannot be split evenly over 3 processes"):
-        World(0, 3).share(16)
+    assert [World(r, 2).share(25) for r in range(2)] == [13, 12]  # the sinusoid's default
+    assert [World(r, 3).share(16) for r in range(3)] == [6, 5, 5]
+    with pytest.raises(ConfigError, match="leaves some of the 3 processes without a task"):
+        World(0, 3).share(2)
 
 
 def test_each_rank_has_its_own_streams_and_rank_zero_keeps_the_single_process_ones():

@@ -80,13 +80,15 @@ class World:
         return seed if self.rank == 0 else seed + 1_000_003 * self.rank
 
     def share(self, meta_batch: int) -> int:
-        """This rank's tasks (or examples) of a meta-batch of `meta_batch`, all shares equal."""
-        if meta_batch % self.size:
+        """This rank's tasks (or examples) of a meta-batch of `meta_batch`: as equal as they
+        can be, the first `meta_batch % size` ranks taking one more (25 over 2: 13 and 12).
+        `average_step` weighs each rank's gradient by its share."""
+        if meta_batch < self.size:
             raise ConfigError(
-                f"a meta-batch of {meta_batch} cannot be split evenly over {self.size} "
-                f"processes; use a `meta_batch` that is a multiple of {self.size}."
+                f"a meta-batch of {meta_batch} leaves some of the {self.size} processes without "
+                f"a task; use a `meta_batch` of at least {self.size}."
             )
-        return meta_batch // self.size
+        return meta_batch // self.size + (self.rank < meta_batch % self.size)
 
 
 SINGLE_PROCESS = World()
@@ -213,9 +215,13 @@ def broadcast_module(world: World, module: nn.Module) -> None:
             dist.broadcast(tensor, src=0)
 
 
-def average_step(world: World, module: nn.Module, metrics: dict[str, float]) -> dict[str, float]:
+def average_step(
+    world: World, module: nn.Module, metrics: dict[str, float], share: int = 1
+) -> dict[str, float]:
     """Average the gradients, floating-point buffers and `metrics` of one step across ranks,
-    in one all-reduce; returns the averaged metrics.
+    each weighted by its `share` of the meta-batch (the tasks or examples it averaged over),
+    in one all-reduce; returns the averaged metrics. With shares n_r of N, the gradient is
+    sum_r (n_r / N) g_r: the mean over the whole meta-batch, as one process takes it.
 
     A parameter without a gradient on every rank keeps none (an optimizer skips it, as in one
     process); with a gradient on some ranks only, the others count zero for it.
@@ -234,10 +240,11 @@ def average_step(world: World, module: nn.Module, metrics: dict[str, float]) -> 
     parts += [b.to(dtype).flatten() for b in buffers]
     parts.append(torch.tensor([p.grad is not None for p in parameters], dtype=dtype))
     parts.append(torch.tensor([metrics[name] for name in names], dtype=torch.float64).to(dtype))
-    flat = torch.cat([part.to(reference.device) for part in parts])
+    flat = torch.cat([part.to(reference.device) for part in parts]) * share
+    flat = torch.cat([flat, flat.new_tensor([share])])
     with collective(world):
         dist.all_reduce(flat)
-    flat /= world.size
+    flat = flat[:-1] / flat[-1]  # the whole meta-batch's size, summed over the ranks
     values = flat.split([t.numel() for t in parameters + buffers] + [len(parameters), len(names)])
     with torch.no_grad():
         for p, value, present in zip(parameters, values, values[-2].tolist()):

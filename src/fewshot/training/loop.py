@@ -92,13 +92,14 @@ def meta_step(
     step's metrics.
 
     In a distributed run, `tasks` is this process's share of the meta-batch, and the gradients
-    and metrics are averaged across processes (one all-reduce) before anything else. The norm
+    and metrics are averaged across processes, each weighted by its share (one all-reduce),
+    before anything else. The norm
     of the whole gradient is then clipped to the method's `gradient_clip`, where it has one.
     The update is skipped when the loss or any gradient is NaN or infinite, so the parameters
     stay at their last finite values.
     """
     optimizer.zero_grad(set_to_none=True)
-    metrics = average_step(world, algorithm, algorithm.training_step(tasks))
+    metrics = average_step(world, algorithm, algorithm.training_step(tasks), share=len(tasks))
     if not math.isfinite(metrics["loss"]):
         raise NonFiniteError(f"loss is {metrics['loss']}")
     grads = [p.grad for p in algorithm.parameters() if p.grad is not None]
@@ -475,7 +476,7 @@ def check_meta_dataset_training(config: TrainConfig, world: World) -> None:
             "relationnet)."
         )
     assert config.meta_batch is not None  # resolved
-    if world.share(config.meta_batch) != 1:
+    if config.meta_batch != world.size:
         raise ConfigError(
             "`sampler=meta-dataset` trains on one episode at a time in each process: use "
             f"`meta_batch={world.size}`."
