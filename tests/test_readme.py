@@ -3,7 +3,6 @@ Omniglot folder, a support folder of the user's images, and (to keep the suite q
 iterations and evaluation episodes."""
 
 import re
-from pathlib import Path
 
 import pytest
 

@@ -250,7 +250,7 @@ TRAIN_ONLY_OPTIONS = ("test_episodes", "resume", "out", "tensorboard")
 HELP_SECTIONS = {
     "Data": (
         "dataset", "data_root", "download", "split", "image_size", "channels", "normalize",
-        "augment", "label_column",
+        "augment", "label_column", "class_split",
     ),
     "Episodes": ("ways", "shots", "queries", "train_ways", "train_queries", "sampler"),
     "Method": ("algorithm", "backbone"),
@@ -381,6 +381,12 @@ def training_options(skip: tuple[str, ...] = ()):
             default=None,
             help="The CSV column that names each row's class (--dataset csv; every other "
             "column is a numeric feature).",
+        ),
+        "class_split": click.option(
+            "--class-split",
+            default=None,
+            help="TRAIN,VAL,TEST: the shares of the CSV's classes for meta-training, validation "
+            "and meta-test (--dataset csv) [default: 0.6,0.2,0.2].",
         ),
         "ways": click.option(
             "--ways", default=5, type=int, help="N: classes per episode (evaluation episodes)."

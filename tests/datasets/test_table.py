@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from fewshot.cli import main
 from fewshot.datasets.table import load_table, split_classes, table_parts
-from fewshot.errors import DataError
+from fewshot.errors import ConfigError, DataError
 
 
 def write_table(path, classes=20, rows=12, features=6, informative=None, seed=0):
@@ -79,8 +79,39 @@ def test_bad_tables_are_refused_with_one_line(tmp_path, text, message):
 
 def test_too_few_classes_to_split_are_refused(tmp_path):
     table = load_table(write_table(tmp_path / "t.csv", classes=6), "label")
-    with pytest.raises(DataError, match="has 6 classes; .* needs at least 10"):
+    message = r"6 classes split by `class_split` \(0.6,0.2,0.2\) give train 3, val 1, test 2"
+    with pytest.raises(DataError, match=message):
         table_parts(table, ("train",))
+
+
+def test_the_class_split_sets_the_parts_shares():
+    classes = [f"c{i}" for i in range(10)]
+    chosen = split_classes(classes, "0.4,0.3,0.3")
+    assert [len(chosen[p]) for p in ("train", "val", "test")] == [4, 3, 3]
+    assert sorted(sum(chosen.values(), [])) == list(range(10))
+    for bad in ("0.5,0.5", "a,b,c", "0.5,0.3,0.3", "1,0,0"):
+        with pytest.raises(ConfigError, match=f"`class_split={bad}` is not three positive"):
+            split_classes(classes, bad)
+
+
+def test_a_part_with_fewer_classes_than_ways_names_the_option_that_gives_it_more(tmp_path):
+    table = write_table(tmp_path / "t.csv", classes=10)
+    args = ["train", "--dataset", "csv", "--data-root", str(table), "--label-column", "label",
+            "--ways", "3", "--queries", "5", "--train-queries", "5", "--iterations", "20",
+            "--val-every", "10", "--val-episodes", "5",
+            "--test-episodes", "5"]  # fmt: skip
+    refused = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "a")])
+    assert refused.exit_code == 2 and refused.output.count("\n") == 1
+    assert refused.output == (
+        "error: the val part has 2 of the table's 10 classes (--class-split "
+        "0.6,0.2,0.2), fewer than --ways 3; give it a larger share with --class-split, or "
+        "lower --ways.\n"
+    )
+    trained = CliRunner().invoke(
+        main, [*args, "--class-split", "0.4,0.3,0.3", "--out", str(tmp_path / "b")]
+    )
+    assert trained.exit_code == 0, trained.output
+    assert "meta-test accuracy" in trained.output
 
 
 def train(tmp_path, table, name, *extra):

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from fewshot.datasets.registry import Dataset, register
-from fewshot.errors import DataError
+from fewshot.errors import ConfigError, DataError
 
-PART_FRACTIONS = {"train": 0.6, "val": 0.2, "test": 0.2}
+PARTS = ("train", "val", "test")
+DEFAULT_CLASS_SPLIT = "0.6,0.2,0.2"
 MISSING = {"", "na", "n/a", "nan", "null", "none", "?"}
 
 
@@ -84,9 +85,11 @@ def load_table(path: str | os.PathLike, label_column: str) -> Table:
     )
 
 
-def table_parts(table: Table, parts: tuple[str, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def table_parts(
+    table: Table, parts: tuple[str, ...], class_split: str | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(features, labels) of each requested part, standardised with the training part's rows."""
-    chosen = split_classes(table.classes)
+    chosen = split_classes(table.classes, class_split)
     train = torch.isin(table.labels, torch.tensor(chosen["train"]))
     mean = table.features[train].mean(0)
     std = table.features[train].std(0)
@@ -98,22 +101,56 @@ def table_parts(table: Table, parts: tuple[str, ...]) -> list[tuple[torch.Tensor
     return out
 
 
-def split_classes(classes: list[str]) -> dict[str, list[int]]:
-    """Class indices of each part: sorted names, shuffled with a fixed seed, cut by fractions."""
+def class_fractions(class_split: str | None) -> dict[str, float]:
+    """The shares of the classes of each part, from "TRAIN,VAL,TEST" (e.g. "0.6,0.2,0.2")."""
+    text = DEFAULT_CLASS_SPLIT if class_split is None else class_split
+    try:
+        shares = [float(value) for value in text.split(",")]
+    except ValueError:
+        shares = []
+    if len(shares) != 3 or min(shares) <= 0 or abs(sum(shares) - 1) > 1e-6:
+        raise ConfigError(
+            f"`class_split={text}` is not three positive shares of the classes that add up to "
+            f"1, for meta-training, validation and meta-test (e.g. {DEFAULT_CLASS_SPLIT})."
+        )
+    return dict(zip(PARTS, shares, strict=True))
+
+
+def split_classes(classes: list[str], class_split: str | None = None) -> dict[str, list[int]]:
+    """Class indices of each part: sorted names, shuffled with a fixed seed, cut by the shares
+    of `class_split` (0.6, 0.2 and 0.2 unless given)."""
+    fractions = class_fractions(class_split)
     order = list(range(len(classes)))  # `classes` is sorted
     random.Random(0).shuffle(order)
-    n_train = math.floor(len(order) * PART_FRACTIONS["train"])
-    n_val = math.floor(len(order) * PART_FRACTIONS["val"])
-    if min(n_train, n_val, len(order) - n_train - n_val) < 2:
+    n_train = math.floor(len(order) * fractions["train"])
+    n_val = math.floor(len(order) * fractions["val"])
+    sizes = {"train": n_train, "val": n_val, "test": len(order) - n_train - n_val}
+    if min(sizes.values()) < 2:
+        counts = ", ".join(f"{part} {n}" for part, n in sizes.items())
         raise DataError(
-            f"the table has {len(classes)} classes; splitting them into meta-training, "
-            "validation and meta-test classes needs at least 10 (2 in each part)."
+            f"the table's {len(classes)} classes split by `class_split` "
+            f"({class_split or DEFAULT_CLASS_SPLIT}) give {counts}: each part needs 2 or more; "
+            "give the small parts larger shares with `class_split`, or use a table of more "
+            "classes."
         )
     return {
         "train": order[:n_train],
         "val": order[n_train : n_train + n_val],
         "test": order[n_train + n_val :],
     }
+
+
+def check_ways(held_out_sizes: dict[str, int], config, table_classes: int) -> None:
+    """Each held-out part has the `ways` classes its episodes draw, or the refusal says which
+    option gives it more."""
+    for part, classes in held_out_sizes.items():
+        if classes < config.ways and config.sampler != "meta-dataset":
+            raise DataError(
+                f"the {part} part has {classes} of the table's {table_classes} classes "
+                f"(`class_split={config.class_split or DEFAULT_CLASS_SPLIT}`), fewer than "
+                f"`ways={config.ways}`; give it a larger share with `class_split`, or lower "
+                "`ways`."
+            )
 
 
 def _number(path: Path, line: int, column: str, cell: str) -> float:
@@ -141,7 +178,10 @@ def load_parts(config, data_root: Path | None, download: bool, parts: tuple[str,
     if data_root is None:
         raise DataError("`dataset=csv` needs `data_root=FILE.csv`.")
     table = load_table(data_root, config.label_column)
-    return [(x, y, None) for x, y in table_parts(table, parts)]
+    chosen = split_classes(table.classes, config.class_split)
+    held_out = [part for part in parts if part != "train"]
+    check_ways({part: len(chosen[part]) for part in held_out}, config, len(table.classes))
+    return [(x, y, None) for x, y in table_parts(table, parts, config.class_split)]
 
 
 register(
@@ -151,7 +191,7 @@ register(
         inputs="tables",
         network="table-mlp",
         defaults_from=("omniglot",),
-        settings=("label_column", "features", "sampler"),
+        settings=("label_column", "class_split", "features", "sampler"),
         values={"sampler": "fixed"},
         required={"label_column": "NAME, the column of each row's class"},
         load=load_parts,

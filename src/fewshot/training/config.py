@@ -47,6 +47,7 @@ class TrainConfig:
     pixel_mean: list[float] | None = None  # with normalize: the training images', recorded
     pixel_std: list[float] | None = None
     label_column: str | None = None  # --dataset csv: the column of each row's class
+    class_split: str | None = None  # --dataset csv: "TRAIN,VAL,TEST" shares of the classes
     features: int | None = None  # --dataset csv: the row's feature count, from the data
     sampler: str | None = None  # a classification dataset's: one of SAMPLERS
     ways: int = 5
