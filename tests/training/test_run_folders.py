@@ -259,3 +259,44 @@ def test_the_checkpoint_keeps_the_cuda_generators_and_restores_them(tmp_path, mo
     assert [t.tolist() for t in saved.cuda_rng] == [[1, 2, 3], [4, 5]]
     restore_global_rngs(saved)
     assert [t.tolist() for t in restored] == [[1, 2, 3], [4, 5]]
+
+
+class BarSpy:
+    """A progress bar that records, with each line written above it, the count it shows."""
+
+    def __init__(self, bar) -> None:
+        self.bar, self.lines = bar, []
+
+    def __getattr__(self, name):
+        return getattr(self.bar, name)
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+    def write(self, text: str) -> None:
+        self.lines.append((self.bar.n, text))
+
+
+def test_a_validation_line_names_the_iteration_the_progress_bar_shows(tmp_path, monkeypatch):
+    """One numbering: "iteration 10: validation ..." while the bar reads 10/20, not 9/20."""
+    import io
+
+    from fewshot.progress import progress_bar
+    from fewshot.training import loop
+
+    spies = []
+
+    def spied(**options):
+        spies.append(BarSpy(progress_bar(**options, file=io.StringIO())))
+        return spies[-1]
+
+    monkeypatch.setattr(loop, "progress_bar", spied)
+    config = TrainConfig(dataset="sinusoid", iterations=20, val_every=10, val_episodes=2)
+    train(config, tmp_path / "run", progress=True)
+    validations = [(n, text) for n, text in spies[0].lines if ": validation " in text]
+    assert [n for n, _ in validations] == [10, 20]
+    assert [text.split(":")[0] for _, text in validations] == ["iteration 10", "iteration 20"]
