@@ -1,0 +1,121 @@
+"""How long the field's protocol takes per zoo model: seconds per 600 test episodes of
+`fewshot eval zoo/NAME`, Omniglot 5-way 1-shot, as a user runs it (docs/performance.md).
+
+Each model's time is that of `fewshot eval zoo/NAME --episodes 62` minus that of the same
+command with `--episodes 2`, scaled to 600 episodes, so that process start-up, loading and the
+first draw's warm-up are left out. Both commands run one after the other, in rounds; the table
+shows each model's median over the rounds and its ratio to ProtoNet's, and MAML's inductive
+policy against its own transductive time.
+
+    FEWSHOT_DATA_ROOT=../shared/data/omniglot python benchmarks/evaluation.py [--rounds 3]
+        [--models NAME,...] [--json-out F] [--md-out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+EPISODES, BASE_EPISODES = 62, 2
+# (zoo folder, extra `fewshot eval` options, the row's name)
+MODELS = [
+    ("protonet-omniglot-5w1s", (), "ProtoNet"),
+    ("maml-omniglot-5w1s-cpu", (), "MAML (transductive)"),
+    ("maml-omniglot-5w1s-cpu", ("--batch-norm", "inductive"), "MAML, `--batch-norm inductive`"),
+    ("baseline-omniglot-5w1s", (), "Baseline"),
+    ("baselinepp-omniglot-5w1s", (), "Baseline++"),
+    ("mamlpp-omniglot-5w1s", (), "MAML++"),
+    ("matchingnet-omniglot-5w1s", (), "Matching Networks"),
+    ("relationnet-omniglot-5w1s", (), "Relation Networks"),
+    ("meta-sgd-omniglot-5w1s", (), "Meta-SGD"),
+    ("anil-omniglot-5w1s", (), "ANIL"),
+    ("reptile-omniglot-5w1s", (), "Reptile"),
+    ("finetune-omniglot-5w1s", (), "fine-tune everything"),
+    ("meta-lstm-omniglot-5w1s", (), "Meta-LSTM"),
+]
+
+
+def eval_seconds(name: str, options: tuple[str, ...], episodes: int) -> float:
+    """Wall time of `fewshot eval zoo/NAME --episodes EPISODES OPTIONS` in a fresh process."""
+    command = [sys.executable, "-m", "fewshot", "eval", str(REPO / "zoo" / name)]
+    command += ["--episodes", str(episodes), *options]
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{result.stdout}{result.stderr}")
+    return seconds
+
+
+def per_600_episodes(name: str, options: tuple[str, ...]) -> float:
+    """One round: (t(62) - t(2)) / 60 * 600."""
+    long = eval_seconds(name, options, EPISODES)
+    short = eval_seconds(name, options, BASE_EPISODES)
+    return (long - short) / (EPISODES - BASE_EPISODES) * 600
+
+
+def measure(models: list[tuple[str, tuple[str, ...], str]], rounds: int) -> list[dict]:
+    """Every model, `rounds` times, the models interleaved within a round so that the
+    machine's slow spells fall on all of them alike."""
+    times: dict[str, list[float]] = {label: [] for _, _, label in models}
+    for round_ in range(rounds):
+        for name, options, label in models:
+            times[label].append(per_600_episodes(name, options))
+            print(f"round {round_ + 1}: {label}: {times[label][-1]:.0f} s", file=sys.stderr)
+    return [
+        {"model": name, "options": list(options), "label": label, "rounds": times[label],
+         "median": statistics.median(times[label])}
+        for name, options, label in models
+    ]  # fmt: skip
+
+
+def table(rows: list[dict]) -> str:
+    by_label = {row["label"]: row for row in rows}
+    protonet = by_label.get("ProtoNet", {}).get("median")
+    transductive = by_label.get("MAML (transductive)", {}).get("median")
+    lines = [
+        "| zoo model | seconds per 600 episodes | x ProtoNet | rounds (s) |",
+        "|---|---|---|---|",
+    ]
+    for row in rows:
+        ratio = f"{row['median'] / protonet:.1f}" if protonet else "—"
+        if row["options"] == ["--batch-norm", "inductive"] and transductive:
+            ratio += f" ({row['median'] / transductive:.1f}x its transductive)"
+        rounds = ", ".join(f"{t:.0f}" for t in row["rounds"])
+        lines.append(f"| {row['label']} | {row['median']:.0f} | {ratio} | {rounds} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--models", type=lambda s: s.split(","), help="zoo folders, a subset")
+    parser.add_argument(
+        "--json-out", type=Path, default=REPO / "benchmarks/results-evaluation.json"
+    )
+    parser.add_argument("--md-out", type=Path, default=REPO / "benchmarks/results-evaluation.md")
+    args = parser.parse_args()
+    models = [m for m in MODELS if args.models is None or m[0] in args.models]
+    rows = measure(models, args.rounds)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    header = (
+        f"`fewshot eval zoo/NAME`, Omniglot 5-way 1-shot: seconds per 600 episodes, "
+        f"(t({EPISODES}) - t({BASE_EPISODES})) x 600 / {EPISODES - BASE_EPISODES}, median of "
+        f"{args.rounds} rounds; {machine}; {time.strftime('%Y-%m-%d')}.\n\n"
+    )
+    markdown = header + table(rows) + "\n"
+    args.md_out.write_text(markdown)
+    args.json_out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
