@@ -146,6 +146,32 @@ def test_updates_run_for_every_task_at_once_with_each_tasks_own_state():
             torch.testing.assert_close(together[name][i], value[0])
 
 
+@pytest.mark.usefixtures("float64")
+def test_updating_the_coordinates_a_block_at_a_time_is_updating_them_all_at_once(monkeypatch):
+    """The rule's blocks of rows (`BLOCK_ROWS`, a cache-sized block) change no value: the
+    adapted parameters and the meta-gradient are those of one block of every coordinate."""
+    import fewshot.algorithms.metalstm as metalstm
+
+    torch.manual_seed(0)
+    learner = MetaLSTM(small_mlp(), inner_steps=3, hidden_size=4, loss=F.mse_loss).double()
+    tasks = sinusoid_like_tasks()
+
+    def adapted_and_gradient(block_rows):
+        monkeypatch.setattr(metalstm, "BLOCK_ROWS", block_rows)
+        learner.zero_grad()
+        learner.training_step(tasks)
+        gradient = [p.grad.clone() for p in learner.parameters() if p.grad is not None]
+        path = learner.trajectory(tasks.support_x, tasks.support_y, 3, False)
+        return path.params[-1], gradient
+
+    whole, whole_gradient = adapted_and_gradient(1 << 40)
+    blocks, blocks_gradient = adapted_and_gradient(7)  # blocks that cut tasks and layers
+    for name in whole:
+        torch.testing.assert_close(blocks[name], whole[name], rtol=1e-12, atol=1e-12)
+    for a, b in zip(blocks_gradient, whole_gradient, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_training_clips_the_meta_gradient_norm():
     """The loop's meta-step clips the whole meta-gradient: the clipped gradient is the
     unclipped one scaled to norm 1e-3 (an SGD step of rate 1 subtracts exactly it)."""

@@ -158,13 +158,16 @@ class InnerLoop:
             create_graph=create_graph,
             allow_unused=True,
         )
-        updated, state = self.rule(
-            {n: params[n] for n in names},
-            dict(zip(names, grads)),
-            losses if differentiable else losses.detach(),
-            state,
-            step,
-        )
+        # Without `differentiable` nothing is differentiated through the update: no graph of
+        # the rule is kept (Meta-LSTM's LSTM over every coordinate, Adam's moments).
+        with torch.set_grad_enabled(differentiable):
+            updated, state = self.rule(
+                {n: params[n] for n in names},
+                dict(zip(names, grads)),
+                losses if differentiable else losses.detach(),
+                state,
+                step,
+            )
         return {**params, **updated}, state, losses
 
     def _step_update(self, step: int) -> Update:
