@@ -238,10 +238,10 @@ def evaluation_options(command):
     return command
 
 
-# A study makes its own run folders, and scores trials without a meta-test.
 # What `--resume` takes besides the options that shape no result (--threads, --device,
 # --tensorboard): a longer run, and this invocation's time limit and meta-test.
 RESUME_OPTIONS = {"iterations", "time_limit", "test_episodes"}
+# A study makes its own run folders, and scores trials without a meta-test.
 TRAIN_ONLY_OPTIONS = ("test_episodes", "resume", "out", "tensorboard")
 
 

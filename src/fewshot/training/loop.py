@@ -93,8 +93,8 @@ def meta_step(
 
     In a distributed run, `tasks` is this process's share of the meta-batch, and the gradients
     and metrics are averaged across processes, each weighted by its share (one all-reduce),
-    before anything else. The norm
-    of the whole gradient is then clipped to the method's `gradient_clip`, where it has one.
+    before anything else. The norm of the whole gradient is then clipped to the method's
+    `gradient_clip`, where it has one.
     The update is skipped when the loss or any gradient is NaN or infinite, so the parameters
     stay at their last finite values.
     """
