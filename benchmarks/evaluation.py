@@ -9,6 +9,7 @@ policy against its own transductive time.
 
     FEWSHOT_DATA_ROOT=../shared/data/omniglot python benchmarks/evaluation.py [--rounds 3]
         [--models NAME,...] [--json-out F] [--md-out F]
+    python benchmarks/evaluation.py --step-times reptile-omniglot-5w1s   # per inner step
 """
 
 from __future__ import annotations
@@ -77,6 +78,37 @@ def measure(models: list[tuple[str, tuple[str, ...], str]], rounds: int) -> list
     ]  # fmt: skip
 
 
+def inner_step_seconds(name: str, rounds: int = 3) -> dict[str, float]:
+    """Seconds per inner step of a zoo gradient model on one draw of 25 test episodes' support
+    sets: adapting them as the evaluator does (eval mode, `prediction_mode`), and taking the
+    same steps on the same support sets as its training does (train mode, gradients on, no
+    graph kept across steps); medians of `rounds`. Where the two agree, a method's evaluation
+    costs what its steps cost: the time is in the number of steps, not in the test path."""
+    import torch
+
+    from fewshot.tasks import stream_generator
+    from fewshot.training.evaluation import prediction_mode
+    from fewshot.training.loading import load_run
+
+    _, algorithm, sources = load_run(REPO / "zoo" / name)
+    if algorithm.training_data == "examples":
+        raise SystemExit(f"{name}: its training is pretraining on batches, not inner steps")
+    batch = sources.test.sample(25, stream_generator("eval", 0))
+    steps = algorithm.evaluation_steps(batch.support_x.shape[1])
+    times: dict[str, list[float]] = {"test": [], "training": []}
+    for _ in range(rounds):
+        with prediction_mode(algorithm, 0):
+            started = time.perf_counter()
+            algorithm.adapt_tasks(batch.support_x, batch.support_y)
+            times["test"].append((time.perf_counter() - started) / steps)
+        algorithm.train()
+        with torch.enable_grad():
+            started = time.perf_counter()
+            algorithm.trajectory(batch.support_x, batch.support_y, steps, False)
+            times["training"].append((time.perf_counter() - started) / steps)
+    return {"steps": steps, **{k: statistics.median(v) for k, v in times.items()}}
+
+
 def table(rows: list[dict]) -> str:
     by_label = {row["label"]: row for row in rows}
     protonet = by_label.get("ProtoNet", {}).get("median")
@@ -102,7 +134,21 @@ def main() -> None:
         "--json-out", type=Path, default=REPO / "benchmarks/results-evaluation.json"
     )
     parser.add_argument("--md-out", type=Path, default=REPO / "benchmarks/results-evaluation.md")
+    parser.add_argument(
+        "--step-times",
+        type=lambda s: s.split(","),
+        help="zoo gradient models: seconds per inner step at test and in training, same batch",
+    )
     args = parser.parse_args()
+    if args.step_times:
+        for name in args.step_times:
+            t = inner_step_seconds(name, args.rounds)
+            print(
+                f"{name}: {t['steps']} steps; per inner step {1000 * t['test']:.1f} ms at test, "
+                f"{1000 * t['training']:.1f} ms in training (25 support sets, median of "
+                f"{args.rounds})"
+            )
+        return
     models = [m for m in MODELS if args.models is None or m[0] in args.models]
     rows = measure(models, args.rounds)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
