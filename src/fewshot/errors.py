@@ -47,7 +47,10 @@ class RunStopped(FewshotError):
 
 def require_positive(**values: float) -> None:
     """Raise ConfigError naming every value that is not > 0."""
-    bad = [f"`{name}` must be positive, got {value}." for name, value in values.items()]
-    bad = [line for line, value in zip(bad, values.values(), strict=True) if not value > 0]
+    bad = [
+        f"`{name}` must be positive, got {value}."
+        for name, value in values.items()
+        if not value > 0
+    ]
     if bad:
         raise ConfigError(" ".join(bad))

@@ -9,7 +9,13 @@ import torch
 
 from fewshot.errors import CheckpointError
 from fewshot.training.checkpoint import CONFIG_FILE, load_weights, save_weights
-from fewshot.training.state import STATE_FILE, TrainingState, load_state, save_state
+from fewshot.training.state import (
+    STATE_FILE,
+    TrainingState,
+    load_state,
+    save_state,
+    saved_iteration,
+)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
@@ -63,6 +69,15 @@ def test_resumable_checkpoint_holding_nan_is_refused_by_file_and_tensor(tmp_path
     assert f"{path} is damaged: algorithm.net.weight holds NaN or infinite values" in message
     assert "cannot be resumed" in message and "fewshot train --out" in message
     assert "\n" not in message
+
+
+def test_a_checkpoints_iteration_is_read_from_its_header_alone(tmp_path):
+    path = tmp_path / STATE_FILE
+    save_state(path, a_state(torch.ones(2, 2)))
+    assert saved_iteration(path) == load_state(path).iteration == 3
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="is not a readable fewshot checkpoint"):
+        saved_iteration(path)
 
 
 @pytest.mark.parametrize(

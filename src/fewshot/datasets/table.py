@@ -178,10 +178,10 @@ def load_parts(config, data_root: Path | None, download: bool, parts: tuple[str,
     if data_root is None:
         raise DataError("`dataset=csv` needs `data_root=FILE.csv`.")
     table = load_table(data_root, config.label_column)
-    chosen = split_classes(table.classes, config.class_split)
-    held_out = [part for part in parts if part != "train"]
-    check_ways({part: len(chosen[part]) for part in held_out}, config, len(table.classes))
-    return [(x, y, None) for x, y in table_parts(table, parts, config.class_split)]
+    loaded = table_parts(table, parts, config.class_split)
+    held_out = {part: len(y.unique()) for part, (_, y) in zip(parts, loaded) if part != "train"}
+    check_ways(held_out, config, len(table.classes))
+    return [(x, y, None) for x, y in loaded]
 
 
 register(

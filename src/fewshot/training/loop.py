@@ -71,6 +71,7 @@ from fewshot.training.state import (
     load_state,
     restore_rngs,
     save_state,
+    saved_iteration,
 )
 
 LOG_EVERY = 10
@@ -486,7 +487,7 @@ def check_meta_dataset_training(config: TrainConfig, world: World) -> None:
 def trained_iterations(run_dir: Path) -> int:
     """The iterations a run folder's checkpoint has trained: its config's `iterations` when
     it finished, fewer when a time limit or a stop ended it first."""
-    return load_state(run_dir / STATE_FILE).iteration
+    return saved_iteration(run_dir / STATE_FILE)
 
 
 def read_resumable(run_dir: Path) -> tuple[TrainConfig, TrainingState]:

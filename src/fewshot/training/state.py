@@ -128,6 +128,16 @@ def save_state(path: Path, state: TrainingState) -> None:
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
+def saved_iteration(path: Path) -> int:
+    """The iteration a resumable checkpoint was written at, read from its header alone (no
+    tensor is loaded)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {})["state"])["iteration"]
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError) as error:
+        raise CheckpointError(f"{path} is not a readable fewshot checkpoint ({error}).") from None
+
+
 def load_state(path: Path) -> TrainingState:
     if not path.is_file():
         raise CheckpointError(f"{path.parent} has no resumable checkpoint ({path.name}).")
