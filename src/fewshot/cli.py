@@ -25,6 +25,7 @@ import torch
 from fewshot.algorithms import METHODS
 from fewshot.algorithms.base import BATCH_NORM_POLICIES
 from fewshot.algorithms.registry import default_text
+from fewshot.backbones import FREEZE_KEYWORDS
 from fewshot.datasets.images import image_files
 from fewshot.datasets.preprocessing import INVERT_CHOICES
 from fewshot.datasets.registry import DATASETS, get_dataset
@@ -38,7 +39,6 @@ from fewshot.errors import (
     RunStopped,
 )
 from fewshot.files import atomic_write_text
-from fewshot.models import BACKBONES
 from fewshot.progress import format_table
 from fewshot.training.checkpoint import read_config
 from fewshot.training.config import SAMPLERS, TrainConfig, applies, check_episode_settings
@@ -124,6 +124,46 @@ class DeviceType(click.ParamType):
     def convert(self, value, param, ctx) -> str:
         with one_line_errors():  # click's own usage errors would take four lines
             return resolve_device(value)
+
+
+class JsonObject(click.ParamType):
+    """A JSON object given on the command line, as a dict."""
+
+    name = "json"
+
+    def convert(self, value, param, ctx) -> dict:
+        if isinstance(value, dict):
+            return value
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as error:
+            self.fail(f"{value!r} is not JSON ({error})", param, ctx)
+        if not isinstance(parsed, dict):
+            self.fail(f"{value!r} is not a JSON object of names and values", param, ctx)
+        return parsed
+
+
+class FloatList(click.ParamType):
+    """Comma-separated numbers, as a list."""
+
+    name = "numbers"
+
+    def convert(self, value, param, ctx) -> list[float]:
+        if isinstance(value, list):
+            return value
+        try:
+            return [float(part) for part in value.split(",")]
+        except ValueError:
+            self.fail(f"{value!r} is not comma-separated numbers", param, ctx)
+
+
+def trust_option():
+    return click.option(
+        "--trust-backbone",
+        is_flag=True,
+        help="Load a run whose backbone is a constructor (--backbone module:callable): that "
+        "imports its module, which runs its code; give it only for code you trust.",
+    )
 
 
 def device_option():
@@ -232,6 +272,7 @@ def evaluation_options(command):
         ),
         device_option(),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
+        trust_option(),
     ]
     for option in reversed(options):
         command = option(command)
@@ -253,7 +294,11 @@ HELP_SECTIONS = {
         "augment", "label_column", "class_split",
     ),
     "Episodes": ("ways", "shots", "queries", "train_ways", "train_queries", "sampler"),
-    "Method": ("algorithm", "backbone"),
+    "Method": ("algorithm",),
+    "Backbone": (
+        "backbone", "backbone_args", "backbone_weights", "weights_prefix", "freeze",
+        "pixel_mean", "pixel_std",
+    ),
     "Optimisation": ("meta_batch", "outer_lr", "iterations", "seed", "init"),
     "Run and checkpoints": (
         "out", "resume", "config_file", "val_every", "val_episodes", "test_episodes",
@@ -347,10 +392,53 @@ def training_options(skip: tuple[str, ...] = ()):
         "backbone": click.option(
             "--backbone",
             default="conv4",
-            type=click.Choice(BACKBONES),
-            help="The network for images: Conv4 of 64 filters, Conv4 of 32 (conv4-32, Finn et "
-            "al. 2017 on miniImageNet), ResNet-12 of 64-160-320-640 filters (Lee et al. 2019) or "
-            "of 64-128-256-512 (resnet12-narrow, Oreshkin et al. 2018) (docs/models.md).",
+            help="The network for images: conv4 (Conv4 of 64 filters), conv4-32 (of 32, Finn et "
+            "al. 2017 on miniImageNet), resnet12 (64-160-320-640 filters, Lee et al. 2019), "
+            "resnet12-narrow (64-128-256-512, Oreshkin et al. 2018) (docs/models.md); or any "
+            "constructor, package.module:callable or path/file.py:callable, called with "
+            "--backbone-args, whose flattened output is the embedding (docs/pretrained.md).",
+        ),
+        "backbone_args": click.option(
+            "--backbone-args",
+            default=None,
+            type=JsonObject(),
+            help="Keyword arguments of a constructor --backbone, as a JSON object, e.g. "
+            '{"depth": 18}.',
+        ),
+        "backbone_weights": click.option(
+            "--backbone-weights",
+            default=None,
+            type=click.Path(dir_okay=False),
+            help="Start the backbone from these weights: a .safetensors file, or a PyTorch state "
+            "dict (read with weights_only=True, never unpickled code); every key must fit.",
+        ),
+        "weights_prefix": click.option(
+            "--weights-prefix",
+            default=None,
+            help="A prefix of the weights file's keys to strip (e.g. module. or backbone.; keys "
+            "without it are left out), or +PREFIX to add to every key.",
+        ),
+        "freeze": click.option(
+            "--freeze",
+            default=None,
+            help="What meta-training leaves fixed (parameters and batch-norm statistics): "
+            + "; ".join(f"{k}: {v}" for k, v in FREEZE_KEYWORDS.items())
+            + "; or comma-separated prefixes of the backbone's parameter names (0.,1. for a "
+            "Sequential's first two blocks) [default: nothing].",
+        ),
+        "pixel_mean": click.option(
+            "--pixel-mean",
+            default=None,
+            type=FloatList(),
+            help="Per-channel mean to standardise images with, as a pretrained backbone expects "
+            "(0.485,0.456,0.406 for ImageNet's); recorded (folder and benchmark datasets) "
+            "[default: the training images', with --normalize].",
+        ),
+        "pixel_std": click.option(
+            "--pixel-std",
+            default=None,
+            type=FloatList(),
+            help="Per-channel standard deviation, with --pixel-mean.",
         ),
         "image_size": click.option(
             "--image-size", default=28, type=int, help="Side of the images (folder dataset)."
@@ -523,10 +611,12 @@ def main(debug: bool) -> None:
 
 @main.command(name="train", cls=SectionedCommand, epilog=TRAIN_EXAMPLES)
 @training_options()
+@trust_option()
 @friendly_errors
 def train_command(
-    data_root, download, device, threads, out, config_file, resume, tensorboard, **options
-):
+    data_root, download, device, threads, out, config_file, resume, tensorboard, trust_backbone,
+    **options,
+):  # fmt: skip
     """Meta-train a model and write a run folder with the best checkpoint.
 
     Ctrl-C (or SIGTERM) stops after the current iteration with a checkpoint; `--resume RUN_DIR`
@@ -565,6 +655,7 @@ def train_command(
         algorithm, sources, best = train(
             config, out, data_root, download, device, resume=resume is not None,
             listeners=listeners, iterations=extend_to, time_limit=time_limit,
+            trust_backbone=trust_backbone,
         )  # fmt: skip
     finally:
         for listener in listeners:
@@ -768,12 +859,14 @@ def tune_command(
 @friendly_errors
 def eval_command(
     run_dir, data_root, download, episodes, inner_steps, batch_norm, sampler, seed, device,
-    as_json, **shape,
+    as_json, trust_backbone, **shape,
 ):  # fmt: skip
     """Meta-test accuracy (or MSE) ± 95% CI of RUN_DIR's best checkpoint on held-out classes."""
     check_evaluation_request(episodes, shape)
     episode = {**shape, "sampler": sampler}
-    config, algorithm, sources = load_run(run_dir, data_root, download, device, batch_norm, episode)
+    config, algorithm, sources = load_run(
+        run_dir, data_root, download, device, batch_norm, episode, trust_backbone
+    )
     check_meta_dataset_evaluation(run_dir, config, algorithm, shape)
     check_inner_steps_apply(inner_steps, run_dir, config.algorithm, algorithm)
     set_threads(config.dataset, None)
@@ -836,8 +929,9 @@ def check_inner_steps_apply(inner_steps: int | None, run_dir: Path, name: str, a
 @evaluation_options
 @friendly_errors
 def compare_command(
-    run_dirs, data_root, download, episodes, inner_steps, seed, device, as_json, **shape
-):
+    run_dirs, data_root, download, episodes, inner_steps, seed, device, as_json, trust_backbone,
+    **shape,
+):  # fmt: skip
     """Evaluate RUN_DIRS on the same test episodes; compare every pair with a paired test.
 
     Prints each run's accuracy (or MSE) ± 95% CI, then for each pair the mean per-episode
@@ -850,7 +944,10 @@ def compare_command(
     for config in configs:
         override_test_episodes(config, shape)
     episodes_shape = check_same_episodes(run_dirs, configs)
-    loaded = [load_run(run_dir, data_root, download, device, episode=shape) for run_dir in run_dirs]
+    loaded = [
+        load_run(run_dir, data_root, download, device, episode=shape, trust_backbone=trust_backbone)
+        for run_dir in run_dirs
+    ]
     for run_dir, (config, algorithm, _) in zip(run_dirs, loaded):
         check_inner_steps_apply(inner_steps, run_dir, config.algorithm, algorithm)
     set_threads(loaded[0][0].dataset, None)
@@ -971,6 +1068,7 @@ BATCH_NORM_NOTES = {
 )
 @click.option("--seed", default=0, type=int, help="Seed of adaptation's own random draws.")
 @device_option()
+@trust_option()
 @friendly_errors
 def adapt_command(
     run_dir,
@@ -984,6 +1082,7 @@ def adapt_command(
     batch_norm,
     seed,
     device,
+    trust_backbone,
 ):
     """Adapt RUN_DIR's trained model to your own classes and classify images.
 
@@ -993,7 +1092,7 @@ def adapt_command(
     if output is not None and output.suffix not in (".csv", ".json"):
         raise ConfigError(f"--output {output}: write to a .csv or a .json file.")
     paths = query_files([*predict, *images])
-    method = load(run_dir, device, batch_norm)
+    method = load(run_dir, device, batch_norm, trust_backbone=trust_backbone)
     check_inner_steps_apply(inner_steps, run_dir, type(method).__name__, method)
     if method.preprocessing is None:
         raise ConfigError(
@@ -1144,8 +1243,9 @@ def describe_method(method) -> dict:
     type=int,
     help="Episode seed: the figures use the episodes `fewshot eval --seed` draws.",
 )
+@trust_option()
 @friendly_errors
-def plot_command(run_dir, out, baseline, data_root, steps, episodes, seed):
+def plot_command(run_dir, out, baseline, data_root, steps, episodes, seed, trust_backbone):
     """PNG figures of RUN_DIR: training curves, the adaptation curve, and the sinusoid fits
     (Finn et al.'s Figure 2) or one classified test episode."""
     from fewshot import plots
@@ -1155,7 +1255,9 @@ def plot_command(run_dir, out, baseline, data_root, steps, episodes, seed):
     if baseline is not None:
         check_same_episodes([run_dir, baseline], [config, read_config(baseline)])
     set_threads(config.dataset, None)
-    plots.write_plots(run_dir, out, baseline, data_root, steps, episodes, seed, click.echo)
+    plots.write_plots(
+        run_dir, out, baseline, data_root, steps, episodes, seed, click.echo, trust_backbone
+    )
 
 
 def run() -> None:

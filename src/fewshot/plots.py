@@ -521,8 +521,10 @@ class LoadedRun:
     test: EpisodeSampler
 
     @classmethod
-    def load(cls, path: Path, data_root: Path | None = None) -> LoadedRun:
-        config, algorithm, sources = load_run(path, data_root)
+    def load(
+        cls, path: Path, data_root: Path | None = None, trust_backbone: bool = False
+    ) -> LoadedRun:
+        config, algorithm, sources = load_run(path, data_root, trust_backbone=trust_backbone)
         assert sources.test is not None  # the part `load_run` builds
         return cls(Path(path), config, algorithm, sources.test)
 
@@ -540,6 +542,7 @@ def write_plots(
     episodes: int = 100,
     seed: int = 0,
     report: Callable[[str], None] = print,
+    trust_backbone: bool = False,
 ) -> list[Path]:
     """Write a run's figures to `out` (default RUN_DIR/plots) and return their paths.
 
@@ -548,11 +551,11 @@ def write_plots(
     `baseline` run if given); sinusoid.png for sinusoid runs (the run and the baseline beside
     it after 0, 1 and `steps` steps); episode.png for image classification runs. The baseline must
     be evaluated on the same episodes (the command line checks). `report` gets a line for
-    each file written or figure skipped.
+    each file written or figure skipped. `trust_backbone`: as `fewshot.load`'s.
     """
     require_matplotlib()
-    run = LoadedRun.load(run_dir, data_root)
-    compared = None if baseline is None else LoadedRun.load(baseline, data_root)
+    run = LoadedRun.load(run_dir, data_root, trust_backbone)
+    compared = None if baseline is None else LoadedRun.load(baseline, data_root, trust_backbone)
     out = run.path / "plots" if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []

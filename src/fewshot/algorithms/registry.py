@@ -17,6 +17,7 @@ from torch import nn
 
 from fewshot.algorithms.base import BATCH_NORM_POLICIES, Algorithm, check_batch_norm_policy
 from fewshot.algorithms.gradient import CPU_IMAGES_PER_PASS, default_chunk_size
+from fewshot.backbones import build_backbone_network, freeze, is_constructor
 from fewshot.datasets.registry import Dataset, get_dataset, handled_datasets
 from fewshot.errors import ConfigError, require_positive
 from fewshot.models import default_model
@@ -64,25 +65,38 @@ class Problem:
     channels: int | None = 1  # of images (None for other data)
     image_size: int | None = 28  # of images
     features: int | None = None  # of a table's rows
-    backbone: str = "conv4"  # images' network: `models.BACKBONES`
+    backbone: str = "conv4"  # images' network: `models.BACKBONES`, or a constructor
+    backbone_args: dict[str, Any] | None = field(default=None, hash=False)  # a constructor's
+    freeze: str | None = None  # the part of the backbone left fixed (`backbones.freeze`)
 
     @property
     def regression(self) -> bool:
         return get_dataset(self.dataset).regression
 
     def network(self, head: bool = True, track_running_stats: bool = False) -> nn.Module:
-        """The literature's network for this problem (`models.default_model`, images: the
-        `backbone`): with a `ways`-way head, or without one (an embedding network)."""
+        """The network for this problem: the literature's (`models.default_model`, images: the
+        `backbone`), or the one a constructor builds (`backbones.build_backbone_network`),
+        with a `ways`-way head or without one (an embedding network), its `freeze` part
+        fixed."""
         ways = self.ways if head else None
-        return default_model(
-            self.dataset,
-            ways,
-            self.channels,
-            self.image_size,
-            track_running_stats,
-            self.features,
-            self.backbone,
-        )
+        network: nn.Module
+        if is_constructor(self.backbone):
+            assert self.channels is not None and self.image_size is not None  # images'
+            shape = (self.channels, self.image_size, self.image_size)
+            network = build_backbone_network(self.backbone, self.backbone_args, ways, shape)
+        else:
+            network = default_model(
+                self.dataset,
+                ways,
+                self.channels,
+                self.image_size,
+                track_running_stats,
+                self.features,
+                self.backbone,
+            )
+        if self.freeze:
+            freeze(network, self.freeze)
+        return network
 
     @property
     def loss(self) -> Callable:

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from fewshot.datasets.download import download_verified, md5_of_file
 from fewshot.datasets.images import UNREADABLE, decode_resized
 from fewshot.datasets.preprocessing import Preprocessing
-from fewshot.datasets.registry import Dataset, register
+from fewshot.datasets.registry import BACKBONE_SETTINGS, Dataset, register
 from fewshot.errors import ConfigError, DataError
 from fewshot.files import atomic_write, atomic_write_text
 from fewshot.progress import progress_bar
@@ -245,7 +245,7 @@ register(
         inputs="images",
         network="backbone",
         defaults_from=("omniglot",),
-        settings=("split", "backbone", "sampler"),
+        settings=("split", *BACKBONE_SETTINGS, "sampler"),
         values={
             "split": "vinyals",
             "image_size": IMAGE_SIZE,

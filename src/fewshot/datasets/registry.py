@@ -23,7 +23,9 @@ INPUTS = ("images", "vectors", "tables")
 # `features`, or the run's image `backbone`.
 NETWORKS = ("sinusoid-mlp", "table-mlp", "backbone")
 # The run settings of images read from files (image folders, the benchmarks), and their values.
-IMAGE_SETTINGS = ("backbone", "normalize", "augment", "pixel_mean", "pixel_std", "sampler")
+# A network's: what builds it, the weights it starts from, and what training leaves fixed.
+BACKBONE_SETTINGS = ("backbone", "backbone_args", "backbone_weights", "weights_prefix", "freeze")
+IMAGE_SETTINGS = (*BACKBONE_SETTINGS, "normalize", "augment", "pixel_mean", "pixel_std", "sampler")
 IMAGE_VALUES = {"normalize": False, "backbone": "conv4", "sampler": "fixed"}
 
 # (run config, data root or None, download, parts) -> (inputs, labels, groups) of each part,

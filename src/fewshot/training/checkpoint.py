@@ -1,6 +1,7 @@
 """Run folders: the resolved configuration as JSON, metrics as JSON lines, weights as safetensors.
 
-Nothing here unpickles: loading a run folder can never run code.
+Nothing here unpickles: reading a run folder never runs code (building a run whose backbone is
+a constructor imports its module, which `backbones.require_trusted` guards).
 """
 
 from __future__ import annotations

@@ -13,9 +13,11 @@ import difflib
 import types
 import typing
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from fewshot.algorithms.registry import Method, Problem, Settings, get_method
+from fewshot.backbones import is_constructor, recorded_constructor
 from fewshot.datasets.registry import DATASETS, get_dataset
 from fewshot.datasets.transforms import parse_augment
 from fewshot.errors import ConfigError, require_positive
@@ -39,7 +41,11 @@ class TrainConfig:
     algorithm: str = "maml"
     dataset: str = "sinusoid"
     split: str | None = None  # Omniglot's: vinyals or lake
-    backbone: str | None = None  # images' network (models.BACKBONES): conv4 unless given
+    backbone: str | None = None  # images' network (models.BACKBONES, or module:callable)
+    backbone_args: dict[str, Any] | None = None  # a constructor backbone's keyword arguments
+    backbone_weights: str | None = None  # a file of weights the new run's backbone starts from
+    weights_prefix: str | None = None  # a prefix of the weights file's keys to strip ("+": add)
+    freeze: str | None = None  # what meta-training leaves fixed (`backbones.FREEZE_KEYWORDS`)
     image_size: int | None = None  # an image folder's: 28 unless given (Omniglot: 28)
     channels: int | None = None  # an image folder's: from its images unless given (Omniglot: 1)
     normalize: bool | None = None  # an image folder's: standardise each channel
@@ -83,6 +89,8 @@ class TrainConfig:
             self.image_size,
             self.features,
             self.backbone or "conv4",
+            self.backbone_args,
+            self.freeze,
         )
 
     def resolved(self, device: str = "cpu") -> TrainConfig:
@@ -101,6 +109,12 @@ class TrainConfig:
             if values[name] is None and name in defaults:
                 values[name] = defaults[name]
         values["train_ways"] = values["train_ways"] or values["ways"]
+        if is_constructor(values["backbone"]):  # a file's path, absolute: from any folder
+            values["backbone"] = recorded_constructor(values["backbone"])
+        if values["backbone_weights"] is not None:
+            values["backbone_weights"] = str(
+                Path(values["backbone_weights"]).expanduser().resolve()
+            )
         values["train_queries"] = values["train_queries"] or values["queries"]
         settings = dataclasses.asdict(self.settings)
         for f in fields(self.settings):
@@ -152,9 +166,18 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}."
             )
-        if self.backbone not in (None, *BACKBONES):
+        if self.backbone not in (None, *BACKBONES) and not is_constructor(self.backbone):
             raise ConfigError(
-                f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}."
+                f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}, or "
+                "name a constructor as package.module:callable."
+            )
+        if self.backbone_args is not None and not is_constructor(self.backbone):
+            raise ConfigError("`backbone_args` are a constructor's; name one with `backbone`.")
+        if self.weights_prefix is not None and self.backbone_weights is None:
+            raise ConfigError("`weights_prefix` applies to `backbone_weights`; give the file.")
+        if self.backbone_weights is not None and self.init is not None:
+            raise ConfigError(
+                "a run starts from `init` or from `backbone_weights`, not both; drop one."
             )
         if self.test_episodes < 0:
             raise ConfigError(f"`test_episodes` must be >= 0, got {self.test_episodes}.")
@@ -223,6 +246,8 @@ def _checked(name: str, value: Any, hint: Any) -> Any:
             return value
         if typing.get_origin(kind) is list and isinstance(value, list):
             return [_checked(name, item, typing.get_args(kind)[0]) for item in value]
+        if typing.get_origin(kind) is dict and isinstance(value, dict):
+            return value
         if kind is Any:
             return value
     wanted = " or ".join(TYPE_NAMES.get(k, str(k)) for k in options)
@@ -236,6 +261,7 @@ TYPE_NAMES = {
     str: "a text",
     type(None): "null",
     list[float]: "a list of numbers",
+    dict[str, Any]: "an object of names and values",
 }
 
 

@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from fewshot.algorithms.base import Algorithm
+from fewshot.backbones import require_trusted
 from fewshot.errors import ConfigError, require_positive
 from fewshot.training import checkpoint
 from fewshot.training.config import SAMPLERS, TrainConfig
@@ -38,6 +39,7 @@ def load(
     device: str = "cpu",
     batch_norm: str | None = "inductive",
     episode: dict | None = None,
+    trust_backbone: bool = False,
 ) -> Algorithm:
     """The trained method of a run folder, with its best weights, in eval mode, ready to
     `adapt` to new classes.
@@ -47,9 +49,13 @@ def load(
     run's training images were read (`Preprocessing.read` reads a user's images the same way);
     `max_ways` is the size of a per-class head, where it has one; `config` is the run's
     configuration, with `episode`'s "ways", "shots" or "queries" where given (`load_run`).
+
+    A run whose backbone is built by a constructor (`backbone="module:callable"`) imports that
+    module, which runs its code: it is refused unless `trust_backbone=True`.
     """
     run_dir = Path(run_dir)
     config = checkpoint.read_config(run_dir)
+    require_trusted(config.backbone, trust_backbone, run_dir)
     with_batch_norm(config, batch_norm)
     trained_ways = config.ways
     per_way_head = has_per_way_head(config, built := build_algorithm(config))
@@ -84,14 +90,16 @@ def load_run(
     device: str = "cpu",
     batch_norm: str | None = None,
     episode: dict | None = None,
+    trust_backbone: bool = False,
 ) -> tuple[TrainConfig, Algorithm, TaskSources]:
     """The configuration, best weights and test-episode sampler of a finished run.
 
     `batch_norm` overrides the run's batch-norm policy at prediction (to measure its effect);
     `episode` overrides its test episodes' "ways", "shots" or "queries", where the trained
-    model allows it (a method whose head has one output per way cannot change its ways).
+    model allows it (a method whose head has one output per way cannot change its ways);
+    `trust_backbone` as `load`'s.
     """
-    algorithm = load(run_dir, device, batch_norm, episode)
+    algorithm = load(run_dir, device, batch_norm, episode, trust_backbone)
     assert algorithm.config is not None  # `load` sets it
     sources = build_sources(algorithm.config, data_root, download, parts=("test",))
     return algorithm.config, algorithm, sources

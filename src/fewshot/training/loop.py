@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from fewshot.algorithms.base import Algorithm
+from fewshot.backbones import backbones_in, load_backbone_weights, require_trusted
 from fewshot.datasets.preprocessing import write_preprocessing
 from fewshot.datasets.registry import get_dataset
 from fewshot.devices import describe_device
@@ -371,9 +372,13 @@ def train(
     listeners: Sequence[Listener] = (),
     iterations: int | None = None,
     time_limit: float | None = None,
+    trust_backbone: bool = False,
 ) -> tuple[Algorithm, TaskSources, EvalResult | None]:
     """Meta-train as `config` says (or continue the run in `run_dir` with `resume=True`,
     to `iterations` in all if given: a finished run is extended).
+
+    A run whose backbone is a constructor (`backbones.is_constructor`) resumes only with
+    `trust_backbone=True`: building it imports the module its config.json names.
 
     A time limit belongs to one call: `time_limit` minutes (default: `config.time_limit` for a
     new run, none for a resumed one), after which the run validates, writes its checkpoint and
@@ -395,7 +400,7 @@ def train(
     with process_group(device) as world:
         return train_in_world(
             world, config, Path(run_dir), data_root, download, progress, resume, listeners,
-            iterations, time_limit,
+            iterations, time_limit, trust_backbone,
         )  # fmt: skip
 
 
@@ -410,10 +415,12 @@ def train_in_world(
     listeners: Sequence[Listener],
     iterations: int | None,
     time_limit: float | None = None,
+    trust_backbone: bool = False,
 ) -> tuple[Algorithm, TaskSources, EvalResult | None]:
     """`train` in this process of `world`."""
     if resume:
         config, state = broadcast(world, read_resumable(run_dir) if world.is_main else None)
+        require_trusted(config.backbone, trust_backbone, run_dir)
         check_same_processes(run_dir, state, world)
         extended = extend(config, run_dir, state.iteration, iterations)
     else:
@@ -451,6 +458,11 @@ def train_in_world(
             config.init = str(Path(config.init).resolve())
             if main:
                 start_from(run.algorithm, Path(config.init))
+        if config.backbone_weights is not None and main:
+            for backbone in backbones_in(run.algorithm):
+                load_backbone_weights(
+                    backbone, Path(config.backbone_weights), config.weights_prefix
+                )
         broadcast_module(world, run.algorithm)  # rank 0's weights, in every process
         if main:
             run_dir.mkdir(parents=True, exist_ok=True)
