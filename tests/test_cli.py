@@ -597,10 +597,11 @@ def test_train_help_is_in_sections_with_the_papers_defaults_and_examples():
     output = CliRunner().invoke(main, ["train", "--help"], terminal_width=200).output
     titles = [line for line in output.splitlines() if line.endswith(" options:")]
     assert titles == [
-        "Data options:", "Episodes options:", "Method options:", "Optimisation options:",
+        "Data options:", "Episodes options:", "Method options:", "Backbone options:",
+        "Optimisation options:",
         "Run and checkpoints options:", "Hardware options:", "Other options:",
     ]  # fmt: skip
-    method = output[output.index("Method options:") : output.index("Optimisation options:")]
+    method = output[output.index("Method options:") : output.index("Backbone options:")]
     assert "  --inner-lr FLOAT" in method and "  --first-order" in method
     assert "  --outer-lr FLOAT" not in method
     method = " ".join(method.split())  # help lines wrap

@@ -15,10 +15,11 @@ import hashlib
 import importlib
 import importlib.util
 import os
-import pickle
 import sys
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from pickle import UnpicklingError  # what torch.load(weights_only=True) refuses with
 from typing import Any
 
 import torch
@@ -179,14 +180,38 @@ def backbone_of(network: nn.Module) -> nn.Module:
     )
 
 
+# The attribute that marks a network's backbone, so that it is found again in whatever a method
+# builds around it (a copy, a body split from its head).
+BACKBONE_MARK = "is_fewshot_backbone"
+
+
+def mark_backbone(network: nn.Module) -> None:
+    """Mark `network`'s backbone (`backbone_of`) where it has one, for `backbones_in`."""
+    if isinstance(network, FeaturesAndHead):
+        setattr(backbone_of(network), BACKBONE_MARK, True)
+
+
 def backbones_in(module: nn.Module) -> Iterator[nn.Module]:
-    """The backbones of the networks a method holds (its model, its encoder, ...)."""
+    """The backbones of the networks a method holds (its model, its encoder, a body split
+    from its head), as `mark_backbone` marked them."""
     for part in module.modules():
-        if isinstance(part, FeaturesAndHead):
-            yield backbone_of(part)
+        if getattr(part, BACKBONE_MARK, False):
+            yield part
 
 
 # Weights
+
+
+def start_from_weights(algorithm: nn.Module, path: Path, prefix: str | None = None) -> None:
+    """Load a weights file into every backbone `algorithm` holds (`backbones_in`)."""
+    backbones = list(backbones_in(algorithm))
+    if not backbones:
+        raise ConfigError(
+            f"{type(algorithm).__name__} builds its own network, with no backbone to load "
+            "`backbone_weights` into; drop it."
+        )
+    for backbone in backbones:
+        load_backbone_weights(backbone, path, prefix)
 
 
 def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
@@ -205,7 +230,11 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
             ) from None
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except UnpicklingError:
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+            raise ConfigError(
+                f"`backbone_weights={path}` is neither safetensors nor a file torch.save wrote."
+            ) from None
         raise ConfigError(
             f"`backbone_weights={path}` holds pickled objects besides tensors, which are never "
             "loaded (they can run code); save its `state_dict()`, or as safetensors."
@@ -258,12 +287,14 @@ def load_backbone_weights(backbone: nn.Module, path: Path, prefix: str | None = 
             f"`backbone_weights={path}` does not fit the backbone: keys {', '.join(parts)}"
             f"{_prefix_hint(missing, unexpected)}."
         )
-    for name, tensor in tensors.items():
-        if tensor.shape != own[name].shape:
-            raise ConfigError(
-                f"`backbone_weights={path}`: {name} is {tuple(tensor.shape)} in the file and "
-                f"{tuple(own[name].shape)} in the backbone."
-            )
+    mismatched = [k for k, v in tensors.items() if v.shape != own[k].shape]
+    if mismatched:
+        name = mismatched[0]
+        others = f" (and {len(mismatched) - 1} more tensors)" if len(mismatched) > 1 else ""
+        raise ConfigError(
+            f"`backbone_weights={path}`: {name} is {tuple(tensors[name].shape)} in the file and "
+            f"{tuple(own[name].shape)} in the backbone{others}."
+        )
     backbone.load_state_dict(tensors, strict=False)
 
 

@@ -143,10 +143,12 @@ def test_each_method_resolves_to_its_papers_defaults_on_each_dataset(method, dat
     # label column and feature count exist only for --dataset csv; the data folder is recorded
     # when a run starts; init names a run to start from, when asked; an image dataset's
     # augmentation is none unless asked; the pixel statistics of --normalize are computed from
-    # the training images when the run starts
+    # the training images when the run starts; a backbone is built, started and frozen as the
+    # literature's, with nothing of a constructor's, a weights file's or a freeze, unless asked
     unset = (
         "time_limit", "classes", "processing_steps", "label_column", "features", "data_root",
-        "init", "augment", "pixel_mean", "pixel_std",
+        "init", "augment", "pixel_mean", "pixel_std", "backbone_args", "backbone_weights",
+        "weights_prefix", "freeze",
     )  # fmt: skip
     assert None not in (config[k] for k in config if k not in unset)
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from fewshot.algorithms.base import BATCH_NORM_POLICIES, Algorithm, check_batch_norm_policy
 from fewshot.algorithms.gradient import CPU_IMAGES_PER_PASS, default_chunk_size
-from fewshot.backbones import build_backbone_network, freeze, is_constructor
+from fewshot.backbones import build_backbone_network, freeze, is_constructor, mark_backbone
 from fewshot.datasets.registry import Dataset, get_dataset, handled_datasets
 from fewshot.errors import ConfigError, require_positive
 from fewshot.models import default_model
@@ -96,6 +96,7 @@ class Problem:
             )
         if self.freeze:
             freeze(network, self.freeze)
+        mark_backbone(network)
         return network
 
     @property

@@ -132,10 +132,10 @@ class RelationNetSettings(Settings):
 
 
 def build(settings: RelationNetSettings, problem: Problem) -> RelationNet:
-    if problem.backbone != "conv4":
+    if problem.backbone != "conv4" or problem.freeze:
         raise ConfigError(
             "relationnet has its own embedding module (Sung et al.'s, feature maps for its "
-            "relation module); drop `backbone`."
+            f"relation module); drop `{'freeze' if problem.freeze else 'backbone'}`."
         )
     assert problem.channels is not None and problem.image_size is not None  # images'
     # Resolved settings: the paper's values or the fallbacks.

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from fewshot.algorithms.base import Algorithm
-from fewshot.backbones import backbones_in, load_backbone_weights, require_trusted
+from fewshot.backbones import require_trusted, start_from_weights
 from fewshot.datasets.preprocessing import write_preprocessing
 from fewshot.datasets.registry import get_dataset
 from fewshot.devices import describe_device
@@ -458,11 +458,13 @@ def train_in_world(
             config.init = str(Path(config.init).resolve())
             if main:
                 start_from(run.algorithm, Path(config.init))
+        if not any(p.requires_grad for p in run.algorithm.parameters()):
+            raise ConfigError(
+                f"`freeze={config.freeze}` leaves {config.algorithm} nothing to learn (its "
+                "backbone is all it learns); freeze less of it."
+            )
         if config.backbone_weights is not None and main:
-            for backbone in backbones_in(run.algorithm):
-                load_backbone_weights(
-                    backbone, Path(config.backbone_weights), config.weights_prefix
-                )
+            start_from_weights(run.algorithm, Path(config.backbone_weights), config.weights_prefix)
         broadcast_module(world, run.algorithm)  # rank 0's weights, in every process
         if main:
             run_dir.mkdir(parents=True, exist_ok=True)
