@@ -640,3 +640,17 @@ def test_checkpointing_from_a_config_file_or_a_resumed_run_also_keeps_the_defaul
     write_config(run, config.resolved())
     assert not tunes_malloc(["train", "--resume", str(run)], {})
     assert tunes_malloc(["train", "--resume", str(tmp_path / "missing")], {})
+
+
+@pytest.mark.omniglot
+def test_eval_fine_tunes_a_metric_method_on_each_support_set_when_asked(omniglot_root):
+    zoo = Path(__file__).resolve().parents[1] / "zoo" / "protonet-omniglot-5w1s"
+    args = ["eval", zoo, "--data-root", omniglot_root, "--episodes", "2", "--json"]
+    plain = json.loads(run(*args).output)
+    tuned = json.loads(run(*args, "--finetune-steps", "3", "--finetune-lr", "0.01").output)
+    assert "support_fine_tuning" not in plain
+    assert tuned["support_fine_tuning"] == {"steps": 3, "lr": 0.01, "augment": "crop"}
+    again = json.loads(run(*args, "--finetune-steps", "3", "--finetune-lr", "0.01").output)
+    assert again["accuracy"] == tuned["accuracy"]  # the evaluation seed fixes its draws
+    alone = run(*args, "--finetune-steps", "3")
+    assert alone.exit_code == 2 and "--finetune-steps and --finetune-lr go together" in alone.output

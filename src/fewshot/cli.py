@@ -24,6 +24,7 @@ import torch
 
 from fewshot.algorithms import METHODS
 from fewshot.algorithms.base import BATCH_NORM_POLICIES
+from fewshot.algorithms.metric import SupportFineTuning
 from fewshot.algorithms.registry import default_text
 from fewshot.backbones import FREEZE_KEYWORDS
 from fewshot.datasets.images import image_files
@@ -157,6 +158,44 @@ class FloatList(click.ParamType):
             self.fail(f"{value!r} is not comma-separated numbers", param, ctx)
 
 
+def fine_tuning_options() -> list:
+    """P>M>F's F, an evaluation option of the metric methods (`metric.SupportFineTuning`)."""
+    return [
+        click.option(
+            "--finetune-steps",
+            default=None,
+            type=click.IntRange(min=1),
+            help="Before predicting each episode, fine-tune a copy of a metric method's encoder "
+            "this many Adam steps on pseudo-episodes of its support set (P>M>F's F; inductive; "
+            "docs/pretrained.md) [default: none].",
+        ),
+        click.option(
+            "--finetune-lr",
+            default=None,
+            type=float,
+            help="Its learning rate; choose it on the validation classes (docs/pretrained.md).",
+        ),
+        click.option(
+            "--finetune-augment",
+            default="crop",
+            help="How its pseudo-queries are made from the support images: crop (random "
+            "shifts), flip, or crop,flip.",
+        ),
+    ]
+
+
+def set_fine_tuning(algorithms, steps: int | None, lr: float | None, augment: str) -> None:
+    """Give each loaded method the fine-tuning `--finetune-steps` asks for (both or neither of
+    --finetune-steps and --finetune-lr)."""
+    if (steps is None) != (lr is None):
+        raise ConfigError("--finetune-steps and --finetune-lr go together; give both.")
+    if steps is None:
+        return
+    assert lr is not None
+    for algorithm in algorithms:
+        algorithm.set_support_fine_tuning(SupportFineTuning(steps, lr, augment))
+
+
 def trust_option():
     return click.option(
         "--trust-backbone",
@@ -273,6 +312,7 @@ def evaluation_options(command):
         device_option(),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
         trust_option(),
+        *fine_tuning_options(),
     ]
     for option in reversed(options):
         command = option(command)
@@ -859,7 +899,7 @@ def tune_command(
 @friendly_errors
 def eval_command(
     run_dir, data_root, download, episodes, inner_steps, batch_norm, sampler, seed, device,
-    as_json, trust_backbone, **shape,
+    as_json, trust_backbone, finetune_steps, finetune_lr, finetune_augment, **shape,
 ):  # fmt: skip
     """Meta-test accuracy (or MSE) ± 95% CI of RUN_DIR's best checkpoint on held-out classes."""
     check_evaluation_request(episodes, shape)
@@ -869,6 +909,7 @@ def eval_command(
     )
     check_meta_dataset_evaluation(run_dir, config, algorithm, shape)
     check_inner_steps_apply(inner_steps, run_dir, config.algorithm, algorithm)
+    set_fine_tuning([algorithm], finetune_steps, finetune_lr, finetune_augment)
     set_threads(config.dataset, None)
     report = test_report(algorithm, config, sources.test, episodes, seed, inner_steps, device)
     lines = report.pop("lines")
@@ -930,7 +971,7 @@ def check_inner_steps_apply(inner_steps: int | None, run_dir: Path, name: str, a
 @friendly_errors
 def compare_command(
     run_dirs, data_root, download, episodes, inner_steps, seed, device, as_json, trust_backbone,
-    **shape,
+    finetune_steps, finetune_lr, finetune_augment, **shape,
 ):  # fmt: skip
     """Evaluate RUN_DIRS on the same test episodes; compare every pair with a paired test.
 
@@ -950,6 +991,7 @@ def compare_command(
     ]
     for run_dir, (config, algorithm, _) in zip(run_dirs, loaded):
         check_inner_steps_apply(inner_steps, run_dir, config.algorithm, algorithm)
+    set_fine_tuning([a for _, a, _ in loaded], finetune_steps, finetune_lr, finetune_augment)
     set_threads(loaded[0][0].dataset, None)
     scores, runs = [], []
     for run_dir, (config, algorithm, sources) in zip(run_dirs, loaded):

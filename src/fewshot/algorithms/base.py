@@ -24,6 +24,7 @@ from fewshot.errors import ConfigError
 from fewshot.tasks import Support, Task
 
 if TYPE_CHECKING:
+    from fewshot.algorithms.metric import SupportFineTuning
     from fewshot.datasets.preprocessing import Preprocessing
     from fewshot.training.config import TrainConfig
 
@@ -255,6 +256,15 @@ class Algorithm(nn.Module):
         )
         chunk = None if self.is_transductive else 64
         return SupportPredictor(predictor, support.classes, device, chunk)
+
+    def set_support_fine_tuning(self, fine_tuning: SupportFineTuning | None) -> None:
+        """Fine-tune on each episode's support set before predicting (`metric.
+        SupportFineTuning`, P>M>F's F), or stop (None); methods that embed and compare do."""
+        if fine_tuning is not None:
+            raise ConfigError(
+                f"{type(self).__name__} adapts its own way; `finetune_steps` fine-tunes the "
+                "encoder of a metric method (one that embeds and compares)."
+            )
 
     def predict(self, tasks: Task, inner_steps: int | None = None) -> torch.Tensor:
         """Query outputs (logits or regression values), shaped (tasks, queries, ...)."""

@@ -12,6 +12,7 @@ information and an adapted predictor gives the same answer on every call.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +26,30 @@ from fewshot.algorithms.base import (
     check_batch_norm_policy,
     unchanged_buffers,
 )
-from fewshot.errors import ConfigError
+from fewshot.datasets.transforms import ImageTransform, parse_augment
+from fewshot.errors import ConfigError, require_positive
 from fewshot.tasks import Task
+
+
+@dataclass(frozen=True)
+class SupportFineTuning:
+    """F of Hu et al. 2022's pretrain, meta-train, fine-tune (P>M>F): before predicting an
+    episode, fine-tune a copy of the encoder on its support set.
+
+    Each of `steps` Adam steps (learning rate `lr`) scores a pseudo-episode, the support set
+    as support and an augmentation of it (`augment`: "crop" random shifts, "flip") as queries
+    with the support's labels, and minimises the method's own loss on it. The queries are
+    never seen, so it is inductive; the trained method is never changed, so every episode
+    starts from it. Its random draws come from torch's generator (the evaluation seed's).
+    """
+
+    steps: int
+    lr: float
+    augment: str = "crop"
+
+    def __post_init__(self) -> None:
+        require_positive(finetune_steps=self.steps, finetune_lr=self.lr)
+        parse_augment(self.augment)
 
 
 class MetricLearner(Algorithm):
@@ -102,7 +125,15 @@ class MetricLearner(Algorithm):
         """The training loss of the query scores (tasks, queries, ways): cross-entropy."""
         return F.cross_entropy(logits.flatten(0, 1), query_y.flatten())
 
+    # F of P>M>F, set for evaluation (`set_support_fine_tuning`); None: predict as trained.
+    support_fine_tuning: SupportFineTuning | None = None
+
+    def set_support_fine_tuning(self, fine_tuning: SupportFineTuning | None) -> None:
+        self.support_fine_tuning = fine_tuning
+
     def adapt_tasks(self, support_x, support_y, inner_steps=None) -> Predictor:
+        if self.support_fine_tuning is not None:
+            return self._fine_tuned_predictor(support_x, support_y, self.support_fine_tuning)
         order = self.support_order(support_y)  # once: every call reads the support alike
         if self.is_transductive:
 
@@ -122,6 +153,21 @@ class MetricLearner(Algorithm):
 
         return Predictor(inductive)
 
+    def _fine_tuned_predictor(
+        self, support_x, support_y, fine_tuning: SupportFineTuning
+    ) -> Predictor:
+        """Each task predicted by its own copy of the method, fine-tuned on its support set."""
+        predictors = []
+        for task in range(len(support_x)):
+            x, y = support_x[task : task + 1], support_y[task : task + 1]
+            tuned = copy.deepcopy(self)
+            tuned.support_fine_tuning = None
+            fine_tune_on_support(tuned, x, y, fine_tuning)
+            predictors.append(tuned.adapt_tasks(x, y))
+        return Predictor(
+            lambda query_x: torch.cat([p(query_x[i : i + 1]) for i, p in enumerate(predictors)])
+        )
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Embeddings of (tasks, n, ...) inputs, shaped (tasks, n, *encoder_output_shape)."""
         return self.encoder(x.flatten(0, 1)).unflatten(0, x.shape[:2])
@@ -138,6 +184,37 @@ class MetricLearner(Algorithm):
             ]
         )
         return z[:, :n_support], z[:, n_support:]
+
+
+def fine_tune_on_support(
+    method: MetricLearner, x: torch.Tensor, y: torch.Tensor, fine_tuning: SupportFineTuning
+) -> None:
+    """Fine-tune `method`'s encoder in place on one task's support set (x, y), shaped
+    (1, n, ...), as `SupportFineTuning` says. Batch norm keeps its policy's statistics: the
+    running ones (inductive), or each pseudo-episode's (transductive); none is updated."""
+    augment = parse_augment(fine_tuning.augment)
+    if augment and x.dim() != 5:
+        raise ConfigError(
+            "`finetune_augment` augments images; give `finetune_augment=` for other data."
+        )
+    transform = ImageTransform(augment=augment)
+    # drawn from torch's generator: one number per episode, so the draws follow the seed
+    generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+    learned = [p for p in method.encoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(learned, lr=fine_tuning.lr)
+    order = method.support_order(y)
+    with (
+        torch.enable_grad(),
+        batch_norm_mode(method, training=method.is_transductive),
+        unchanged_buffers(method),
+    ):
+        for _ in range(fine_tuning.steps):
+            pseudo_queries = transform(x.cpu(), generator).to(x.device) if augment else x
+            support_z, query_z = method.embed_each_task(x, pseudo_queries)
+            loss = method.query_loss(method.ordered_score(support_z, y, query_z, order), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
 
 
 def _has_batch_norm_without_running_stats(module: nn.Module) -> bool:

@@ -216,7 +216,7 @@ def test_report(
         result = evaluate(algorithm, sampler, episodes, seed, inner_steps, device, progress=True)
         report = result.to_dict()
         report["lines"] = [str(result)]
-    episode_settings = {
+    episode_settings: dict[str, object] = {
         "dataset": config.dataset,
         "split": config.split if applies("split", config.dataset) else None,
         "ways": None if regression else config.ways,
@@ -228,4 +228,7 @@ def test_report(
     }
     if config.sampler == "meta-dataset":  # each episode has its own ways, shots and queries
         episode_settings.update(sampler="meta-dataset", ways=None, shots=None, queries=None)
+    fine_tuning = getattr(algorithm, "support_fine_tuning", None)
+    if fine_tuning is not None:  # P>M>F's F, which the figures include
+        episode_settings["support_fine_tuning"] = asdict(fine_tuning)
     return {**report, **episode_settings}
