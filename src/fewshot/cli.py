@@ -337,7 +337,7 @@ HELP_SECTIONS = {
     "Method": ("algorithm",),
     "Backbone": (
         "backbone", "backbone_args", "backbone_weights", "weights_prefix", "freeze",
-        "pixel_mean", "pixel_std",
+        "cache_features", "pixel_mean", "pixel_std",
     ),
     "Optimisation": ("meta_batch", "outer_lr", "iterations", "seed", "init"),
     "Run and checkpoints": (
@@ -465,6 +465,13 @@ def training_options(skip: tuple[str, ...] = ()):
             + "; ".join(f"{k}: {v}" for k, v in FREEZE_KEYWORDS.items())
             + "; or comma-separated prefixes of the backbone's parameter names (0.,1. for a "
             "Sequential's first two blocks) [default: nothing].",
+        ),
+        "cache_features": click.option(
+            "--cache-features/--no-cache-features",
+            default=None,
+            help="With the backbone frozen whole (--freeze backbone), compute each image's "
+            "features once, for training and evaluation alike (docs/pretrained.md) [default: "
+            "yes].",
         ),
         "pixel_mean": click.option(
             "--pixel-mean",

@@ -90,7 +90,8 @@ class Problem:
                 ways,
                 self.channels,
                 self.image_size,
-                track_running_stats,
+                # a frozen part keeps statistics, its own or its weights file's
+                track_running_stats or bool(self.freeze),
                 self.features,
                 self.backbone,
             )

@@ -24,7 +24,9 @@ INPUTS = ("images", "vectors", "tables")
 NETWORKS = ("sinusoid-mlp", "table-mlp", "backbone")
 # The run settings of images read from files (image folders, the benchmarks), and their values.
 # A network's: what builds it, the weights it starts from, and what training leaves fixed.
-BACKBONE_SETTINGS = ("backbone", "backbone_args", "backbone_weights", "weights_prefix", "freeze")
+BACKBONE_SETTINGS = (
+    "backbone", "backbone_args", "backbone_weights", "weights_prefix", "freeze", "cache_features",
+)  # fmt: skip
 IMAGE_SETTINGS = (*BACKBONE_SETTINGS, "normalize", "augment", "pixel_mean", "pixel_std", "sampler")
 IMAGE_VALUES = {"normalize": False, "backbone": "conv4", "sampler": "fixed"}
 

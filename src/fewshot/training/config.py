@@ -46,6 +46,7 @@ class TrainConfig:
     backbone_weights: str | None = None  # a file of weights the new run's backbone starts from
     weights_prefix: str | None = None  # a prefix of the weights file's keys to strip ("+": add)
     freeze: str | None = None  # what meta-training leaves fixed (`backbones.FREEZE_KEYWORDS`)
+    cache_features: bool | None = None  # a backbone frozen whole: features computed once
     image_size: int | None = None  # an image folder's: 28 unless given (Omniglot: 28)
     channels: int | None = None  # an image folder's: from its images unless given (Omniglot: 1)
     normalize: bool | None = None  # an image folder's: standardise each channel

@@ -17,6 +17,7 @@ from fewshot.errors import require_positive
 from fewshot.progress import progress_bar
 from fewshot.tasks import stream_generator
 from fewshot.training.config import TrainConfig, applies
+from fewshot.training.feature_cache import cached_backbone, can_cache, on_features, skipped
 
 # Episodes are drawn in fixed-size chunks from a generator seeded with the evaluation seed, so
 # every model evaluated with the same seed sees exactly the same episodes.
@@ -76,11 +77,12 @@ def evaluate(
     device: torch.device | str = "cpu",
     progress: bool = False,
     stream: str = "eval",
+    cache_features: bool = True,
 ) -> EvalResult:
     """Evaluate on `episodes` episodes drawn from `tasks` (a sampler of held-out classes);
-    `progress` shows a progress bar."""
+    `progress` shows a progress bar; `cache_features` as `evaluate_episodes`'."""
     return evaluate_episodes(
-        algorithm, tasks, episodes, seed, inner_steps, device, progress, stream
+        algorithm, tasks, episodes, seed, inner_steps, device, progress, stream, cache_features
     )[0]
 
 
@@ -93,6 +95,7 @@ def evaluate_episodes(
     device: torch.device | str = "cpu",
     progress: bool = False,
     stream: str = "eval",
+    cache_features: bool = True,
 ) -> tuple[EvalResult, torch.Tensor]:
     """`evaluate`'s result and each episode's accuracy (or MSE), float64, in the order the
     episodes are drawn (for paired comparisons).
@@ -104,8 +107,20 @@ def evaluate_episodes(
     Random numbers that prediction itself draws (fine-tuning mini-batches,
     the order in which a support set is read) come from torch's generator seeded from `seed`
     too, and the caller's generator state is left as it was.
+
+    Where the method's backbone is frozen whole and the episodes will pass more images through
+    it than `tasks` holds, each image's features are computed once (`feature_cache`), unless
+    `cache_features=False`.
     """
     require_positive(episodes=episodes)
+    backbone = cached_backbone(algorithm) if cache_features and can_cache(tasks) else None
+    if backbone is not None and episodes * examples_per_episode(tasks) > len(tasks.inputs):
+        with prediction_mode(algorithm, seed, device):
+            features = on_features(tasks, backbone, device)
+        with skipped(backbone, algorithm):
+            return evaluate_episodes(
+                algorithm, features, episodes, seed, inner_steps, device, progress, stream
+            )
     generator = stream_generator(stream, seed)
     parts = []
     bar = progress_bar(
@@ -124,6 +139,13 @@ def evaluate_episodes(
     metric = "mse" if batch.query_y.is_floating_point() else "accuracy"
     steps = reported_steps(algorithm, inner_steps)
     return EvalResult(metric, scores.mean().item(), ci95, len(scores), steps), scores
+
+
+def examples_per_episode(tasks) -> int:
+    """How many examples an episode of `tasks` holds (Meta-Dataset's: at most)."""
+    if hasattr(tasks, "ways") and hasattr(tasks, "shots") and hasattr(tasks, "queries"):
+        return tasks.ways * (tasks.shots + tasks.queries)
+    return 50 * 20  # Meta-Dataset's largest: 50 ways, imbalanced shots, up to 10 queries
 
 
 @contextlib.contextmanager
@@ -202,10 +224,11 @@ def test_report(
     learner = cast(GradientLearner, algorithm)
     eval_steps = learner.eval_inner_steps if algorithm.adapts_by_steps else None
     regression = get_dataset(config.dataset).regression
+    cache = config.cache_features is not False
     if regression and inner_steps is None and eval_steps is not None:
         steps_to_report = sorted({0, 1, eval_steps})
         results = [
-            evaluate(algorithm, sampler, episodes, seed, steps, device, progress=True)
+            evaluate(algorithm, sampler, episodes, seed, steps, device, True, "eval", cache)
             for steps in steps_to_report
         ]
         report = results[-1].to_dict()
@@ -213,7 +236,9 @@ def test_report(
         report["ci95_by_inner_steps"] = {str(r.inner_steps): r.ci95 for r in results}
         report["lines"] = [str(r) for r in results]
     else:
-        result = evaluate(algorithm, sampler, episodes, seed, inner_steps, device, progress=True)
+        result = evaluate(
+            algorithm, sampler, episodes, seed, inner_steps, device, True, "eval", cache
+        )
         report = result.to_dict()
         report["lines"] = [str(result)]
     episode_settings: dict[str, object] = {

@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -65,6 +65,7 @@ from fewshot.training.factory import (
     has_per_way_head,
     training_preprocessing,
 )
+from fewshot.training.feature_cache import cached_backbone, can_cache, on_features, skipped
 from fewshot.training.state import (
     STATE_FILE,
     TrainingState,
@@ -304,6 +305,8 @@ class Run:
                     f"resuming {self.run_dir} at iteration {self.iteration} of {config.iterations}"
                 )
             bar.write(f"device: {self.describe_processes()}")
+            if self.features_note:
+                bar.write(self.features_note)
         with stop_requests() as stop, bar:
             for iteration in range(self.iteration + 1, config.iterations + 1):
                 metrics = self.step()
@@ -348,6 +351,9 @@ class Run:
                     )
         if self.checkpointed != self.iteration:  # the last iteration may have just written one
             self.save_checkpoint()
+
+    # Set where training draws from cached features (`features_cached`): a line saying so.
+    features_note: str | None = None
 
     def resume_command(self) -> str:
         resume = f"fewshot train --resume {self.run_dir}"
@@ -473,10 +479,34 @@ def train_in_world(
             if preprocessing is not None:
                 write_preprocessing(run_dir, preprocessing)
         run.save_checkpoint()  # so that a run killed before its first checkpoint can resume
-    run.run(progress)
+    with features_cached(run, config.cache_features is not False):
+        run.run(progress)
     if main:
         checkpoint.load_weights(run.algorithm, run_dir / checkpoint.BEST_WEIGHTS)
     return run.algorithm, sources, run.best
+
+
+@contextlib.contextmanager
+def features_cached(run: Run, allowed: bool) -> Iterator[None]:
+    """Within: where the run's backbone is frozen whole (`feature_cache`), training and
+    validation draw from each image's features, computed once, and the backbone is skipped;
+    elsewhere nothing changes."""
+    backbone = cached_backbone(run.algorithm) if allowed else None
+    parts = (run.sources.train, run.sources.val)
+    if backbone is None or not all(part is not None and can_cache(part) for part in parts):
+        yield
+        return
+    sources = run.sources
+    with torch.no_grad():
+        train, val = (on_features(part, backbone, run.device) for part in parts)
+    run.sources = TaskSources(train, val, None)
+    images = len(train.inputs) + len(val.inputs)
+    run.features_note = f"features: the frozen backbone's, computed once for {images} images"
+    try:
+        with skipped(backbone, run.algorithm):
+            yield
+    finally:
+        run.sources, run.features_note = sources, None
 
 
 def check_meta_dataset_training(config: TrainConfig, world: World) -> None:
