@@ -141,6 +141,8 @@ class MAMLpp(GradientLearner):
 
     @property
     def epoch(self) -> int:
+        """The current epoch, iterations_done // iterations_per_epoch: the clock of MSL's
+        and DA's schedules."""
         return int(self.iterations_done) // self.iterations_per_epoch
 
     def query_loss_weights(self) -> list[float]:
