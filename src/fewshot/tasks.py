@@ -107,7 +107,9 @@ class TaskSampler:
     Args:
         inputs: examples, shape (n, ...); images may be uint8 and are scaled to [0, 1] floats.
         labels: integer class of each example, shape (n,).
-        ways, shots, queries: N, K and Q.
+        ways: N, classes per episode.
+        shots: K, support examples per class.
+        queries: Q, query examples per class.
         option_names: the parameters that error messages name for "ways", "shots" and
             "queries" (e.g. "train_ways" for training episodes) [default: as here].
     """
