@@ -5,10 +5,14 @@ README.md becomes the site's index, and the files outside docs/ that a page link
 repository paths. Relative links are rewritten from repository paths to site paths, so every
 link in the sources stays the one GitHub follows. A link to a file that does not exist maps to
 no site file, and `mkdocs build --strict` fails on it as on any broken link.
+
+The tutorials (docs/tutorials/*.py) are rendered by mkdocs-jupyter to HTML, which mkdocs does
+not check: their `page.md` links are checked and made site URLs here, after rendering.
 """
 
 from __future__ import annotations
 
+import logging
 import posixpath
 import re
 from pathlib import Path
@@ -21,6 +25,10 @@ from mkdocs.structure.pages import Page
 LINK = re.compile(r"(\]\()([^)\s]+)")
 # A target with a scheme (https:, mailto:) or only an anchor is not a repository path.
 NOT_A_PATH = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*:|#|/)")
+
+# href="page.md" or "page.md#anchor" in rendered HTML: a relative link to a page's source.
+HREF = re.compile(r'href="([^"#:?]+\.md)(#[^"]*)?"')
+log = logging.getLogger("mkdocs.hooks.site_hooks")  # a warning fails --strict
 
 # Site path of each file that comes from outside docs/ -> its path in the repository.
 _outside: dict[str, str] = {}
@@ -104,3 +112,22 @@ def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Fil
         return match.group(1) + moved + hash_ + anchor
 
     return LINK.sub(rewrite, markdown)
+
+
+def on_page_content(html: str, page: Page, config: MkDocsConfig, files: Files) -> str:
+    """In a rendered tutorial, make each `page.md` link the URL of that page; warn (so
+    --strict fails) where no page has that source."""
+    if not page.file.src_uri.endswith(".py"):
+        return html  # Markdown pages: mkdocs has checked and rewritten their links
+
+    def rewrite(match: re.Match[str]) -> str:
+        target = posixpath.normpath(
+            posixpath.join(posixpath.dirname(page.file.src_uri), match.group(1))
+        )
+        file = files.get_file_from_path(target)
+        if file is None:
+            log.warning(f"tutorial '{page.file.src_uri}' links to '{match.group(1)}', not found")
+            return match.group(0)
+        return f'href="{file.url_relative_to(page.file)}{match.group(2) or ""}"'
+
+    return HREF.sub(rewrite, html)
