@@ -176,7 +176,7 @@ for ax, (name, learner) in zip(axes, learners.items()):
             prediction[0, :, 0],
             style,
             color="tab:blue",
-            label=f"{steps} steps (MSE {mse:.2f})",
+            label=f"{steps} step{'s' * (steps != 1)} (MSE {mse:.2f})",
         )
     ax.set_title(name)
     ax.set_xlabel("x")
