@@ -28,9 +28,11 @@ class Task:
     query_y: torch.Tensor
 
     def to(self, device: torch.device | str) -> Task:
+        """The same tasks with every tensor on `device`."""
         return Task(*(t.to(device) for t in self.tensors()))
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(support_x, support_y, query_x, query_y), in that order."""
         return self.support_x, self.support_y, self.query_x, self.query_y
 
     def __len__(self) -> int:
@@ -105,7 +107,9 @@ class TaskSampler:
     Args:
         inputs: examples, shape (n, ...); images may be uint8 and are scaled to [0, 1] floats.
         labels: integer class of each example, shape (n,).
-        ways, shots, queries: N, K and Q.
+        ways: N, classes per episode.
+        shots: K, support examples per class.
+        queries: Q, query examples per class.
         option_names: the parameters that error messages name for "ways", "shots" and
             "queries" (e.g. "train_ways" for training episodes) [default: as here].
     """
@@ -146,6 +150,7 @@ class TaskSampler:
 
     @property
     def num_classes(self) -> int:
+        """How many classes the sampler draws its episodes' classes from."""
         return len(self.counts)
 
     def sample(self, num_tasks: int, generator: torch.Generator | None = None) -> Task:
@@ -202,6 +207,7 @@ class Batch:
     y: torch.Tensor
 
     def to(self, device: torch.device | str) -> Batch:
+        """The same batch with both tensors on `device`."""
         return Batch(self.x.to(device), self.y.to(device))
 
     def __len__(self) -> int:
@@ -232,6 +238,8 @@ class ExampleSampler:
         self.num_classes = len(classes)
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> Batch:
+        """`batch_size` examples drawn uniformly with replacement, with the sampler's
+        transform (augmentation) applied to the inputs."""
         picks = torch.randint(len(self.inputs), (batch_size,), generator=generator)
         x = as_float(self.inputs[picks])
         return Batch(

@@ -78,7 +78,12 @@ class MAMLpp(GradientLearner):
             BNRS; the module passed in is left as it was).
         inner_lr: the inner step size alpha (with LSLR: the initial value of every learned one).
         inner_steps: S, inner steps per task in meta-training.
-        msl, da, bnwb, bnrs, lslr, ca: the paper's switches (module docstring).
+        msl: the multi-step loss, sum_s w_s L_query(phi_s) over the inner steps.
+        da: derivative-order annealing, first order for the first `da_epochs` epochs.
+        bnwb: per-step batch-norm weights and biases.
+        bnrs: per-step batch-norm running statistics.
+        lslr: learned inner step sizes per layer and per step.
+        ca: cosine annealing of the outer learning rate to `min_outer_lr`.
         msl_epochs: epochs over which MSL anneals its weights.
         da_epochs: epochs of first-order meta-gradients with DA.
         min_outer_lr: the outer learning rate that CA anneals to by the last iteration.
@@ -141,6 +146,8 @@ class MAMLpp(GradientLearner):
 
     @property
     def epoch(self) -> int:
+        """The current epoch, iterations_done // iterations_per_epoch: the clock of MSL's
+        and DA's schedules."""
         return int(self.iterations_done) // self.iterations_per_epoch
 
     def query_loss_weights(self) -> list[float]:

@@ -81,6 +81,8 @@ class MatchingNet(MetricLearner):
 
     @property
     def reads_support_in_order(self) -> bool:
+        """True with full context embeddings: their LSTM reads the support set as a
+        sequence, so the score depends on its order."""
         return self.full_context
 
     def score(self, support_z, support_y, query_z):

@@ -193,6 +193,9 @@ class MetaLSTM(GradientLearner):
 
     @property
     def predicts_one_query_at_a_time(self) -> bool:
+        """False: under inductive batch norm Meta-LSTM normalises the queries with running
+        averages of the support set's statistics, so no query sees another and they are
+        predicted together."""
         return False  # inductive queries read the support set's averages, not each other
 
     def training_step(self, tasks: Task) -> dict[str, float]:

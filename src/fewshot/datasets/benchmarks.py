@@ -62,6 +62,8 @@ BENCHMARKS = {
         "CUB-200-2011's bird photos (Chen et al.'s split), RGB",
     ),
 }
+"""The field's image benchmarks by `--dataset` name: each one's reader, image size and the
+folder it expects."""
 
 
 def load_benchmark(

@@ -78,17 +78,22 @@ class Dataset:
 
     @property
     def regression(self) -> bool:
+        """Whether its tasks are regression (scored by MSE) rather than classification."""
         return self.task == "regression"
 
     @property
     def images(self) -> bool:
+        """Whether its inputs are images (and so have a preprocessing record)."""
         return self.inputs == "images"
 
 
 DATASETS: dict[str, Dataset] = {}
+"""Every registered dataset by name: the choices of `--dataset`, filled by `register`."""
 
 
 def register(dataset: Dataset) -> Dataset:
+    """Add `dataset` to `DATASETS` under its name, which makes it a `--dataset` choice;
+    a name already taken is refused."""
     if dataset.name in DATASETS:
         raise ValueError(f"a dataset named {dataset.name!r} is already registered")
     DATASETS[dataset.name] = dataset
@@ -96,6 +101,8 @@ def register(dataset: Dataset) -> Dataset:
 
 
 def get_dataset(name: str) -> Dataset:
+    """The registered dataset named `name`; an unknown name is refused with one line that
+    lists the known ones."""
     if name not in DATASETS:
         raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
     return DATASETS[name]

@@ -83,6 +83,7 @@ class TrainConfig:
 
     @property
     def problem(self) -> Problem:
+        """What the method is built for: dataset, ways and the shape of its inputs."""
         return Problem(
             self.dataset,
             self.ways,
@@ -130,6 +131,8 @@ class TrainConfig:
         return run
 
     def check(self) -> None:
+        """Refuse, with one line, run settings that cannot work together (non-positive
+        sizes, one-class episodes, unknown samplers or backbones, images under 16 pixels)."""
         # `resolved` gives these their values (the dataset's, or the method's papers').
         assert self.shots is not None and self.queries is not None
         assert self.train_ways is not None and self.train_queries is not None

@@ -35,12 +35,15 @@ class EvalResult:
     inner_steps: int | None
 
     def to_dict(self) -> dict:
+        """As `--json` prints it: the mean under the metric's name (`"accuracy"` or
+        `"mse"`)."""
         out = asdict(self)
         out[self.metric] = out.pop("mean")
         return out
 
     @classmethod
     def from_dict(cls, values: dict) -> EvalResult:
+        """The inverse of `to_dict`."""
         values = dict(values)
         values["mean"] = values.pop(values["metric"])
         return cls(**values)
