@@ -10,7 +10,7 @@ from tests.conftest import REPO
 
 griffe = pytest.importorskip("griffe")  # the `docs` extra (in `dev`)
 
-PUBLIC_MODULES = ("fewshot", "fewshot.datasets", "fewshot.training")
+PUBLIC_MODULES = ("fewshot", "fewshot.backbones", "fewshot.datasets", "fewshot.training")
 
 spec = importlib.util.spec_from_file_location("site_hooks", REPO / "scripts" / "site_hooks.py")
 assert spec is not None and spec.loader is not None

@@ -17,6 +17,7 @@ from fewshot.algorithms import (
     ProtoNet,
     RelationNet,
     Reptile,
+    SupportFineTuning,
 )
 from fewshot.datasets import SinusoidTasks, load_omniglot, omniglot_split
 from fewshot.models import Conv4, SinusoidMLP
@@ -48,6 +49,7 @@ __all__ = [
     "SinusoidMLP",
     "SinusoidTasks",
     "Support",
+    "SupportFineTuning",
     "Task",
     "TaskSampler",
     "load",

@@ -32,12 +32,26 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from fewshot.errors import ConfigError
 from fewshot.models import FeaturesAndHead
 
-# `freeze`'s keywords; anything else is a comma-separated list of parameter-name prefixes.
+__all__ = [
+    "FREEZE_KEYWORDS",
+    "BackboneNetwork",
+    "FrozenBatchNorm",
+    "backbones_in",
+    "build_backbone_network",
+    "freeze",
+    "import_constructor",
+    "load_backbone_weights",
+    "read_weights_file",
+    "start_from_weights",
+]
+
 FREEZE_KEYWORDS = {
     "backbone": "every parameter and batch-norm statistic of the backbone (the head learns)",
     "backbone-but-last": "the backbone but its last block (the last child with parameters)",
     "batch-norm": "the backbone's batch-norm statistics only (its parameters learn)",
 }
+"""`freeze`'s keywords and what each fixes; anything else `freeze` takes is a comma-separated
+list of prefixes of the backbone's parameter names."""
 
 
 def is_constructor(backbone: str | None) -> bool:
@@ -126,6 +140,7 @@ class BackboneNetwork(FeaturesAndHead):
 
     @property
     def backbone(self) -> nn.Module:
+        """The user's network, what `backbone_weights` and `freeze` address."""
         return self.features[0]
 
 
@@ -363,6 +378,7 @@ class FrozenBatchNorm(nn.Module):
             self.bias = nn.Parameter(norm.bias.detach().clone(), requires_grad=learn_affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x normalised with the fixed statistics, in any mode."""
         return F.batch_norm(
             x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
         )

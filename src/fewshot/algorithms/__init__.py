@@ -14,7 +14,7 @@ from fewshot.algorithms.mamlpp import MAMLpp
 from fewshot.algorithms.matchingnet import MatchingNet
 from fewshot.algorithms.metalstm import MetaLSTM
 from fewshot.algorithms.metasgd import MetaSGD
-from fewshot.algorithms.metric import MetricLearner
+from fewshot.algorithms.metric import MetricLearner, SupportFineTuning
 from fewshot.algorithms.protonet import ProtoNet
 from fewshot.algorithms.registry import METHODS, Method, Settings, get_method, register
 from fewshot.algorithms.relationnet import RelationNet
@@ -41,6 +41,7 @@ __all__ = [
     "RelationNet",
     "Reptile",
     "Settings",
+    "SupportFineTuning",
     "TransferLearner",
     "current_inner_step",
     "get_method",
