@@ -369,6 +369,20 @@ def test_a_run_built_by_a_constructor_loads_only_when_trusted(tmp_path, images):
     assert marker.exists()
     evaluated = run("eval", out, "--episodes", "2", "--trust-backbone", "--json")
     assert evaluated.exit_code == 0, evaluated.output
+    resumed = run("train", "--resume", out, "--iterations", "3", "--trust-backbone")
+    assert resumed.exit_code == 0, resumed.output
+
+
+@pytest.mark.slow
+def test_the_normalisation_a_backbone_expects_is_recorded_and_read_back(tmp_path, images):
+    out = tmp_path / "run"
+    args = folder_run(images, "--algorithm", "protonet", "--out", out, "--iterations", "2")
+    result = run("train", *args, "--pixel-mean", "0.485", "--pixel-std", "0.229")
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["pixel_mean"] == [0.485] and config["pixel_std"] == [0.229]
+    method = fewshot.load(out)
+    assert method.preprocessing.mean == [0.485] and method.preprocessing.std == [0.229]
 
 
 def test_built_in_backbones_need_no_trust(tmp_path):
