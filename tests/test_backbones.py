@@ -391,3 +391,55 @@ def test_built_in_backbones_need_no_trust(tmp_path):
     checkpoint.write_config(tmp_path / "run", config)
     checkpoint.save_weights(build_algorithm(config), tmp_path / "run" / checkpoint.BEST_WEIGHTS)
     assert fewshot.load(tmp_path / "run").encoder is not None
+
+
+def conv4_body_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A Conv4 body's state dict (with running statistics), saved to `path`."""
+    torch.manual_seed(5)
+    body = Conv4(track_running_stats=True).features
+    state = {k: v.clone() for k, v in body.state_dict().items()}
+    for tensor in state.values():  # not the initial ones and zeros
+        if tensor.is_floating_point():
+            tensor.uniform_(0.5, 1.5)
+    save_file(state, path)
+    return state
+
+
+@pytest.mark.parametrize("method", ["maml++", "meta-lstm"])
+def test_weights_fill_every_inner_step_of_per_step_batch_norm(tmp_path, method):
+    """MAML++'s per-step batch norm (and Meta-LSTM's) has a row per inner step: each starts
+    from the file's one row, as `PerStepBatchNorm.replacing` starts them from one layer."""
+    state = conv4_body_weights(tmp_path / "conv4.safetensors")
+    algorithm = build_algorithm(TrainConfig(algorithm=method, dataset="omniglot").resolved())
+    start_from_weights(algorithm, tmp_path / "conv4.safetensors")
+    loaded = next(backbones_in(algorithm)).state_dict()
+    per_step = [k for k in state if k in loaded and loaded[k].dim() == state[k].dim() + 1]
+    assert "0.1.running_mean" in per_step  # both methods keep statistics per step
+    for name in state:
+        if name in per_step:
+            assert all(torch.equal(row, state[name]) for row in loaded[name]), name
+        elif name in loaded and not name.endswith("batches_tracked"):
+            assert torch.equal(loaded[name], state[name]), name
+
+
+def test_maml_plus_plus_never_adapts_a_frozen_parameter():
+    config = TrainConfig(algorithm="maml++", dataset="omniglot", freeze="backbone-but-last")
+    learner = build_algorithm(config.resolved())
+    frozen = {n for n, p in learner.model.named_parameters() if not p.requires_grad}
+    assert any(n.startswith("features.0.") for n in frozen)
+    assert not frozen & set(learner.adapted_names)
+    assert not any(n.startswith("features.3.") for n in frozen)  # the last block learns
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (dict(pixel_mean=[0.5]), "`pixel_mean` and `pixel_std` go together"),
+        (dict(pixel_mean=[0.5, 0.5], pixel_std=[0.2, 0.2]), r"give 1 \(the images' channels\)"),
+        (dict(pixel_mean=[0.5], pixel_std=[0.0]), "`pixel_std` must be positive"),
+        (dict(cache_features=True), "`cache_features` applies to a backbone frozen whole"),
+    ],
+)
+def test_settings_of_a_pretrained_start_that_cannot_work_are_one_line(values, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(algorithm="protonet", dataset="folder", channels=1, **values).resolved()

@@ -291,9 +291,9 @@ def load_backbone_weights(backbone: nn.Module, path: Path, prefix: str | None = 
     and shape, or nothing is loaded and one line says what does not fit."""
     tensors = with_prefix(read_weights_file(path), prefix)
     own = backbone.state_dict()
-    tensors = {k: v for k, v in tensors.items() if k in own or not _statistic_not_kept(backbone, k)}
-    # a file without batch-norm counters (older torch, other libraries) loses nothing
-    missing = [k for k in own if k not in tensors and not k.endswith("num_batches_tracked")]
+    tensors = {k: v for k, v in tensors.items() if k in own or not _not_kept(backbone, k)}
+    # counters of batches seen: a file without them (older torch, other libraries) loses nothing
+    missing = [k for k in own if k not in tensors and not k.endswith(BATCH_COUNTERS)]
     unexpected = [k for k in tensors if k not in own]
     if missing or unexpected:
         parts = [f"{len(missing)} missing ({_listed(missing)})"] if missing else []
@@ -302,6 +302,7 @@ def load_backbone_weights(backbone: nn.Module, path: Path, prefix: str | None = 
             f"`backbone_weights={path}` does not fit the backbone: keys {', '.join(parts)}"
             f"{_prefix_hint(missing, unexpected)}."
         )
+    tensors = {k: _per_step(backbone, k, v, own[k].shape) for k, v in tensors.items()}
     mismatched = [k for k, v in tensors.items() if v.shape != own[k].shape]
     if mismatched:
         name = mismatched[0]
@@ -314,11 +315,13 @@ def load_backbone_weights(backbone: nn.Module, path: Path, prefix: str | None = 
 
 
 BATCH_NORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+BATCH_COUNTERS = ("num_batches_tracked", "batches_tracked")
 
 
-def _statistic_not_kept(backbone: nn.Module, key: str) -> bool:
+def _not_kept(backbone: nn.Module, key: str) -> bool:
     """Whether `key` is a running statistic of a batch-norm layer that keeps none here (a
-    method that normalises by each batch's statistics: the file's have no use)."""
+    method that normalises by each batch's statistics: the file's have no use), or a counter
+    of batches that a layer here counts otherwise (MAML++'s per-step layers)."""
     module_name, _, statistic = key.rpartition(".")
     if statistic not in BATCH_NORM_STATISTICS:
         return False
@@ -326,7 +329,21 @@ def _statistic_not_kept(backbone: nn.Module, key: str) -> bool:
         module = backbone.get_submodule(module_name)
     except AttributeError:
         return False
-    return isinstance(module, _BatchNorm) and module.running_mean is None
+    if isinstance(module, _BatchNorm):
+        return module.running_mean is None
+    return getattr(module, "is_batch_norm", False) and (
+        statistic == "num_batches_tracked" or getattr(module, statistic, None) is None
+    )
+
+
+def _per_step(backbone: nn.Module, key: str, tensor: torch.Tensor, shape) -> torch.Tensor:
+    """A file's batch-norm tensor for a per-step layer (MAML++'s, one row per inner step):
+    its one row for every step, as `PerStepBatchNorm.replacing` starts them; any other tensor
+    as it is."""
+    module = backbone.get_submodule(key.rpartition(".")[0]) if "." in key else backbone
+    if getattr(module, "is_batch_norm", False) and tuple(shape[1:]) == tuple(tensor.shape):
+        return tensor.expand(shape).clone()
+    return tensor
 
 
 def _listed(keys: list[str], most: int = 4) -> str:

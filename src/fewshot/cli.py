@@ -128,34 +128,46 @@ class DeviceType(click.ParamType):
 
 
 class JsonObject(click.ParamType):
-    """A JSON object given on the command line, as a dict."""
+    """A JSON object given on the command line, as a dict; anything else is one line."""
 
     name = "json"
 
     def convert(self, value, param, ctx) -> dict:
         if isinstance(value, dict):
             return value
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError as error:
-            self.fail(f"{value!r} is not JSON ({error})", param, ctx)
-        if not isinstance(parsed, dict):
-            self.fail(f"{value!r} is not a JSON object of names and values", param, ctx)
-        return parsed
+        with one_line_errors():  # click's own usage errors would take four lines
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError as error:
+                raise ConfigError(f"{flag_of(param)} {value!r} is not JSON ({error}).") from None
+            if not isinstance(parsed, dict):
+                raise ConfigError(
+                    f"{flag_of(param)} {value!r} is not a JSON object: give "
+                    "'{\"name\": value, ...}'."
+                )
+            return parsed
 
 
 class FloatList(click.ParamType):
-    """Comma-separated numbers, as a list."""
+    """Comma-separated numbers, as a list; anything else is one line."""
 
     name = "numbers"
 
     def convert(self, value, param, ctx) -> list[float]:
         if isinstance(value, list):
             return value
-        try:
-            return [float(part) for part in value.split(",")]
-        except ValueError:
-            self.fail(f"{value!r} is not comma-separated numbers", param, ctx)
+        with one_line_errors():
+            try:
+                return [float(part) for part in value.split(",")]
+            except ValueError:
+                raise ConfigError(
+                    f"{flag_of(param)} {value!r} is not comma-separated numbers."
+                ) from None
+
+
+def flag_of(param) -> str:
+    """A parameter's flag as the command line spells it."""
+    return param.opts[0] if param is not None and param.opts else "the value"
 
 
 def fine_tuning_options() -> list:

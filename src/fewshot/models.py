@@ -267,12 +267,15 @@ def checkpoint_segments(model: nn.Module) -> list[tuple[str, nn.Module, int | No
     """(name prefix, module, stage) triples whose composition, in order, is `model`'s forward:
     the parts that activation checkpointing recomputes one at a time. A `FeaturesAndHead`
     gives the layers of its `features` (Conv4's conv blocks, ResNet-12's residual blocks) and
-    its head, an `nn.Sequential` its layers, any other model itself; a module with `stages`
+    its head (its `features` whole where they are skipped, `training.feature_cache`), an
+    `nn.Sequential` its layers, any other model itself; a module with `stages`
     (`ResidualBlock`) is split into `module(x, stage=k)`, k = 0 .. stages - 1 (stage None: the
     whole module)."""
     if type(model).forward is FeaturesAndHead.forward:
         network = cast(FeaturesAndHead, model)  # its forward is head(features(x))
         parts = [(f"features.{n}", m) for n, m in network.features.named_children()]
+        if getattr(network.features, "skipped", False):  # given features, it passes them on
+            parts = [("features", network.features)]
         parts.append(("head", network.head))
     elif type(model).forward is nn.Sequential.forward:
         parts = list(model.named_children())

@@ -154,3 +154,10 @@ def test_fine_tuning_settings_are_checked_and_other_methods_refuse_them():
     maml = build_algorithm(TrainConfig(algorithm="maml", dataset="omniglot").resolved())
     with pytest.raises(ConfigError, match="MAML adapts its own way"):
         maml.set_support_fine_tuning(SupportFineTuning(steps=1, lr=0.1))
+
+
+def test_fine_tuning_a_frozen_encoder_is_refused():
+    protonet = linear_protonet()
+    protonet.encoder.requires_grad_(False)
+    with pytest.raises(ConfigError, match="the encoder is frozen whole"):
+        protonet.set_support_fine_tuning(SupportFineTuning(steps=1, lr=0.1))

@@ -88,6 +88,7 @@ class PerStepBatchNorm(nn.Module):
             if layer.affine:
                 with torch.no_grad():
                     mine.copy_(theirs.expand_as(mine))
+                mine.requires_grad_(theirs.requires_grad)  # a frozen layer stays frozen
             else:  # no affine transform: the identity weights and zero biases stay fixed
                 mine.requires_grad_(False)
         return new

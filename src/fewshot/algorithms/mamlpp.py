@@ -133,7 +133,8 @@ class MAMLpp(GradientLearner):
             )
         if bnwb and batch_norm_params and options.get("adapted") is None:
             fixed = set(batch_norm_params)
-            options["adapted"] = lambda name: name not in fixed
+            learned = {n for n, p in model.named_parameters() if p.requires_grad}  # not frozen
+            options["adapted"] = lambda name: name not in fixed and name in learned
         rule: InnerRule | Callable[[Params], InnerRule] = SGD(inner_lr)
         if lslr:
             rule = partial(PerLayerPerStepSGD, steps=inner_steps, lr=inner_lr)

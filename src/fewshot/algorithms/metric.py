@@ -49,7 +49,7 @@ class SupportFineTuning:
 
     def __post_init__(self) -> None:
         require_positive(finetune_steps=self.steps, finetune_lr=self.lr)
-        parse_augment(self.augment)
+        parse_augment(self.augment, "finetune_augment")
 
 
 class MetricLearner(Algorithm):
@@ -129,6 +129,10 @@ class MetricLearner(Algorithm):
     support_fine_tuning: SupportFineTuning | None = None
 
     def set_support_fine_tuning(self, fine_tuning: SupportFineTuning | None) -> None:
+        if fine_tuning is not None and not any(p.requires_grad for p in self.encoder.parameters()):
+            raise ConfigError(
+                "`finetune_steps`: the encoder is frozen whole, with nothing to fine-tune."
+            )
         self.support_fine_tuning = fine_tuning
 
     def adapt_tasks(self, support_x, support_y, inner_steps=None) -> Predictor:
@@ -192,7 +196,7 @@ def fine_tune_on_support(
     """Fine-tune `method`'s encoder in place on one task's support set (x, y), shaped
     (1, n, ...), as `SupportFineTuning` says. Batch norm keeps its policy's statistics: the
     running ones (inductive), or each pseudo-episode's (transductive); none is updated."""
-    augment = parse_augment(fine_tuning.augment)
+    augment = parse_augment(fine_tuning.augment, "finetune_augment")
     if augment and x.dim() != 5:
         raise ConfigError(
             "`finetune_augment` augments images; give `finetune_augment=` for other data."

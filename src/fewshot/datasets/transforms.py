@@ -18,13 +18,14 @@ AUGMENTATIONS = ("flip", "crop")
 CROP_FRACTION = 1 / 8  # random crops shift an image by up to this share of its side
 
 
-def parse_augment(text: str | None) -> tuple[str, ...]:
-    """`"flip,crop"` -> ("flip", "crop"); unknown names are refused with one line."""
+def parse_augment(text: str | None, setting: str = "augment") -> tuple[str, ...]:
+    """`"flip,crop"` -> ("flip", "crop"); unknown names are refused with one line that names
+    the `setting` they were given as."""
     names = tuple(n.strip() for n in (text or "").split(",") if n.strip())
     unknown = [n for n in names if n not in AUGMENTATIONS]
     if unknown:
         raise ConfigError(
-            f"`augment={text}`: unknown {', '.join(unknown)}; choose among "
+            f"`{setting}={text}`: unknown {', '.join(unknown)}; choose among "
             f"{', '.join(AUGMENTATIONS)} (comma-separated)."
         )
     return names

@@ -179,6 +179,11 @@ class TrainConfig:
             raise ConfigError("`backbone_args` are a constructor's; name one with `backbone`.")
         if self.weights_prefix is not None and self.backbone_weights is None:
             raise ConfigError("`weights_prefix` applies to `backbone_weights`; give the file.")
+        check_pixel_statistics(self.pixel_mean, self.pixel_std, self.channels)
+        if self.cache_features and self.freeze != "backbone":
+            raise ConfigError(
+                "`cache_features` applies to a backbone frozen whole; give `freeze=backbone`."
+            )
         if self.backbone_weights is not None and self.init is not None:
             raise ConfigError(
                 "a run starts from `init` or from `backbone_weights`, not both; drop one."
@@ -267,6 +272,24 @@ TYPE_NAMES = {
     list[float]: "a list of numbers",
     dict[str, Any]: "an object of names and values",
 }
+
+
+def check_pixel_statistics(
+    mean: list[float] | None, std: list[float] | None, channels: int | None
+) -> None:
+    """The per-channel mean and standard deviation images are standardised with: both or
+    neither, one value per channel (where the channels are known), deviations positive."""
+    if (mean is None) != (std is None):
+        raise ConfigError("`pixel_mean` and `pixel_std` go together; give both.")
+    if mean is None or std is None:
+        return
+    if len(mean) != len(std) or (channels is not None and len(mean) != channels):
+        wanted = f"{channels} (the images' channels)" if channels else "as many as each other"
+        raise ConfigError(
+            f"`pixel_mean` has {len(mean)} values and `pixel_std` {len(std)}; give {wanted}."
+        )
+    if not all(s > 0 for s in std):
+        raise ConfigError(f"`pixel_std` must be positive, got {std}.")
 
 
 def dataset_settings() -> list[str]:

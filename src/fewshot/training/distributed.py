@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fewshot.backbones import FrozenBatchNorm
 from fewshot.devices import accelerator_count
 from fewshot.errors import ConfigError, FewshotError
 
@@ -220,7 +221,8 @@ def average_step(
 ) -> dict[str, float]:
     """Average the gradients, floating-point buffers and `metrics` of one step across ranks,
     each weighted by its `share` of the meta-batch (the tasks or examples it averaged over),
-    in one all-reduce; returns the averaged metrics. With shares n_r of N, the gradient is
+    in one all-reduce (not the fixed statistics of frozen batch norm); returns the averaged
+    metrics. With shares n_r of N, the gradient is
     sum_r (n_r / N) g_r: the mean over the whole meta-batch, as one process takes it.
 
     A parameter without a gradient on every rank keeps none (an optimizer skips it, as in one
@@ -229,7 +231,10 @@ def average_step(
     if not world.is_distributed:
         return metrics
     parameters = [p for p in module.parameters() if p.requires_grad]
-    buffers = [b for b in module.buffers() if b.is_floating_point()]
+    frozen = {
+        id(b) for m in module.modules() if isinstance(m, FrozenBatchNorm) for b in m.buffers()
+    }
+    buffers = [b for b in module.buffers() if b.is_floating_point() and id(b) not in frozen]
     names = sorted(metrics)
     reference = parameters[0] if parameters else buffers[0]
     dtype = common_dtype(parameters + buffers)

@@ -17,7 +17,7 @@ from fewshot.errors import require_positive
 from fewshot.progress import progress_bar
 from fewshot.tasks import stream_generator
 from fewshot.training.config import TrainConfig, applies
-from fewshot.training.feature_cache import cached_backbone, can_cache, on_features, skipped
+from fewshot.training.feature_cache import cached_backbone, on_features, skipped
 
 # Episodes are drawn in fixed-size chunks from a generator seeded with the evaluation seed, so
 # every model evaluated with the same seed sees exactly the same episodes.
@@ -116,7 +116,9 @@ def evaluate_episodes(
     `cache_features=False`.
     """
     require_positive(episodes=episodes)
-    backbone = cached_backbone(algorithm) if cache_features and can_cache(tasks) else None
+    # F fine-tunes on each episode's images, which features cannot stand for
+    fine_tunes = getattr(algorithm, "support_fine_tuning", None) is not None
+    backbone = cached_backbone(algorithm, tasks) if cache_features and not fine_tunes else None
     if backbone is not None and episodes * examples_per_episode(tasks) > len(tasks.inputs):
         with prediction_mode(algorithm, seed, device):
             features = on_features(tasks, backbone, device)

@@ -28,12 +28,16 @@ MODE_DEPENDENT = (BATCH_NORM_LAYERS, nn.modules.dropout._DropoutNd)
 IMAGES_PER_PASS = 256
 
 
-def cached_backbone(algorithm: nn.Module) -> nn.Module | None:
-    """The backbone whose features can stand for `algorithm`'s images, or None: every backbone
-    it holds frozen whole, fixed (see the module's doc) and holding the same weights, and
-    none skipped already."""
+def cached_backbone(algorithm: nn.Module, *samplers) -> nn.Module | None:
+    """The backbone whose features can stand for the images of `samplers`, or None: every
+    backbone `algorithm` holds frozen whole, fixed (see the module's doc; and two passes in
+    training mode and one in eval mode of a few of the images agree, which catches a module
+    that draws random numbers, such as drop-path) and holding the same weights, none skipped
+    already, and every sampler one that `can_cache`."""
     backbones = list(backbones_in(algorithm))
     if not backbones or any(getattr(b, "skipped", False) for b in backbones):
+        return None
+    if not samplers or not all(can_cache(sampler) for sampler in samplers):
         return None
     first = backbones[0].state_dict()
     for backbone in backbones:
@@ -44,7 +48,26 @@ def cached_backbone(algorithm: nn.Module) -> nn.Module | None:
         state = backbone.state_dict()
         if state.keys() != first.keys() or not all(torch.equal(state[k], first[k]) for k in state):
             return None
-    return backbones[0]
+    return backbones[0] if _fixed_on(backbones[0], samplers[0]) else None
+
+
+def _fixed_on(backbone: nn.Module, sampler) -> bool:
+    """Whether the backbone gives a few of the sampler's images the same features twice in
+    training mode and once in eval mode."""
+    x = as_float(sampler.inputs[:4])
+    if sampler.transform is not None:
+        x = sampler.transform(x, None)
+    x = x.to(next(backbone.parameters(), torch.empty(0)).device)
+    training = backbone.training
+    try:
+        with torch.no_grad():
+            backbone.train()
+            outputs = [backbone(x), backbone(x)]
+            backbone.eval()
+            outputs.append(backbone(x))
+    finally:
+        backbone.train(training)
+    return all(torch.allclose(outputs[0], other) for other in outputs[1:])
 
 
 def features_of(backbone: nn.Module, sampler, device: torch.device | str = "cpu") -> torch.Tensor:

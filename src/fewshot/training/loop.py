@@ -65,7 +65,7 @@ from fewshot.training.factory import (
     has_per_way_head,
     training_preprocessing,
 )
-from fewshot.training.feature_cache import cached_backbone, can_cache, on_features, skipped
+from fewshot.training.feature_cache import cached_backbone, on_features, skipped
 from fewshot.training.state import (
     STATE_FILE,
     TrainingState,
@@ -491,9 +491,9 @@ def features_cached(run: Run, allowed: bool) -> Iterator[None]:
     """Within: where the run's backbone is frozen whole (`feature_cache`), training and
     validation draw from each image's features, computed once, and the backbone is skipped;
     elsewhere nothing changes."""
-    backbone = cached_backbone(run.algorithm) if allowed else None
     parts = (run.sources.train, run.sources.val)
-    if backbone is None or not all(part is not None and can_cache(part) for part in parts):
+    backbone = cached_backbone(run.algorithm, *parts) if allowed else None
+    if backbone is None:
         yield
         return
     sources = run.sources
