@@ -95,7 +95,7 @@ def measure(name: str, rounds: int) -> dict:
             started = time.perf_counter()
             evaluate_episodes(algorithm, sources.test, EPISODES[name], cache_features=cache)
             figures.setdefault(f"{key} s/evaluation", []).append(time.perf_counter() - started)
-        backbone = cached_backbone(algorithm)
+        backbone = cached_backbone(algorithm, sources.test)
         assert backbone is not None  # frozen whole: cacheable
         started = time.perf_counter()
         for part in (sources.train, sources.val, sources.test):
