@@ -8,10 +8,12 @@ one process, for two workloads:
   (64-160-320-640) at 84x84 RGB, from its random initialisation, on a folder of random images
   written for the purpose: the time, not the accuracy, is the point.
 
-A training iteration's time is (t(I2) - t(I1)) / (I2 - I1) of two trainings of I1 and I2
-iterations, so the setup (and the features' computation, timed apart) cancels. An evaluation's
-time includes the computation of its features (600 episodes on Omniglot; 60 for ResNet-12,
-whose recomputed episodes take seconds each). Each figure is the median over `--rounds`.
+A training iteration's time is the mean over `STEPS` meta-updates (`meta_step`) of the built
+method on the same meta-batches, drawn from the images or from the features computed
+beforehand; the features' computation (every image of the three parts, once) is timed apart.
+An evaluation's time includes the computation of its part's features (600 episodes on
+Omniglot; 30 for ResNet-12, whose recomputed episodes take seconds each). Each figure is the
+median over `--rounds`.
 
     FEWSHOT_DATA_ROOT=../shared/data/omniglot python benchmarks/feature_cache.py [--rounds 3]
         [--workloads omniglot,resnet12-84] [--json-out F]
@@ -30,15 +32,18 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fewshot.backbones import start_from_weights
 from fewshot.training.config import TrainConfig
 from fewshot.training.evaluation import evaluate_episodes
-from fewshot.training.feature_cache import cached_backbone, features_of
-from fewshot.training.loop import train
+from fewshot.training.factory import build_algorithm, build_sources
+from fewshot.training.feature_cache import cached_backbone, on_features, skipped
+from fewshot.training.loop import meta_step
 
 REPO = Path(__file__).resolve().parents[1]
-ITERATIONS = {"omniglot": (10, 30), "resnet12-84": (1, 3)}
+# meta-updates timed per setting: recomputed ones take a second or more each
+STEPS = {"recomputed": 10, "cached": 100}
 # ResNet-12's recomputed episodes take seconds each on a CPU: fewer of them
-EPISODES = {"omniglot": 600, "resnet12-84": 60}
+EPISODES = {"omniglot": 600, "resnet12-84": 30}
 
 
 def random_folder(root: Path, side: int = 84) -> Path:
@@ -71,38 +76,51 @@ def workload(name: str, scratch: Path) -> tuple[dict, Path | None]:
     ), folder  # fmt: skip
 
 
-def seconds(settings: dict, data_root, scratch: Path, iterations: int, cache: bool):
-    """Wall time of a training of `iterations`, and the trained method and its sources."""
-    out = Path(tempfile.mkdtemp(dir=scratch))
-    config = TrainConfig.from_dict({**settings, "iterations": iterations, "cache_features": cache})
+def step_seconds(algorithm, sampler, meta_batch: int, steps: int) -> float:
+    """Mean seconds of `steps` meta-updates of `algorithm` on meta-batches from `sampler`."""
+    learned = [p for p in algorithm.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(learned, lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    batches = [sampler.sample(meta_batch, generator) for _ in range(steps + 1)]
+    meta_step(algorithm, optimizer, batches[0])  # warm-up
     started = time.perf_counter()
-    algorithm, sources, _ = train(config, out / "run", data_root, progress=False)
-    return time.perf_counter() - started, algorithm, sources
+    for tasks in batches[1:]:
+        meta_step(algorithm, optimizer, tasks)
+    return (time.perf_counter() - started) / steps
 
 
 def measure(name: str, rounds: int) -> dict:
     torch.set_num_threads(1)
     scratch = Path(tempfile.mkdtemp())
     settings, data_root = workload(name, scratch)
+    config = TrainConfig.from_dict({**settings, "iterations": 1}).resolved()
+    sources = build_sources(config, data_root)
+    assert config.meta_batch is not None  # resolved
     figures: dict[str, list[float]] = {}
-    first, last = ITERATIONS[name]
     for _ in range(rounds):
-        for cache in (True, False):
-            short, _, _ = seconds(settings, data_root, scratch, first, cache)
-            long, algorithm, sources = seconds(settings, data_root, scratch, last, cache)
-            key = "cached" if cache else "recomputed"
-            figures.setdefault(f"{key} s/iteration", []).append((long - short) / (last - first))
-            started = time.perf_counter()
-            evaluate_episodes(algorithm, sources.test, EPISODES[name], cache_features=cache)
-            figures.setdefault(f"{key} s/evaluation", []).append(time.perf_counter() - started)
-        backbone = cached_backbone(algorithm, sources.test)
+        torch.manual_seed(0)
+        algorithm = build_algorithm(config)
+        if config.backbone_weights:
+            start_from_weights(algorithm, Path(config.backbone_weights), config.weights_prefix)
+        backbone = cached_backbone(algorithm, sources.train, sources.val, sources.test)
         assert backbone is not None  # frozen whole: cacheable
         started = time.perf_counter()
-        for part in (sources.train, sources.val, sources.test):
-            features_of(backbone, part)
+        cached = [
+            on_features(part, backbone) for part in (sources.train, sources.val, sources.test)
+        ]
         figures.setdefault("features of every image, once (s)", []).append(
             time.perf_counter() - started
         )
+        recomputed = step_seconds(algorithm, sources.train, config.meta_batch, STEPS["recomputed"])
+        with skipped(backbone, algorithm):
+            on_cached = step_seconds(algorithm, cached[0], config.meta_batch, STEPS["cached"])
+        figures.setdefault("recomputed s/iteration", []).append(recomputed)
+        figures.setdefault("cached s/iteration", []).append(on_cached)
+        for cache in (True, False):
+            key = "cached" if cache else "recomputed"
+            started = time.perf_counter()
+            evaluate_episodes(algorithm, sources.test, EPISODES[name], cache_features=cache)
+            figures.setdefault(f"{key} s/evaluation", []).append(time.perf_counter() - started)
     medians = {k: statistics.median(v) for k, v in figures.items()}
     return {"workload": name, "episodes": EPISODES[name], "rounds": rounds, **medians}
 
