@@ -144,11 +144,12 @@ def test_each_method_resolves_to_its_papers_defaults_on_each_dataset(method, dat
     # when a run starts; init names a run to start from, when asked; an image dataset's
     # augmentation is none unless asked; the pixel statistics of --normalize are computed from
     # the training images when the run starts; a backbone is built, started and frozen as the
-    # literature's, with nothing of a constructor's, a weights file's or a freeze, unless asked
+    # literature's, with nothing of a constructor's, a weights file's or a freeze, unless asked,
+    # and its features are cached where it is frozen whole unless told not to
     unset = (
         "time_limit", "classes", "processing_steps", "label_column", "features", "data_root",
         "init", "augment", "pixel_mean", "pixel_std", "backbone_args", "backbone_weights",
-        "weights_prefix", "freeze",
+        "weights_prefix", "freeze", "cache_features",
     )  # fmt: skip
     assert None not in (config[k] for k in config if k not in unset)
 
