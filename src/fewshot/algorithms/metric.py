@@ -34,7 +34,7 @@ from fewshot.tasks import Task
 @dataclass(frozen=True)
 class SupportFineTuning:
     """F of Hu et al. 2022's pretrain, meta-train, fine-tune (P>M>F): before predicting an
-    episode, fine-tune a copy of the encoder on its support set.
+    episode, fine-tune the encoder of a copy of the method on its support set.
 
     Each of `steps` Adam steps (learning rate `lr`) scores a pseudo-episode, the support set
     as support and an augmentation of it (`augment`: "crop" random shifts, "flip") as queries

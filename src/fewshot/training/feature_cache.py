@@ -4,7 +4,9 @@ and evaluation draw their episodes from the features instead of the images.
 
 A backbone is a fixed function when no parameter of it learns and nothing in it depends on the
 batch or the module's mode: its batch-norm layers keep frozen statistics (`FrozenBatchNorm`)
-and it has no dropout. Then the cached features are the features, up to float rounding (the
+and it has no dropout, and a few images get the same features from two passes in training
+mode and one in eval mode (which catches modules that draw random numbers, as drop-path
+does). Then the cached features are the features, up to float rounding (the
 batches differ), and the episodes drawn are the same: a sampler's draws do not depend on what
 its rows hold.
 """
