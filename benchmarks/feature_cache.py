@@ -112,7 +112,7 @@ def measure(name: str, rounds: int) -> dict:
             time.perf_counter() - started
         )
         recomputed = step_seconds(algorithm, sources.train, config.meta_batch, STEPS["recomputed"])
-        with skipped(backbone, algorithm):
+        with skipped(algorithm):
             on_cached = step_seconds(algorithm, cached[0], config.meta_batch, STEPS["cached"])
         figures.setdefault("recomputed s/iteration", []).append(recomputed)
         figures.setdefault("cached s/iteration", []).append(on_cached)

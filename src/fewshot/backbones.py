@@ -225,8 +225,9 @@ def start_from_weights(algorithm: nn.Module, path: Path, prefix: str | None = No
             f"{type(algorithm).__name__} builds its own network, with no backbone to load "
             "`backbone_weights` into; drop it."
         )
+    tensors = with_prefix(read_weights_file(path), prefix)  # read once, for every copy
     for backbone in backbones:
-        load_backbone_weights(backbone, path, prefix)
+        fit_backbone_weights(backbone, tensors, path)
 
 
 def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
@@ -289,7 +290,12 @@ def with_prefix(tensors: dict[str, torch.Tensor], prefix: str | None) -> dict[st
 def load_backbone_weights(backbone: nn.Module, path: Path, prefix: str | None = None) -> None:
     """Load a weights file into `backbone`: every key must match one of its tensors, in name
     and shape, or nothing is loaded and one line says what does not fit."""
-    tensors = with_prefix(read_weights_file(path), prefix)
+    fit_backbone_weights(backbone, with_prefix(read_weights_file(path), prefix), path)
+
+
+def fit_backbone_weights(backbone: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Load a weights file's `tensors` (named as the backbone names them) into `backbone`, as
+    `load_backbone_weights` says; `path` names the file in messages."""
     own = backbone.state_dict()
     tensors = {k: v for k, v in tensors.items() if k in own or not _not_kept(backbone, k)}
     # counters of batches seen: a file without them (older torch, other libraries) loses nothing
@@ -356,15 +362,19 @@ def _prefix_hint(missing: list[str], unexpected: list[str]) -> str:
     ones lack (or the other way round), else ""."""
     if not missing or not unexpected:
         return ""
-    common = os.path.commonprefix(unexpected)
-    prefix = common[: common.rfind(".") + 1]
+    prefix = _module_prefix(unexpected)
     if prefix and any(k[len(prefix) :] in missing for k in unexpected):
         return f"; give `weights_prefix={prefix}` to strip their prefix"
-    common = os.path.commonprefix(missing)
-    prefix = common[: common.rfind(".") + 1]
+    prefix = _module_prefix(missing)
     if prefix and any(prefix + k in missing for k in unexpected):
         return f"; give `weights_prefix=+{prefix}` to add the prefix"
     return ""
+
+
+def _module_prefix(keys: list[str]) -> str:
+    """The keys' common prefix, cut after its last dot ("module." of "module.0.weight", ...)."""
+    common = os.path.commonprefix(keys)
+    return common[: common.rfind(".") + 1]
 
 
 # Freezing
@@ -424,7 +434,7 @@ def freeze(network: nn.Module, spec: str) -> None:
         for n, m in backbone.named_modules()
         if isinstance(m, _BatchNorm)
         and m.running_mean is not None
-        and any(_under(n + ".", prefix) or prefix == "" for prefix in prefixes)
+        and any(_under(n + ".", prefix) for prefix in prefixes)
     ]
     _replace_norms(backbone, norms, learn_affine=False)
 

@@ -196,16 +196,16 @@ def fine_tuning_options() -> list:
     ]
 
 
-def set_fine_tuning(algorithms, steps: int | None, lr: float | None, augment: str) -> None:
-    """Give each loaded method the fine-tuning `--finetune-steps` asks for (both or neither of
-    --finetune-steps and --finetune-lr)."""
+def requested_fine_tuning(
+    steps: int | None, lr: float | None, augment: str
+) -> SupportFineTuning | None:
+    """The fine-tuning `--finetune-steps` asks for (both or neither of --finetune-steps and
+    --finetune-lr), checked before anything is loaded; None where none is asked for."""
     if (steps is None) != (lr is None):
         raise ConfigError("--finetune-steps and --finetune-lr go together; give both.")
-    if steps is None:
-        return
-    assert lr is not None
-    for algorithm in algorithms:
-        algorithm.set_support_fine_tuning(SupportFineTuning(steps, lr, augment))
+    if steps is None or lr is None:
+        return None
+    return SupportFineTuning(steps, lr, augment)
 
 
 def trust_option():
@@ -923,12 +923,14 @@ def eval_command(
     """Meta-test accuracy (or MSE) ± 95% CI of RUN_DIR's best checkpoint on held-out classes."""
     check_evaluation_request(episodes, shape)
     episode = {**shape, "sampler": sampler}
+    fine_tuning = requested_fine_tuning(finetune_steps, finetune_lr, finetune_augment)
     config, algorithm, sources = load_run(
         run_dir, data_root, download, device, batch_norm, episode, trust_backbone
     )
     check_meta_dataset_evaluation(run_dir, config, algorithm, shape)
     check_inner_steps_apply(inner_steps, run_dir, config.algorithm, algorithm)
-    set_fine_tuning([algorithm], finetune_steps, finetune_lr, finetune_augment)
+    if fine_tuning is not None:
+        algorithm.set_support_fine_tuning(fine_tuning)
     set_threads(config.dataset, None)
     report = test_report(algorithm, config, sources.test, episodes, seed, inner_steps, device)
     lines = report.pop("lines")
@@ -1004,13 +1006,15 @@ def compare_command(
     for config in configs:
         override_test_episodes(config, shape)
     episodes_shape = check_same_episodes(run_dirs, configs)
+    fine_tuning = requested_fine_tuning(finetune_steps, finetune_lr, finetune_augment)
     loaded = [
         load_run(run_dir, data_root, download, device, episode=shape, trust_backbone=trust_backbone)
         for run_dir in run_dirs
     ]
     for run_dir, (config, algorithm, _) in zip(run_dirs, loaded):
         check_inner_steps_apply(inner_steps, run_dir, config.algorithm, algorithm)
-    set_fine_tuning([a for _, a, _ in loaded], finetune_steps, finetune_lr, finetune_augment)
+        if fine_tuning is not None:
+            algorithm.set_support_fine_tuning(fine_tuning)
     set_threads(loaded[0][0].dataset, None)
     scores, runs = [], []
     for run_dir, (config, algorithm, sources) in zip(run_dirs, loaded):

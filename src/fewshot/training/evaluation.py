@@ -17,7 +17,7 @@ from fewshot.errors import require_positive
 from fewshot.progress import progress_bar
 from fewshot.tasks import stream_generator
 from fewshot.training.config import TrainConfig, applies
-from fewshot.training.feature_cache import cached_backbone, on_features, skipped
+from fewshot.training.feature_cache import cached_backbone, can_cache, on_features, skipped
 
 # Episodes are drawn in fixed-size chunks from a generator seeded with the evaluation seed, so
 # every model evaluated with the same seed sees exactly the same episodes.
@@ -116,13 +116,16 @@ def evaluate_episodes(
     `cache_features=False`.
     """
     require_positive(episodes=episodes)
-    # F fine-tunes on each episode's images, which features cannot stand for
+    # F fine-tunes on each episode's images, which features cannot stand for; and features
+    # pay only where the episodes pass more images through the backbone than `tasks` holds
     fine_tunes = getattr(algorithm, "support_fine_tuning", None) is not None
-    backbone = cached_backbone(algorithm, tasks) if cache_features and not fine_tunes else None
-    if backbone is not None and episodes * examples_per_episode(tasks) > len(tasks.inputs):
+    worth_it = cache_features and not fine_tunes and can_cache(tasks)
+    worth_it = worth_it and episodes * examples_per_episode(tasks) > len(tasks.inputs)
+    backbone = cached_backbone(algorithm, tasks) if worth_it else None
+    if backbone is not None:
         with prediction_mode(algorithm, seed, device):
             features = on_features(tasks, backbone, device)
-        with skipped(backbone, algorithm):
+        with skipped(algorithm):
             return evaluate_episodes(
                 algorithm, features, episodes, seed, inner_steps, device, progress, stream
             )

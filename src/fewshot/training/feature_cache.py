@@ -56,10 +56,7 @@ def cached_backbone(algorithm: nn.Module, *samplers) -> nn.Module | None:
 def _fixed_on(backbone: nn.Module, sampler) -> bool:
     """Whether the backbone gives a few of the sampler's images the same features twice in
     training mode and once in eval mode."""
-    x = as_float(sampler.inputs[:4])
-    if sampler.transform is not None:
-        x = sampler.transform(x, None)
-    x = x.to(next(backbone.parameters(), torch.empty(0)).device)
+    x = _rows(sampler, 0, 4).to(next(backbone.parameters(), torch.empty(0)).device)
     training = backbone.training
     try:
         with torch.no_grad():
@@ -78,11 +75,16 @@ def features_of(backbone: nn.Module, sampler, device: torch.device | str = "cpu"
     parts = []
     with torch.no_grad():
         for start in range(0, len(sampler.inputs), IMAGES_PER_PASS):
-            x = as_float(sampler.inputs[start : start + IMAGES_PER_PASS])
-            if sampler.transform is not None:
-                x = sampler.transform(x, None)
+            x = _rows(sampler, start, start + IMAGES_PER_PASS)
             parts.append(backbone(x.to(device)).cpu())
     return torch.cat(parts)
+
+
+def _rows(sampler, start: int, stop: int) -> torch.Tensor:
+    """Rows `start:stop` of the sampler's inputs as it draws them: [0, 1] floats, standardised
+    by its transform (never augmented: `can_cache`)."""
+    x = as_float(sampler.inputs[start:stop])
+    return x if sampler.transform is None else sampler.transform(x, None)
 
 
 def on_features(sampler, backbone: nn.Module, device: torch.device | str = "cpu"):
@@ -102,9 +104,10 @@ def can_cache(sampler) -> bool:
 
 
 @contextlib.contextmanager
-def skipped(backbone: nn.Module, algorithm: nn.Module) -> Iterator[None]:
+def skipped(algorithm: nn.Module) -> Iterator[None]:
     """Within: every backbone of `algorithm` passes its input through unchanged (it is given
-    the features `backbone` computed), its weights and state dict untouched."""
+    the features `cached_backbone`'s backbone computed), its weights and state dict
+    untouched."""
     backbones = list(backbones_in(algorithm))
     for part in backbones:
         part.forward = _identity

@@ -497,13 +497,12 @@ def features_cached(run: Run, allowed: bool) -> Iterator[None]:
         yield
         return
     sources = run.sources
-    with torch.no_grad():
-        train, val = (on_features(part, backbone, run.device) for part in parts)
+    train, val = (on_features(part, backbone, run.device) for part in parts)
     run.sources = TaskSources(train, val, None)
     images = len(train.inputs) + len(val.inputs)
     run.features_note = f"features: the frozen backbone's, computed once for {images} images"
     try:
-        with skipped(backbone, run.algorithm):
+        with skipped(run.algorithm):
             yield
     finally:
         run.sources, run.features_note = sources, None
