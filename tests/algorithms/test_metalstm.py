@@ -172,6 +172,74 @@ def test_updating_the_coordinates_a_block_at_a_time_is_updating_them_all_at_once
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+class PlainRule(InnerRule):
+    """The paper's update written plainly, one row per coordinate of every task: `nn.LSTMCell`
+    on (preprocessed gradient, preprocessed loss), then each gate a `nn.Linear` on
+    [h_t, theta_{t-1}, gate_{t-1}]; the weights are those of `rule`."""
+
+    def __init__(self, rule: MetaLSTMRule) -> None:
+        super().__init__()
+        self.rule = rule
+
+    def init_state(self, params):
+        rows = sum(p.numel() for p in params.values())
+        like = next(iter(params.values()))
+        hidden = like.new_zeros(rows, self.rule.hidden_size)
+        return hidden, hidden, like.new_zeros(rows, 1), like.new_zeros(rows, 1)
+
+    def forward(self, params, grads, losses, state, step):
+        names, tasks = list(params), len(losses)
+        theta = torch.cat([params[n].reshape(tasks, -1) for n in names], 1)
+        gradient = torch.cat([grads[n].detach().reshape(tasks, -1) for n in names], 1)
+        loss = preprocess(losses.detach())[:, None].expand(tasks, theta.shape[1], 2)
+        inputs = torch.cat([preprocess(gradient), loss], -1).reshape(-1, 4)
+        h, c, i, f = state
+        h, c = self.rule.lstm(inputs, (h, c))
+        theta, gradient = theta.reshape(-1, 1), gradient.reshape(-1, 1)
+        i = torch.sigmoid(self.rule.input_gate(torch.cat([h, theta, i], 1)))
+        f = torch.sigmoid(self.rule.forget_gate(torch.cat([h, theta, f], 1)))
+        new, start = (f * theta - i * gradient).reshape(tasks, -1), 0
+        updated = {}
+        for n in names:
+            size = params[n][0].numel()
+            updated[n] = new[:, start : start + size].reshape(params[n].shape)
+            start += size
+        return updated, (h, c, i, f)
+
+
+@pytest.mark.usefixtures("float64")
+def test_the_rule_equals_the_update_written_plainly_in_adaptation_and_meta_gradient(monkeypatch):
+    """The rule's fast path (gates laid out by rows, the loss's part a per-task column, blocks
+    of coordinates) against `PlainRule` on the same weights: the adapted parameters of several
+    tasks after several steps, and the meta-gradient."""
+    import fewshot.algorithms.metalstm as metalstm
+
+    monkeypatch.setattr(metalstm, "BLOCK_ROWS", 5)  # blocks that cut tasks and layers
+    torch.manual_seed(0)
+    learner = MetaLSTM(small_mlp(), inner_steps=3, hidden_size=4, loss=F.mse_loss)
+    with torch.no_grad():  # weights large enough that every term matters
+        for p in learner.rule.parameters():
+            p.copy_(torch.randn(p.shape))
+    tasks = sinusoid_like_tasks()
+
+    def adapted_and_gradient():
+        learner.zero_grad()
+        learner.training_step(tasks)
+        gradient = [p.grad.clone() for p in learner.parameters() if p.grad is not None]
+        return learner.trajectory(tasks.support_x, tasks.support_y, 3, False).params[-1], gradient
+
+    fast, fast_gradient = adapted_and_gradient()
+    rule = learner.rule
+    learner.rule = PlainRule(rule)
+    plain, plain_gradient = adapted_and_gradient()
+    learner.rule = rule
+    for name in plain:
+        torch.testing.assert_close(fast[name], plain[name], rtol=1e-12, atol=1e-12)
+    assert len(fast_gradient) == len(plain_gradient)
+    for a, b in zip(fast_gradient, plain_gradient, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_training_clips_the_meta_gradient_norm():
     """The loop's meta-step clips the whole meta-gradient: the clipped gradient is the
     unclipped one scaled to norm 1e-3 (an SGD step of rate 1 subtracts exactly it)."""

@@ -100,13 +100,16 @@ class MetaLSTMRule(InnerRule):
             self.input_gate.bias.uniform_(logit - 0.5, logit + 0.5)
             self.forget_gate.bias.uniform_(4.0, 6.0)
 
-    def init_state(self, params: Params):
-        """(h, c) of the first LSTM and the previous gates i, f: zeros, one row per coordinate."""
+    def init_state(self, params: Params) -> list[tuple[torch.Tensor, ...]]:
+        """Per block of coordinates (`coordinate_blocks`): the first LSTM's (h, c), each
+        (hidden, rows), and the previous gates (i, f), (2, rows); zeros."""
         like = next(iter(params.values()))
-        rows = len(like) * sum(p[0].numel() for p in params.values())  # tasks × coordinates
-        zeros = like.new_zeros(rows, self.hidden_size)
-        gates = like.new_zeros(rows, 1)
-        return zeros, zeros, gates, gates
+        tasks, coordinates = len(like), sum(p[0].numel() for p in params.values())
+        state = []
+        for _, rows in coordinate_blocks(tasks, coordinates):
+            zeros = like.new_zeros(self.hidden_size, rows.stop - rows.start)
+            state.append((zeros, zeros, like.new_zeros(2, rows.stop - rows.start)))
+        return state
 
     def forward(self, params, grads, losses, state, step):
         names = list(params)
@@ -121,28 +124,75 @@ class MetaLSTMRule(InnerRule):
             ],
             dim=1,
         )
-        loss = preprocess(losses.detach()).unsqueeze(1).expand(tasks, theta.shape[1], 2)
-        inputs = torch.cat([preprocess(gradient), loss], dim=-1).reshape(-1, 4)
-        rows = (inputs, *state, theta.reshape(-1, 1), gradient.reshape(-1, 1))
-        # Rows (coordinates) a block at a time: the same arithmetic per row, but the LSTM's
-        # gates of a block (BLOCK_ROWS x 4 hidden) stay in the processor's cache, where those
-        # of every coordinate of a batch of tasks (millions of rows) would not.
-        blocks = [self._update_rows(*block) for block in zip(*(r.split(BLOCK_ROWS) for r in rows))]
-        h, c, i, f, new = (torch.cat(parts) for parts in zip(*blocks))
-        new = new.reshape(tasks, -1)
+        # The LSTM's input is (preprocessed gradient, preprocessed loss); the loss is one per
+        # task, so its part of the gates is one column per task, read against a row of ones.
+        hidden = self.lstm.hidden_size
+        w_gradient, w_loss = self.lstm.weight_ih[:, :2], self.lstm.weight_ih[:, 2:]
+        bias = self.lstm.bias_ih + self.lstm.bias_hh
+        task_bias = torch.addmm(bias, preprocess(losses.detach()), w_loss.T)  # (tasks, 4 hidden)
+        gradient_inputs = preprocess(gradient).movedim(-1, 0)  # (2, tasks, coordinates)
+        gate_weights = self._gate_weights()
+        blocks, new_state = [], []
+        for (task, rows), block_state in zip(
+            coordinate_blocks(tasks, theta.shape[1]), state, strict=True
+        ):
+            h, c, gates = block_state
+            # All four gates of the block in one product: (4 hidden, 2 + hidden + 1) x rows.
+            weights = torch.cat([w_gradient, self.lstm.weight_hh, task_bias[task, :, None]], 1)
+            inputs = torch.cat([gradient_inputs[:, task, rows], h, h.new_ones(1, h.shape[1])])
+            h, c = self._lstm_step(weights @ inputs, c, hidden)
+            gates, new = self._update(
+                h, theta[task, rows], gradient[task, rows], gates, gate_weights
+            )
+            blocks.append(new)
+            new_state.append((h, c, gates))
+        new = torch.cat(blocks).reshape(tasks, -1)
         updated, start = {}, 0
         for n in names:
             size = params[n][0].numel()
             updated[n] = new[:, start : start + size].reshape(params[n].shape)
             start += size
-        return updated, (h, c, i, f)
+        return updated, new_state
 
-    def _update_rows(self, inputs, h, c, i_previous, f_previous, theta, gradient):
-        """One step of rows of coordinates: (h, c, i, f) and the updated values f θ - i g."""
-        h, c = self.lstm(inputs, (h, c))
-        i = torch.sigmoid(self.input_gate(torch.cat([h, theta, i_previous], dim=1)))
-        f = torch.sigmoid(self.forget_gate(torch.cat([h, theta, f_previous], dim=1)))
-        return h, c, i, f, f * theta - i * gradient
+    def _gate_weights(self) -> tuple[torch.Tensor, ...]:
+        """The input and forget gates' weights stacked, (i, f) in rows: on h_t (2, hidden), on
+        theta_{t-1} and on the previous gate (2, 1) each, and the biases (2, 1)."""
+        hidden = self.hidden_size
+        weights = torch.cat([self.input_gate.weight, self.forget_gate.weight])
+        biases = torch.cat([self.input_gate.bias, self.forget_gate.bias])
+        return weights[:, :hidden], weights[:, hidden:-1], weights[:, -1:], biases[:, None]
+
+    @staticmethod
+    def _lstm_step(
+        gates: torch.Tensor, c: torch.Tensor, hidden: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`nn.LSTMCell`'s update from its gates, laid out (i, f, g, o) x hidden by rows, so
+        that each is a contiguous block: c' = f c + i g, h' = o tanh(c')."""
+        input_forget = torch.sigmoid(gates[: 2 * hidden])
+        i, f = input_forget[:hidden], input_forget[hidden:]
+        g, o = torch.tanh(gates[2 * hidden : 3 * hidden]), torch.sigmoid(gates[3 * hidden :])
+        c = torch.addcmul(f * c, i, g)
+        return o * torch.tanh(c), c
+
+    @staticmethod
+    def _update(h, theta, gradient, previous, gate_weights):
+        """The gates (i, f) = sigmoid(W [h_t, theta_{t-1}, gate_{t-1}] + b), rows (2, rows), and
+        the updated coordinates f theta - i g."""
+        on_h, on_theta, on_previous, bias = gate_weights
+        logits = torch.addmm(bias, on_h, h) + on_theta * theta + on_previous * previous
+        gates = torch.sigmoid(logits)
+        return gates, torch.addcmul(gates[1] * theta, gates[0], gradient, value=-1)
+
+
+def coordinate_blocks(tasks: int, coordinates: int) -> list[tuple[int, slice]]:
+    """(task, coordinates) of each block the rule updates at once: at most `BLOCK_ROWS`
+    coordinates of one task, so that a block's gates (4 hidden x rows) stay in the processor's
+    cache, where those of every coordinate of a batch of tasks (millions) would not."""
+    return [
+        (task, slice(start, min(start + BLOCK_ROWS, coordinates)))
+        for task in range(tasks)
+        for start in range(0, coordinates, BLOCK_ROWS)
+    ]
 
 
 class MetaLSTM(GradientLearner):
