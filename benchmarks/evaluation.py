@@ -10,6 +10,7 @@ policy against its own transductive time.
     FEWSHOT_DATA_ROOT=../shared/data/omniglot python benchmarks/evaluation.py [--rounds 3]
         [--models NAME,...] [--json-out F] [--md-out F]
     python benchmarks/evaluation.py --step-times reptile-omniglot-5w1s   # per inner step
+    python benchmarks/evaluation.py --fine-tuning-steps finetune-omniglot-5w1s   # per step
 """
 
 from __future__ import annotations
@@ -109,6 +110,51 @@ def inner_step_seconds(name: str, rounds: int = 3) -> dict[str, float]:
     return {"steps": steps, **{k: statistics.median(v) for k, v in times.items()}}
 
 
+def fine_tuning_step_seconds(name: str, rounds: int = 3) -> dict[str, float]:
+    """Seconds per fine-tuning step of a zoo fine-tuning model on one draw of 25 test episodes,
+    the steps of its recipe (mini-batches of the support set): as the evaluator takes them (the
+    25 episodes' networks vectorised), one episode's network at a time (the same steps, not
+    vectorised), and as one network taking a step on all 25 mini-batches at once (a
+    pretraining step on the same images: what a step costs without 25 networks); medians of
+    `rounds`."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    from fewshot.tasks import stream_generator
+    from fewshot.training.evaluation import prediction_mode
+    from fewshot.training.loading import load_run
+
+    _, algorithm, sources = load_run(REPO / "zoo" / name)
+    batch = sources.test.sample(25, stream_generator("eval", 0))
+    steps = algorithm.evaluation_steps(batch.support_x.shape[1])
+    network = copy.deepcopy(algorithm.model).eval()  # body and head, running statistics
+    optimizer = torch.optim.SGD(
+        network.parameters(), lr=0.01, momentum=0.9, dampening=0.9, weight_decay=1e-3
+    )
+    # The recipe's mini-batches of a 5-example support set: 4 examples, then 1.
+    sizes = [4, 1] * (steps // 2)
+    times: dict[str, list[float]] = {"vectorised": [], "one at a time": [], "one network": []}
+    for _ in range(rounds):
+        for label, vectorize in (("vectorised", True), ("one at a time", False)):
+            algorithm.vectorize = vectorize
+            with prediction_mode(algorithm, 0):
+                started = time.perf_counter()
+                algorithm.adapt_tasks(batch.support_x, batch.support_y)
+                times[label].append((time.perf_counter() - started) / steps)
+        algorithm.vectorize = True
+        started = time.perf_counter()
+        for size in sizes:
+            x = batch.support_x[:, :size].flatten(0, 1)
+            y = batch.support_y[:, :size].flatten(0, 1)
+            optimizer.zero_grad()
+            F.cross_entropy(network(x), y).backward()
+            optimizer.step()
+        times["one network"].append((time.perf_counter() - started) / len(sizes))
+    return {"steps": steps, **{k: statistics.median(v) for k, v in times.items()}}
+
+
 def table(rows: list[dict]) -> str:
     by_label = {row["label"]: row for row in rows}
     protonet = by_label.get("ProtoNet", {}).get("median")
@@ -139,7 +185,24 @@ def main() -> None:
         type=lambda s: s.split(","),
         help="zoo gradient models: seconds per inner step at test and in training, same batch",
     )
+    parser.add_argument(
+        "--fine-tuning-steps",
+        type=lambda s: s.split(","),
+        help="zoo fine-tuning models: seconds per fine-tuning step, vectorised, one episode at "
+        "a time, and one network on the same images",
+    )
     args = parser.parse_args()
+    if args.fine_tuning_steps:
+        for name in args.fine_tuning_steps:
+            t = fine_tuning_step_seconds(name, args.rounds)
+            print(
+                f"{name}: {t['steps']} steps of 25 episodes; per step "
+                f"{1000 * t['vectorised']:.1f} ms vectorised, "
+                f"{1000 * t['one at a time']:.1f} ms one episode at a time, "
+                f"{1000 * t['one network']:.1f} ms as one network on the same images "
+                f"(median of {args.rounds})"
+            )
+        return
     if args.step_times:
         for name in args.step_times:
             t = inner_step_seconds(name, args.rounds)

@@ -14,11 +14,13 @@ import contextlib
 import functools
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
+from typing import cast
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from fewshot.algorithms.gradient import grouped
 from fewshot.algorithms.gradient.inner_loop import context_value
 from fewshot.algorithms.rules import Params
 
@@ -105,6 +107,8 @@ def on_every_task(
     the forward pass updates in place, such as running statistics). With `stage`,
     `module(x, stage=stage)` (`models.checkpoint_segments`), whose x and result may be tuples
     of tensors with a leading task dimension."""
+    if vmapped(x, vectorize) and grouped_call(module, x, params_per_task, task_buffers, stage):
+        return grouped.on_every_task(module, params, cast(torch.Tensor, x))
     buffers = dict(module.named_buffers()) if task_buffers is None else task_buffers
     call = _call if stage is None else functools.partial(_call, stage=stage)
     if vmapped(x, vectorize):
@@ -120,6 +124,20 @@ def on_every_task(
         for i in range(tasks_of(x))
     ]
     return _stacked(outputs)
+
+
+def grouped_call(
+    module: nn.Module,
+    x: torch.Tensor | tuple,
+    params_per_task: bool,
+    task_buffers: Params | None,
+    stage: int | None,
+) -> bool:
+    """Whether the vectorised call runs with tasks as groups (`grouped`) rather than under
+    vmap: each task with its own parameters and the module's buffers, the whole module, and a
+    network that `grouped.runs_grouped`."""
+    whole = params_per_task and task_buffers is None and stage is None
+    return whole and grouped.runs_grouped(module, x)
 
 
 def tasks_of(x: torch.Tensor | tuple) -> int:
