@@ -100,7 +100,7 @@ class MetaLSTMRule(InnerRule):
             self.input_gate.bias.uniform_(logit - 0.5, logit + 0.5)
             self.forget_gate.bias.uniform_(4.0, 6.0)
 
-    def init_state(self, params: Params) -> list[tuple[torch.Tensor, ...]]:
+    def init_state(self, params: Params) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per block of coordinates (`coordinate_blocks`): the first LSTM's (h, c), each
         (hidden, rows), and the previous gates (i, f), (2, rows); zeros."""
         like = next(iter(params.values()))
