@@ -8,7 +8,7 @@ shows each model's median over the rounds and its ratio to ProtoNet's, and MAML'
 policy against its own transductive time.
 
     FEWSHOT_DATA_ROOT=../shared/data/omniglot python benchmarks/evaluation.py [--rounds 3]
-        [--models NAME,...] [--json-out F] [--md-out F]
+        [--models NAME,...] [--before CHECKOUT] [--json-out F] [--md-out F]
     python benchmarks/evaluation.py --step-times reptile-omniglot-5w1s   # per inner step
     python benchmarks/evaluation.py --fine-tuning-steps finetune-omniglot-5w1s   # per step
 """
@@ -45,38 +45,54 @@ MODELS = [
 ]
 
 
-def eval_seconds(name: str, options: tuple[str, ...], episodes: int) -> float:
-    """Wall time of `fewshot eval zoo/NAME --episodes EPISODES OPTIONS` in a fresh process."""
+def eval_seconds(
+    name: str, options: tuple[str, ...], episodes: int, source: Path | None = None
+) -> float:
+    """Wall time of `fewshot eval zoo/NAME --episodes EPISODES OPTIONS` in a fresh process,
+    with the package of checkout `source` (its `src`) where given, else this one's."""
     command = [sys.executable, "-m", "fewshot", "eval", str(REPO / "zoo" / name)]
     command += ["--episodes", str(episodes), *options]
+    env = dict(os.environ)
+    if source is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(source / "src"), env.get("PYTHONPATH", "")])
     started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{result.stdout}{result.stderr}")
     return seconds
 
 
-def per_600_episodes(name: str, options: tuple[str, ...]) -> float:
+def per_600_episodes(name: str, options: tuple[str, ...], source: Path | None = None) -> float:
     """One round: (t(62) - t(2)) / 60 * 600."""
-    long = eval_seconds(name, options, EPISODES)
-    short = eval_seconds(name, options, BASE_EPISODES)
+    long = eval_seconds(name, options, EPISODES, source)
+    short = eval_seconds(name, options, BASE_EPISODES, source)
     return (long - short) / (EPISODES - BASE_EPISODES) * 600
 
 
-def measure(models: list[tuple[str, tuple[str, ...], str]], rounds: int) -> list[dict]:
+def measure(
+    models: list[tuple[str, tuple[str, ...], str]], rounds: int, before: Path | None = None
+) -> list[dict]:
     """Every model, `rounds` times, the models interleaved within a round so that the
-    machine's slow spells fall on all of them alike."""
-    times: dict[str, list[float]] = {label: [] for _, _, label in models}
+    machine's slow spells fall on all of them alike; with `before` (an earlier checkout),
+    each model with that checkout's code too, right before this one's."""
+    versions = {"before": before, "median": None} if before else {"median": None}
+    times = {(label, v): [] for _, _, label in models for v in versions}
     for round_ in range(rounds):
         for name, options, label in models:
-            times[label].append(per_600_episodes(name, options))
-            print(f"round {round_ + 1}: {label}: {times[label][-1]:.0f} s", file=sys.stderr)
-    return [
-        {"model": name, "options": list(options), "label": label, "rounds": times[label],
-         "median": statistics.median(times[label])}
-        for name, options, label in models
-    ]  # fmt: skip
+            for version, source in versions.items():
+                times[label, version].append(per_600_episodes(name, options, source))
+                seconds = times[label, version][-1]
+                print(f"round {round_ + 1}: {label} ({version}): {seconds:.0f} s", file=sys.stderr)
+    rows = []
+    for name, options, label in models:
+        row = {"model": name, "options": list(options), "label": label}
+        for version in versions:
+            key = "rounds" if version == "median" else "rounds before"
+            row[key] = times[label, version]
+            row[version] = statistics.median(times[label, version])
+        rows.append(row)
+    return rows
 
 
 def inner_step_seconds(name: str, rounds: int = 3) -> dict[str, float]:
@@ -155,20 +171,36 @@ def fine_tuning_step_seconds(name: str, rounds: int = 3) -> dict[str, float]:
     return {"steps": steps, **{k: statistics.median(v) for k, v in times.items()}}
 
 
+def commit(checkout: Path) -> str:
+    """The checkout's commit, short, with "+" where its files differ from it."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(checkout), *args], capture_output=True,
+                              text=True).stdout.strip()  # fmt: skip
+
+    return git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain") else "")
+
+
 def table(rows: list[dict]) -> str:
     by_label = {row["label"]: row for row in rows}
-    protonet = by_label.get("ProtoNet", {}).get("median")
-    transductive = by_label.get("MAML (transductive)", {}).get("median")
-    lines = [
-        "| zoo model | seconds per 600 episodes | x ProtoNet | rounds (s) |",
-        "|---|---|---|---|",
-    ]
+    versions = ["before", "median"] if "before" in rows[0] else ["median"]
+    header = "| zoo model |"
+    for version in versions:
+        when = " before" if version == "before" else (" after" if len(versions) > 1 else "")
+        header += f" s / 600 episodes{when} | x ProtoNet | rounds (s) |"
+    lines = [header, "|---" * (1 + 3 * len(versions)) + "|"]
     for row in rows:
-        ratio = f"{row['median'] / protonet:.1f}" if protonet else "—"
-        if row["options"] == ["--batch-norm", "inductive"] and transductive:
-            ratio += f" ({row['median'] / transductive:.1f}x its transductive)"
-        rounds = ", ".join(f"{t:.0f}" for t in row["rounds"])
-        lines.append(f"| {row['label']} | {row['median']:.0f} | {ratio} | {rounds} |")
+        line = f"| {row['label']} |"
+        for version in versions:
+            protonet = by_label.get("ProtoNet", {}).get(version)
+            transductive = by_label.get("MAML (transductive)", {}).get(version)
+            ratio = f"{row[version] / protonet:.1f}" if protonet else "—"
+            if row["options"] == ["--batch-norm", "inductive"] and transductive:
+                ratio += f" ({row[version] / transductive:.1f}x its transductive)"
+            key = "rounds before" if version == "before" else "rounds"
+            rounds = ", ".join(f"{t:.0f}" for t in row[key])
+            line += f" {row[version]:.0f} | {ratio} | {rounds} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -190,6 +222,12 @@ def main() -> None:
         type=lambda s: s.split(","),
         help="zoo fine-tuning models: seconds per fine-tuning step, vectorised, one episode at "
         "a time, and one network on the same images",
+    )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="a checkout of an earlier commit: each model is timed with its code too, "
+        "interleaved (before and after columns)",
     )
     args = parser.parse_args()
     if args.fine_tuning_steps:
@@ -213,13 +251,16 @@ def main() -> None:
             )
         return
     models = [m for m in MODELS if args.models is None or m[0] in args.models]
-    rows = measure(models, args.rounds)
+    rows = measure(models, args.rounds, args.before)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     header = (
         f"`fewshot eval zoo/NAME`, Omniglot 5-way 1-shot: seconds per 600 episodes, "
         f"(t({EPISODES}) - t({BASE_EPISODES})) x 600 / {EPISODES - BASE_EPISODES}, median of "
-        f"{args.rounds} rounds; {machine}; {time.strftime('%Y-%m-%d')}.\n\n"
+        f"{args.rounds} rounds; {machine}; {time.strftime('%Y-%m-%d')}"
     )
+    if args.before is not None:
+        header += f"; before: commit {commit(args.before)}, after: commit {commit(REPO)}"
+    header += ".\n\n"
     markdown = header + table(rows) + "\n"
     args.md_out.write_text(markdown)
     args.json_out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")

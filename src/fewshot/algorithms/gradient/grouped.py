@@ -8,12 +8,15 @@ each task's channels over that task's images alone (its statistics per task, as 
 pass computes them); ReLU and max-pooling act per channel. After `nn.Flatten` each task's
 features (T, n, F) meet its own linear layer in one batched product.
 
-This is what `torch.func.vmap` does for a convolution, without moving the task dimension in
-and out of the batch for every other layer (the copies of each activation that cost
-evaluation and training most of their time on a CPU: docs/performance.md), and in the
-channels-last layout, in which a CPU pools and convolves fastest. It runs a network made only
-of the layers below (Conv4, for instance) whose batch norm updates no running statistics;
-any other network runs under vmap (`runs_grouped`).
+This is what `torch.func.vmap` does for a convolution, but vmap moves the task dimension out
+of the channels and back for every other layer (a copy of each activation, forward and
+backward), and applies batch norm's and the convolution's affine parts as passes of their own.
+Here the tasks stay in the channels throughout, in the channels-last layout, in which a CPU
+convolves and pools fastest, and the fused kernels apply the affine parts: the same
+computation, rounded differently (docs/performance.md has the times and what the rounding did
+to the zoo's figures). It runs a network made only of the layers below (Conv4, for instance)
+whose batch norm updates no running statistics; any other network runs under vmap
+(`runs_grouped`).
 """
 
 from __future__ import annotations
