@@ -11,6 +11,7 @@ policy against its own transductive time.
         [--models NAME,...] [--before CHECKOUT] [--json-out F] [--md-out F]
     python benchmarks/evaluation.py --step-times reptile-omniglot-5w1s   # per inner step
     python benchmarks/evaluation.py --fine-tuning-steps finetune-omniglot-5w1s   # per step
+    python benchmarks/evaluation.py --profile meta-lstm-omniglot-5w1s   # where the time goes
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def measure(
             for version, source in versions.items():
                 times[label, version].append(per_600_episodes(name, options, source))
                 seconds = times[label, version][-1]
-                print(f"round {round_ + 1}: {label} ({version}): {seconds:.0f} s", file=sys.stderr)
+                which = "before" if version == "before" else "this checkout"
+                print(f"round {round_ + 1}: {label} ({which}): {seconds:.0f} s", file=sys.stderr)
     rows = []
     for name, options, label in models:
         row = {"model": name, "options": list(options), "label": label}
@@ -171,6 +173,27 @@ def fine_tuning_step_seconds(name: str, rounds: int = 3) -> dict[str, float]:
     return {"steps": steps, **{k: statistics.median(v) for k, v in times.items()}}
 
 
+def profile(name: str, rows: int = 15) -> str:
+    """Where one draw of 25 test episodes of a zoo model spends its time: `torch.profiler`'s
+    operators by their own CPU time (after one unprofiled draw), as a table."""
+    from torch.profiler import profile as profiled
+
+    from fewshot.training.evaluation import EPISODES_PER_DRAW, evaluate_episodes
+    from fewshot.training.loading import load_run
+
+    _, algorithm, sources = load_run(REPO / "zoo" / name)
+    evaluate_episodes(algorithm, sources.test, EPISODES_PER_DRAW)
+    with profiled() as run:
+        evaluate_episodes(algorithm, sources.test, EPISODES_PER_DRAW)
+    averages = run.key_averages()
+    total = sum(event.self_cpu_time_total for event in averages)
+    lines = [f"{name}: one draw of {EPISODES_PER_DRAW} episodes, {total / 1e6:.2f} s of CPU time"]
+    for event in sorted(averages, key=lambda e: -e.self_cpu_time_total)[:rows]:
+        share = event.self_cpu_time_total / total
+        lines.append(f"  {event.key:<40} {share:6.1%}  {event.count:7d} calls")
+    return "\n".join(lines)
+
+
 def commit(checkout: Path) -> str:
     """The checkout's commit, short, with "+" where its files differ from it."""
 
@@ -229,7 +252,16 @@ def main() -> None:
         help="a checkout of an earlier commit: each model is timed with its code too, "
         "interleaved (before and after columns)",
     )
+    parser.add_argument(
+        "--profile",
+        type=lambda s: s.split(","),
+        help="zoo models: where one draw of 25 test episodes spends its time (torch.profiler)",
+    )
     args = parser.parse_args()
+    if args.profile:
+        for name in args.profile:
+            print(profile(name))
+        return
     if args.fine_tuning_steps:
         for name in args.fine_tuning_steps:
             t = fine_tuning_step_seconds(name, args.rounds)

@@ -14,13 +14,16 @@ batch-norm parameters).
 
 How tasks run: theta is expanded into one copy per task and the forward pass is vmapped over
 tasks (`torch.func.vmap`); plain `torch.autograd.grad` of the summed support losses gives each
-task its own gradient, because the tasks are independent. Every backward pass, the second-order
-one included, is ordinary autograd, so fused kernels such as batch norm's stay exact. Without
-`vectorize`, tasks run one at a time with plain calls; both compute the same numbers.
+task its own gradient, because the tasks are independent. A network of standard convolutional
+layers runs as one grouped network instead, each task's channels a group (`grouped`: vmap's
+convolution without its copies between layers). Every backward pass, the second-order one
+included, is ordinary autograd, so fused kernels such as batch norm's stay exact. Without
+`vectorize`, tasks run one at a time with plain calls; all compute the same numbers up to
+rounding.
 
 One file per job: `learner` (`GradientLearner`: settings and meta-training), `inner_loop`,
-`parallel` (vmap, per task, chunks, each task's own buffers), `checkpointing` and
-`prediction`. The names below are importable from here, as before the split.
+`parallel` (vmap, per task, chunks, each task's own buffers), `grouped` (tasks as groups),
+`checkpointing` and `prediction`. The names below are importable from here, as before the split.
 """
 
 from fewshot.algorithms.gradient.checkpointing import RecomputedStep, plain_tail
