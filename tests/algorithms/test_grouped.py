@@ -79,13 +79,17 @@ def networks() -> dict[str, nn.Module]:
 
 
 @pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("twice", [False, True], ids=["channels-last", "default layout"])
 @pytest.mark.parametrize("name", list(networks()))
-def test_as_groups_each_task_gets_its_own_networks_outputs_and_both_orders_of_gradient(name):
+def test_as_groups_each_task_gets_its_own_networks_outputs_and_both_orders_of_gradient(name, twice):
     module = networks()[name].double()
     x = images()
     assert grouped.runs_grouped(module, x)
     params = per_task(module)
-    ours, theirs = grouped.on_every_task(module, params, x), under_vmap(module, params, x)
+    with grouped.differentiated_twice(twice):
+        assert grouped.layout() == (torch.contiguous_format if twice else torch.channels_last)
+        ours = grouped.on_every_task(module, params, x)
+    theirs = under_vmap(module, params, x)
     assert ours.shape == theirs.shape
     torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
     if ours.dim() == 3 and ours.shape[-1] == 4:  # logits: differentiate a loss of them

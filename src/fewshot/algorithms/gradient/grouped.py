@@ -12,15 +12,18 @@ This is what `torch.func.vmap` does for a convolution, but vmap moves the task d
 of the channels and back for every other layer (a copy of each activation, forward and
 backward), and applies batch norm's and the convolution's affine parts as passes of their own.
 Here the tasks stay in the channels throughout, in the channels-last layout, in which a CPU
-convolves and pools fastest, and the fused kernels apply the affine parts: the same
-computation, rounded differently (docs/performance.md has the times and what the rounding did
-to the zoo's figures). It runs a network made only of the layers below (Conv4, for instance)
-whose batch norm updates no running statistics; any other network runs under vmap
-(`runs_grouped`).
+convolves and pools fastest (but for a pass differentiated twice: `differentiated_twice`), and
+the fused kernels apply the affine parts: the same computation, rounded differently
+(docs/performance.md has the times and what the rounding did to the zoo's figures). It runs a
+network made only of the layers below (Conv4, for instance) whose batch norm updates no running
+statistics; any other network runs under vmap (`runs_grouped`).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import cast
 
 import torch
@@ -30,6 +33,7 @@ from torch import nn
 from fewshot.algorithms.rules import Params
 from fewshot.models import FeaturesAndHead
 
+_TWICE: ContextVar[bool] = ContextVar("fewshot_differentiated_twice", default=False)
 _ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Identity)
 _LAYERS = (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.Flatten, nn.Linear, *_ELEMENTWISE)
 
@@ -89,12 +93,30 @@ def _groupable(layer: nn.Module) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def differentiated_twice(twice: bool = True) -> Iterator[None]:
+    """Within (with `twice`), the forward passes are ones whose graph will be differentiated
+    twice: a second-order inner step's support pass. Their grouped networks run in torch's
+    default layout, whose convolutions a CPU differentiates twice faster than channels-last
+    ones (docs/performance.md); every other pass runs channels-last."""
+    token = _TWICE.set(twice)
+    try:
+        yield
+    finally:
+        _TWICE.reset(token)
+
+
+def layout() -> torch.memory_format:
+    """The memory format of the grouped networks' images in the present pass."""
+    return torch.contiguous_format if _TWICE.get() else torch.channels_last
+
+
 def on_every_task(module: nn.Module, params: Params, x: torch.Tensor) -> torch.Tensor:
     """`module` on each task's inputs x[t] with task t's parameters params[name][t] (every
     parameter with a leading task dimension): the result vmap gives, (tasks, n, ...)."""
     tasks, n = x.shape[:2]
     images = x.transpose(0, 1).reshape(n, -1, *x.shape[3:])  # (n, tasks C, H, W)
-    out = _run(module, "", params, images.contiguous(memory_format=torch.channels_last), tasks)
+    out = _run(module, "", params, images.contiguous(memory_format=layout()), tasks)
     if out.dim() == 4:  # still images: (n, tasks C, H, W) back to (tasks, n, C, H, W)
         return out.reshape(n, tasks, -1, *out.shape[2:]).transpose(0, 1)
     return out

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from fewshot.algorithms.gradient import grouped
 from fewshot.algorithms.rules import InnerRule, Params
 
 _INNER_STEP: ContextVar[int] = ContextVar("fewshot_inner_step", default=0)
@@ -149,7 +150,7 @@ class InnerLoop:
         the rule's next state and the support losses L_support(phi_s), shaped (tasks,); the
         rule reads the losses as constants unless `differentiable`."""
         names = self.adapted_names
-        with inner_step(step):
+        with inner_step(step), grouped.differentiated_twice(create_graph):
             losses = self.per_task_loss(self._call_model(params, x), y)
         # Summed over tasks: each task's copy receives exactly its own task's gradient.
         grads = torch.autograd.grad(
