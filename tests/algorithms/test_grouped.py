@@ -156,4 +156,8 @@ def test_the_vectorised_call_takes_groups_only_where_they_apply(monkeypatch):
     shared = dict(module.named_parameters())
     on_every_task(module, shared, x, False, vectorize=True)
     on_every_task(module, params, x, True, vectorize=False)
+    # A parameter not given keeps the module's own value for every task, as vmap's call has it.
+    without_one = {n: p for n, p in params.items() if n != "head.bias"}
+    out = on_every_task(module, without_one, x, True, vectorize=True)
     assert calls == [1]
+    torch.testing.assert_close(out, under_vmap(module, without_one, x))

@@ -107,7 +107,9 @@ def on_every_task(
     the forward pass updates in place, such as running statistics). With `stage`,
     `module(x, stage=stage)` (`models.checkpoint_segments`), whose x and result may be tuples
     of tensors with a leading task dimension."""
-    if vmapped(x, vectorize) and grouped_call(module, x, params_per_task, task_buffers, stage):
+    if vmapped(x, vectorize) and grouped_call(
+        module, params, x, params_per_task, task_buffers, stage
+    ):
         return grouped.on_every_task(module, params, cast(torch.Tensor, x))
     buffers = dict(module.named_buffers()) if task_buffers is None else task_buffers
     call = _call if stage is None else functools.partial(_call, stage=stage)
@@ -128,16 +130,19 @@ def on_every_task(
 
 def grouped_call(
     module: nn.Module,
+    params: Params,
     x: torch.Tensor | tuple,
     params_per_task: bool,
     task_buffers: Params | None,
     stage: int | None,
 ) -> bool:
     """Whether the vectorised call runs with tasks as groups (`grouped`) rather than under
-    vmap: each task with its own parameters and the module's buffers, the whole module, and a
-    network that `grouped.runs_grouped`."""
+    vmap: each task with its own values of every parameter (a tied one under each of its
+    names) and the module's buffers, the whole module, and a network that
+    `grouped.runs_grouped`."""
     whole = params_per_task and task_buffers is None and stage is None
-    return whole and grouped.runs_grouped(module, x)
+    names = (name for name, _ in module.named_parameters(remove_duplicate=False))
+    return whole and all(name in params for name in names) and grouped.runs_grouped(module, x)
 
 
 def tasks_of(x: torch.Tensor | tuple) -> int:
