@@ -69,8 +69,13 @@ def networks() -> dict[str, nn.Module]:
         nn.Flatten(),
         nn.Linear(6 * 7 * 7, 4),
     )
+    untracked = Conv4(1, 4, hidden=8, track_running_stats=True).train()
+    for layer in untracked.modules():  # buffers kept, but batch statistics used and not updated
+        if isinstance(layer, nn.BatchNorm2d):
+            layer.track_running_stats = False
     return {
         "conv4, batch statistics": Conv4(1, 4, hidden=8),
+        "conv4, buffers no longer tracked": untracked,
         "conv4, running statistics": running,
         "conv4 embedding": Conv4(1, None, hidden=8),
         "strides, no affine, leaky": strided,
@@ -104,7 +109,10 @@ def test_networks_it_does_not_take_run_under_vmap():
     tracking = Conv4(1, 4, hidden=8, track_running_stats=True).train()  # would update them
     frozen = Conv4(1, 4, hidden=8, track_running_stats=True)
     frozen.features[0][1] = FrozenBatchNorm(frozen.features[0][1], learn_affine=True)
+    replaced = Conv4(1, 4, hidden=8)
+    replaced.features.forward = lambda h: h  # as `feature_cache.skipped` does to a backbone
     refused = {
+        "a forward of its own": replaced,
         "residual blocks": ResNet12(1, 4, widths=(4, 4, 4, 4)),
         "no convolution": nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 4)),
         "a hook": hooked,
@@ -116,6 +124,12 @@ def test_networks_it_does_not_take_run_under_vmap():
     for name, module in refused.items():
         assert not grouped.runs_grouped(module, x), name
     assert not grouped.runs_grouped(Conv4(1, 4), x.flatten(2))  # not images
+    hook = nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:  # a hook for every module, which only a module's own call runs
+        assert not grouped.runs_grouped(Conv4(1, 4, hidden=8), x)
+    finally:
+        hook.remove()
+    assert grouped.runs_grouped(Conv4(1, 4, hidden=8), x)
 
 
 @pytest.mark.usefixtures("float64")

@@ -43,7 +43,7 @@ def runs_grouped(module: nn.Module, x: torch.Tensor | tuple) -> bool:
     network of `nn.Sequential`s (and `FeaturesAndHead`) over the layers above, convolutions,
     batch norm and pooling before one `nn.Flatten` and linear layers after it, no hooks, and
     no batch norm that would update running statistics."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 5:
+    if not isinstance(x, torch.Tensor) or x.dim() != 5 or _global_hooks():
         return False
     layers = _layers_in_order(module)
     if layers is None or not all(map(_groupable, layers)):
@@ -62,7 +62,7 @@ def runs_grouped(module: nn.Module, x: torch.Tensor | tuple) -> bool:
 def _layers_in_order(module: nn.Module) -> list[nn.Module] | None:
     """The layers `module` runs, in order; None if a container other than `nn.Sequential` or
     `FeaturesAndHead` (whose order its own forward decides) or a hook is in the way."""
-    if module._forward_hooks or module._forward_pre_hooks:
+    if _hooked_or_replaced(module):
         return None
     if type(module) is nn.Sequential:
         children = list(module.children())
@@ -79,8 +79,21 @@ def _layers_in_order(module: nn.Module) -> list[nn.Module] | None:
     return layers
 
 
+def _hooked_or_replaced(module: nn.Module) -> bool:
+    """A forward hook on `module`, or a `forward` of its own (set on the instance), which the
+    grouped layers would not run."""
+    return bool(module._forward_hooks or module._forward_pre_hooks) or "forward" in vars(module)
+
+
+def _global_hooks() -> bool:
+    """Forward hooks registered for every module (`register_module_forward_hook`)."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
+
+
 def _groupable(layer: nn.Module) -> bool:
-    if type(layer) not in _LAYERS or layer._forward_hooks or layer._forward_pre_hooks:
+    if type(layer) not in _LAYERS or _hooked_or_replaced(layer):
         return False
     if isinstance(layer, nn.Conv2d):
         return layer.padding_mode == "zeros" and isinstance(layer.padding, tuple)
@@ -96,7 +109,8 @@ def _groupable(layer: nn.Module) -> bool:
 @contextlib.contextmanager
 def differentiated_twice(twice: bool = True) -> Iterator[None]:
     """Within (with `twice`), the forward passes are ones whose graph will be differentiated
-    twice: a second-order inner step's support pass. Their grouped networks run in torch's
+    twice: a second-order inner step's support pass (and its recomputation under
+    `checkpoint_inner`, so that both round alike). Their grouped networks run in torch's
     default layout, whose convolutions a CPU differentiates twice faster than channels-last
     ones (docs/performance.md); every other pass runs channels-last."""
     token = _TWICE.set(twice)
@@ -150,13 +164,13 @@ def _run(module: nn.Module, prefix: str, params: Params, h: torch.Tensor, tasks:
             module.groups * tasks,
         )
     if isinstance(module, nn.BatchNorm2d):
+        # Batch statistics (the running ones, if any, left as they are: `_groupable`), or the
+        # running statistics, the same for every task; as `nn.BatchNorm2d` decides.
         batch = module.training or module.running_mean is None
-        mean, var = module.running_mean, module.running_var
-        if not batch:  # the running statistics, the same for every task
-            mean, var = (
-                cast(torch.Tensor, mean).repeat(tasks),
-                cast(torch.Tensor, var).repeat(tasks),
-            )
+        mean = var = None
+        if not batch:
+            mean = cast(torch.Tensor, module.running_mean).repeat(tasks)
+            var = cast(torch.Tensor, module.running_var).repeat(tasks)
         return F.batch_norm(
             h, mean, var, stacked("weight"), stacked("bias"), batch, 0.0, module.eps
         )

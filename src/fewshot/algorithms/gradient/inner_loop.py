@@ -150,7 +150,10 @@ class InnerLoop:
         the rule's next state and the support losses L_support(phi_s), shaped (tasks,); the
         rule reads the losses as constants unless `differentiable`."""
         names = self.adapted_names
-        with inner_step(step), grouped.differentiated_twice(create_graph):
+        # A second-order step, recomputed or not: `create_graph` differs between a recomputed
+        # step's forward and backward passes, which must run (and round) alike.
+        second_order = differentiable and not self.first_order
+        with inner_step(step), grouped.differentiated_twice(second_order):
             losses = self.per_task_loss(self._call_model(params, x), y)
         # Summed over tasks: each task's copy receives exactly its own task's gradient.
         grads = torch.autograd.grad(
