@@ -132,15 +132,16 @@ class MetaLSTMRule(InnerRule):
         task_bias = torch.addmm(bias, preprocess(losses.detach()), w_loss.T)  # (tasks, 4 hidden)
         gradient_inputs = preprocess(gradient).movedim(-1, 0)  # (2, tasks, coordinates)
         gate_weights = self._gate_weights()
+        # Each task's weights of all four gates, for one product a block:
+        # (4 hidden, 2 + hidden + 1) x rows of (gradient, h, ones).
+        weights = [torch.cat([w_gradient, self.lstm.weight_hh, b[:, None]], 1) for b in task_bias]
         blocks, new_state = [], []
         for (task, rows), block_state in zip(
             coordinate_blocks(tasks, theta.shape[1]), state, strict=True
         ):
             h, c, gates = block_state
-            # All four gates of the block in one product: (4 hidden, 2 + hidden + 1) x rows.
-            weights = torch.cat([w_gradient, self.lstm.weight_hh, task_bias[task, :, None]], 1)
             inputs = torch.cat([gradient_inputs[:, task, rows], h, h.new_ones(1, h.shape[1])])
-            h, c = self._lstm_step(weights @ inputs, c, hidden)
+            h, c = self._lstm_step(weights[task] @ inputs, c, hidden)
             gates, new = self._update(
                 h, theta[task, rows], gradient[task, rows], gates, gate_weights
             )
