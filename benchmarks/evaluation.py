@@ -97,7 +97,33 @@ def measure(
     return rows
 
 
-def inner_step_seconds(name: str, rounds: int = 3) -> dict[str, float]:
+def first_draw(name: str):
+    """A zoo model, loaded as `fewshot eval` loads it, and the first draw of its test episodes
+    (the evaluator's seed and stream), with the steps its adaptation takes on them."""
+    from fewshot.tasks import stream_generator
+    from fewshot.training.evaluation import EPISODES_PER_DRAW
+    from fewshot.training.loading import load_run
+
+    _, algorithm, sources = load_run(REPO / "zoo" / name)
+    batch = sources.test.sample(EPISODES_PER_DRAW, stream_generator("eval", 0))
+    return algorithm, batch, algorithm.evaluation_steps(batch.support_x.shape[1])
+
+
+def adaptation_seconds(algorithm, batch, steps: int) -> float:
+    """Seconds per step of adapting to `batch`'s support sets as the evaluator does."""
+    from fewshot.training.evaluation import prediction_mode
+
+    with prediction_mode(algorithm, 0):
+        started = time.perf_counter()
+        algorithm.adapt_tasks(batch.support_x, batch.support_y)
+        return (time.perf_counter() - started) / steps
+
+
+def medians(times: dict[str, list[float]]) -> dict[str, float]:
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def inner_step_seconds(name: str, rounds: int = 3) -> str:
     """Seconds per inner step of a zoo gradient model on one draw of 25 test episodes' support
     sets: adapting them as the evaluator does (eval mode, `prediction_mode`), and taking the
     same steps on the same support sets as its training does (train mode, gradients on, no
@@ -105,30 +131,25 @@ def inner_step_seconds(name: str, rounds: int = 3) -> dict[str, float]:
     costs what its steps cost: the time is in the number of steps, not in the test path."""
     import torch
 
-    from fewshot.tasks import stream_generator
-    from fewshot.training.evaluation import prediction_mode
-    from fewshot.training.loading import load_run
-
-    _, algorithm, sources = load_run(REPO / "zoo" / name)
+    algorithm, batch, steps = first_draw(name)
     if algorithm.training_data == "examples":
         raise SystemExit(f"{name}: its training is pretraining on batches, not inner steps")
-    batch = sources.test.sample(25, stream_generator("eval", 0))
-    steps = algorithm.evaluation_steps(batch.support_x.shape[1])
     times: dict[str, list[float]] = {"test": [], "training": []}
     for _ in range(rounds):
-        with prediction_mode(algorithm, 0):
-            started = time.perf_counter()
-            algorithm.adapt_tasks(batch.support_x, batch.support_y)
-            times["test"].append((time.perf_counter() - started) / steps)
+        times["test"].append(adaptation_seconds(algorithm, batch, steps))
         algorithm.train()
         with torch.enable_grad():
             started = time.perf_counter()
             algorithm.trajectory(batch.support_x, batch.support_y, steps, False)
             times["training"].append((time.perf_counter() - started) / steps)
-    return {"steps": steps, **{k: statistics.median(v) for k, v in times.items()}}
+    t = medians(times)
+    return (
+        f"{name}: {steps} steps; per inner step {1000 * t['test']:.1f} ms at test, "
+        f"{1000 * t['training']:.1f} ms in training (25 support sets, median of {rounds})"
+    )
 
 
-def fine_tuning_step_seconds(name: str, rounds: int = 3) -> dict[str, float]:
+def fine_tuning_step_seconds(name: str, rounds: int = 3) -> str:
     """Seconds per fine-tuning step of a zoo fine-tuning model on one draw of 25 test episodes,
     the steps of its recipe (mini-batches of the support set): as the evaluator takes them (the
     25 episodes' networks vectorised), one episode's network at a time (the same steps, not
@@ -140,13 +161,7 @@ def fine_tuning_step_seconds(name: str, rounds: int = 3) -> dict[str, float]:
     import torch
     import torch.nn.functional as F
 
-    from fewshot.tasks import stream_generator
-    from fewshot.training.evaluation import prediction_mode
-    from fewshot.training.loading import load_run
-
-    _, algorithm, sources = load_run(REPO / "zoo" / name)
-    batch = sources.test.sample(25, stream_generator("eval", 0))
-    steps = algorithm.evaluation_steps(batch.support_x.shape[1])
+    algorithm, batch, steps = first_draw(name)
     network = copy.deepcopy(algorithm.model).eval()  # body and head, running statistics
     optimizer = torch.optim.SGD(
         network.parameters(), lr=0.01, momentum=0.9, dampening=0.9, weight_decay=1e-3
@@ -157,10 +172,7 @@ def fine_tuning_step_seconds(name: str, rounds: int = 3) -> dict[str, float]:
     for _ in range(rounds):
         for label, vectorize in (("vectorised", True), ("one at a time", False)):
             algorithm.vectorize = vectorize
-            with prediction_mode(algorithm, 0):
-                started = time.perf_counter()
-                algorithm.adapt_tasks(batch.support_x, batch.support_y)
-                times[label].append((time.perf_counter() - started) / steps)
+            times[label].append(adaptation_seconds(algorithm, batch, steps))
         algorithm.vectorize = True
         started = time.perf_counter()
         for size in sizes:
@@ -170,7 +182,13 @@ def fine_tuning_step_seconds(name: str, rounds: int = 3) -> dict[str, float]:
             F.cross_entropy(network(x), y).backward()
             optimizer.step()
         times["one network"].append((time.perf_counter() - started) / len(sizes))
-    return {"steps": steps, **{k: statistics.median(v) for k, v in times.items()}}
+    t = medians(times)
+    return (
+        f"{name}: {steps} steps of 25 episodes; per step {1000 * t['vectorised']:.1f} ms "
+        f"vectorised, {1000 * t['one at a time']:.1f} ms one episode at a time, "
+        f"{1000 * t['one network']:.1f} ms as one network on the same images (median of "
+        f"{rounds})"
+    )
 
 
 def profile(name: str, rows: int = 15) -> str:
@@ -258,30 +276,16 @@ def main() -> None:
         help="zoo models: where one draw of 25 test episodes spends its time (torch.profiler)",
     )
     args = parser.parse_args()
-    if args.profile:
-        for name in args.profile:
-            print(profile(name))
-        return
-    if args.fine_tuning_steps:
-        for name in args.fine_tuning_steps:
-            t = fine_tuning_step_seconds(name, args.rounds)
-            print(
-                f"{name}: {t['steps']} steps of 25 episodes; per step "
-                f"{1000 * t['vectorised']:.1f} ms vectorised, "
-                f"{1000 * t['one at a time']:.1f} ms one episode at a time, "
-                f"{1000 * t['one network']:.1f} ms as one network on the same images "
-                f"(median of {args.rounds})"
-            )
-        return
-    if args.step_times:
-        for name in args.step_times:
-            t = inner_step_seconds(name, args.rounds)
-            print(
-                f"{name}: {t['steps']} steps; per inner step {1000 * t['test']:.1f} ms at test, "
-                f"{1000 * t['training']:.1f} ms in training (25 support sets, median of "
-                f"{args.rounds})"
-            )
-        return
+    reports = (
+        (args.profile, lambda name: profile(name)),
+        (args.fine_tuning_steps, lambda name: fine_tuning_step_seconds(name, args.rounds)),
+        (args.step_times, lambda name: inner_step_seconds(name, args.rounds)),
+    )
+    for names, report in reports:
+        if names:
+            for name in names:
+                print(report(name))
+            return
     models = [m for m in MODELS if args.models is None or m[0] in args.models]
     rows = measure(models, args.rounds, args.before)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"

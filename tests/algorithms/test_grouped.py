@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from fewshot import MAML
+from fewshot import MAML, Task
 from fewshot.algorithms.gradient import grouped
 from fewshot.algorithms.gradient.parallel import on_every_task
 from fewshot.backbones import FrozenBatchNorm
@@ -139,7 +139,6 @@ def test_maml_adapts_and_meta_learns_the_same_as_groups_and_task_by_task():
     torch.manual_seed(0)
     model = Conv4(1, 3, hidden=8).double()
     x, y = images(), torch.arange(3).repeat(TASKS, 2)[:, :IMAGES]
-    from fewshot.tasks import Task
 
     tasks = Task(x[:, :2], y[:, :2], x[:, 2:], y[:, 2:])
     results = []
