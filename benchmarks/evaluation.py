@@ -5,7 +5,11 @@ Each model's time is that of `fewshot eval zoo/NAME --episodes 62` minus that of
 command with `--episodes 2`, scaled to 600 episodes, so that process start-up, loading and the
 first draw's warm-up are left out. Both commands run one after the other, in rounds; the table
 shows each model's median over the rounds and its ratio to ProtoNet's, and MAML's inductive
-policy against its own transductive time.
+policy against its own transductive time. Beside them, the work: each model's matmul and
+convolution FLOPs per 600 episodes (counted by torch's `FlopCounterMode` on one draw of 25
+episodes, forward and backward passes; elementwise work is not counted), the rate its time
+makes of them, and that rate as a share of a 2048x2048 float32 matmul's, timed in this run. A
+row whose time is long at a rate near the matmul's is long because of its work, not its code.
 
     FEWSHOT_DATA_ROOT=../shared/data/omniglot python benchmarks/evaluation.py [--rounds 3]
         [--models NAME,...] [--before CHECKOUT] [--json-out F] [--md-out F]
@@ -25,6 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 REPO = Path(__file__).resolve().parents[1]
 EPISODES, BASE_EPISODES = 62, 2
@@ -97,6 +102,54 @@ def measure(
     return rows
 
 
+def gflop_per_600_episodes(name: str, options: tuple[str, ...]) -> float:
+    """Matmul and convolution GFLOPs (forward and backward passes) of 600 test episodes as
+    `fewshot eval zoo/NAME OPTIONS` runs them: one draw's, counted, scaled."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fewshot.training.evaluation import EPISODES_PER_DRAW, evaluate_episodes
+    from fewshot.training.loading import load_run
+
+    batch_norm = dict(zip(options[::2], options[1::2], strict=True)).get("--batch-norm")
+    _, algorithm, sources = load_run(REPO / "zoo" / name, batch_norm=batch_norm)
+    with FlopCounterMode(display=False) as counter:
+        evaluate_episodes(algorithm, sources.test, EPISODES_PER_DRAW)
+    return counter.get_total_flops() / EPISODES_PER_DRAW * 600 / 1e9
+
+
+def matmul_gflops(repeats: int = 21) -> float:
+    """GFLOP/s of a 2048x2048 float32 matmul on this machine now (median of `repeats`): the
+    rate the other rows are put in scale of (`run.py`'s reference)."""
+    import torch
+    from builders import build_matmul
+    from workloads import WORKLOADS
+
+    bench = build_matmul(WORKLOADS["matmul"], "torch", torch.device("cpu"))
+    seconds = []
+    for i in range(repeats + 2):  # two warm-up calls
+        started = time.perf_counter()
+        bench.step(i)
+        seconds.append(time.perf_counter() - started)
+    return cast(int, bench.flops_per_step) / statistics.median(seconds[2:]) / 1e9
+
+
+def adaptation_gflop_per_step(algorithm, batch, steps: int) -> float:
+    """Matmul and convolution GFLOPs of one adaptation step to `batch`'s support sets, as the
+    evaluator takes it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fewshot.training.evaluation import prediction_mode
+
+    with prediction_mode(algorithm, 0), FlopCounterMode(display=False) as counter:
+        algorithm.adapt_tasks(batch.support_x, batch.support_y)
+    return counter.get_total_flops() / steps / 1e9
+
+
+def rate(gflop: float, seconds: float, matmul: float) -> str:
+    """`gflop` done in `seconds` as GFLOP/s and as a share of the matmul's `matmul` GFLOP/s."""
+    return f"{gflop / seconds:.0f} GFLOP/s, {gflop / seconds / matmul:.0%} of the matmul's"
+
+
 def first_draw(name: str):
     """A zoo model, loaded as `fewshot eval` loads it, and the first draw of its test episodes
     (the evaluator's seed and stream), with the steps its adaptation takes on them."""
@@ -143,9 +196,11 @@ def inner_step_seconds(name: str, rounds: int = 3) -> str:
             algorithm.trajectory(batch.support_x, batch.support_y, steps, False)
             times["training"].append((time.perf_counter() - started) / steps)
     t = medians(times)
+    gflop = adaptation_gflop_per_step(algorithm, batch, steps)
     return (
         f"{name}: {steps} steps; per inner step {1000 * t['test']:.1f} ms at test, "
-        f"{1000 * t['training']:.1f} ms in training (25 support sets, median of {rounds})"
+        f"{1000 * t['training']:.1f} ms in training (25 support sets, median of {rounds}); "
+        f"{gflop:.2f} GFLOP a step, at test {rate(gflop, t['test'], matmul_gflops())}"
     )
 
 
@@ -183,11 +238,13 @@ def fine_tuning_step_seconds(name: str, rounds: int = 3) -> str:
             optimizer.step()
         times["one network"].append((time.perf_counter() - started) / len(sizes))
     t = medians(times)
+    gflop = adaptation_gflop_per_step(algorithm, batch, steps)
     return (
         f"{name}: {steps} steps of 25 episodes; per step {1000 * t['vectorised']:.1f} ms "
         f"vectorised, {1000 * t['one at a time']:.1f} ms one episode at a time, "
         f"{1000 * t['one network']:.1f} ms as one network on the same images (median of "
-        f"{rounds})"
+        f"{rounds}); {gflop:.2f} GFLOP a step, vectorised "
+        f"{rate(gflop, t['vectorised'], matmul_gflops())}"
     )
 
 
@@ -222,14 +279,18 @@ def commit(checkout: Path) -> str:
     return git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain") else "")
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], matmul: float) -> str:
+    """The markdown table: each version's seconds, ratios and rounds, then the work (GFLOP per
+    600 episodes) and the rate this checkout's time makes of it (`matmul`: the reference's
+    GFLOP/s)."""
     by_label = {row["label"]: row for row in rows}
     versions = ["before", "median"] if "before" in rows[0] else ["median"]
     header = "| zoo model |"
     for version in versions:
         when = " before" if version == "before" else (" after" if len(versions) > 1 else "")
         header += f" s / 600 episodes{when} | x ProtoNet | rounds (s) |"
-    lines = [header, "|---" * (1 + 3 * len(versions)) + "|"]
+    header += " GFLOP / 600 episodes | GFLOP/s (share of the matmul's) |"
+    lines = [header, "|---" * (3 + 3 * len(versions)) + "|"]
     for row in rows:
         line = f"| {row['label']} |"
         for version in versions:
@@ -241,6 +302,8 @@ def table(rows: list[dict]) -> str:
             key = "rounds before" if version == "before" else "rounds"
             rounds = ", ".join(f"{t:.0f}" for t in row[key])
             line += f" {row[version]:.0f} | {ratio} | {rounds} |"
+        achieved = row["gflop"] / row["median"]
+        line += f" {row['gflop']:,.0f} | {achieved:.0f} ({achieved / matmul:.0%}) |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -287,7 +350,11 @@ def main() -> None:
                 print(report(name))
             return
     models = [m for m in MODELS if args.models is None or m[0] in args.models]
+    matmul = [matmul_gflops()]
     rows = measure(models, args.rounds, args.before)
+    matmul.append(matmul_gflops())
+    for row in rows:
+        row["gflop"] = gflop_per_600_episodes(row["model"], tuple(row["options"]))
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     header = (
         f"`fewshot eval zoo/NAME`, Omniglot 5-way 1-shot: seconds per 600 episodes, "
@@ -296,10 +363,16 @@ def main() -> None:
     )
     if args.before is not None:
         header += f"; before: commit {commit(args.before)}, after: commit {commit(REPO)}"
-    header += ".\n\n"
-    markdown = header + table(rows) + "\n"
+    header += (
+        f". GFLOP: matmuls and convolutions, forward and backward, of one draw of 25 episodes "
+        f"(`FlopCounterMode`) x 24; the reference, a 2048x2048 float32 matmul, ran at "
+        f"{matmul[0]:.0f} GFLOP/s before the rounds and {matmul[1]:.0f} after (their mean is "
+        f"the share's 100%).\n\n"
+    )
+    markdown = header + table(rows, statistics.mean(matmul)) + "\n"
     args.md_out.write_text(markdown)
-    args.json_out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
+    result = {"machine": machine, "matmul_gflops": matmul, "rows": rows}
+    args.json_out.write_text(json.dumps(result, indent=1) + "\n")
     print(markdown)
 
 

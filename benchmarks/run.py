@@ -1,6 +1,7 @@
 """fewshot's benchmark against learn2learn and higher, all measured in one run.
 
-    python benchmarks/run.py [--quick] [--device cpu|cuda] [--malloc tuned|default] [--rounds N]
+    python benchmarks/run.py [--quick] [--device cpu|cuda] [--malloc tuned|lean|default]
+        [--rounds N]
 
 The parent process runs nothing itself: it spawns one fresh child process per
 (workload, library), `run.py --single WORKLOAD --library LIB`, so that each peak-memory figure
@@ -31,14 +32,16 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-# glibc malloc settings that keep freed memory in the process instead of returning it to the
-# kernel after every large tensor (each return and re-fault costs page faults on the next one).
-TUNED_MALLOC = {
-    "MALLOC_MMAP_THRESHOLD_": "10000000000",
-    "MALLOC_TRIM_THRESHOLD_": "10000000000",
-    "MALLOC_TOP_PAD_": "1000000000",
-}
-ALLOCATOR_VARS = (*TUNED_MALLOC, "MALLOC_ARENA_MAX", "LD_PRELOAD", "PYTORCH_CUDA_ALLOC_CONF")
+# The glibc variables a child's allocator reads, recorded in each result; `--malloc` sets
+# `fewshot`'s own choices (`allocator_settings`).
+ALLOCATOR_VARS = (
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+    "MALLOC_ARENA_MAX",
+    "LD_PRELOAD",
+    "PYTORCH_CUDA_ALLOC_CONF",
+)
 CHILD_TIMEOUT_S = 1800
 RESULT_PREFIX = "FEWSHOT_BENCH_RESULT "
 
@@ -213,13 +216,19 @@ def child_environment(device: str) -> dict:
 # --- parent: spawn, collect, report ---------------------------------------------------------------
 
 
+def allocator_settings(malloc: str) -> dict[str, str]:
+    """glibc settings for `--malloc`: `tuned`, those `fewshot` starts under (which keep freed
+    memory in the process); `lean`, those of `fewshot train --checkpoint-inner`; `default`,
+    none."""
+    from fewshot.cli import LEAN_MALLOC, TUNED_MALLOC
+
+    return {"tuned": TUNED_MALLOC, "lean": LEAN_MALLOC, "default": {}}[malloc]
+
+
 def child_env(malloc: str) -> dict[str, str]:
     """The environment of every child: the chosen allocator settings, fewshot's src/ on the path."""
-    env = dict(os.environ)
-    for name in TUNED_MALLOC:
-        env.pop(name, None)
-    if malloc == "tuned":
-        env.update(TUNED_MALLOC)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.update(allocator_settings(malloc))
     src = str(REPO / "src")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"
@@ -317,7 +326,7 @@ def run_all(args: argparse.Namespace) -> dict:
             **machine_info(),
             "device": args.device,
             "malloc": args.malloc,
-            "allocator_env_set_for_children": TUNED_MALLOC if args.malloc == "tuned" else {},
+            "allocator_env_set_for_children": allocator_settings(args.malloc),
             "quick": args.quick,
             "chunk_size": args.chunk_size,
             "queries": args.queries,
@@ -369,11 +378,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
         "--malloc",
-        choices=("tuned", "default"),
+        choices=("tuned", "lean", "default"),
         default="tuned",
-        help="tuned: set "
-        + " ".join(f"{k}={v}" for k, v in TUNED_MALLOC.items())
-        + " in every child; default: leave them unset",
+        help="glibc settings in every child: tuned, those `fewshot` starts under (freed memory "
+        "kept); lean, those of `fewshot train --checkpoint-inner`; default, none",
     )
     parser.add_argument(
         "--chunk-size",

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from fewshot.cli import main, tunes_malloc
+from fewshot.cli import LEAN_MALLOC, TUNED_MALLOC, main, malloc_settings
 from fewshot.training import TrainConfig
 from fewshot.training.checkpoint import write_config
 
@@ -611,18 +611,20 @@ def test_train_help_is_in_sections_with_the_papers_defaults_and_examples():
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's settings: Linux only")
-def test_the_tuned_allocator_is_left_out_where_memory_is_the_point():
-    """`fewshot` restarts under glibc settings that keep freed memory, unless the user set their
-    own, opted out, or asked for --checkpoint-inner (whose point is less memory)."""
+def test_the_allocator_settings_follow_what_the_command_is_for():
+    """`fewshot` restarts under glibc settings that keep freed memory, or, for
+    --checkpoint-inner (whose point is less memory), ones that return it; under none where the
+    user set their own or opted out."""
     train = ["train", "--algorithm", "maml", "--dataset", "omniglot"]
-    assert tunes_malloc(train, {})
-    assert not tunes_malloc([*train, "--checkpoint-inner"], {})
-    assert not tunes_malloc(train, {"MALLOC_ARENA_MAX": "2"})
-    assert not tunes_malloc(train, {"FEWSHOT_NO_MALLOC_TUNING": "1"})
+    assert malloc_settings(train, {}) == TUNED_MALLOC
+    assert malloc_settings([*train, "--checkpoint-inner"], {}) == LEAN_MALLOC
+    assert malloc_settings(train, {"MALLOC_ARENA_MAX": "2"}) is None
+    assert malloc_settings([*train, "--checkpoint-inner"], {"MALLOC_ARENA_MAX": "2"}) is None
+    assert malloc_settings(train, {"FEWSHOT_NO_MALLOC_TUNING": "1"}) is None
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's settings: Linux only")
-def test_checkpointing_from_a_config_file_or_a_resumed_run_also_keeps_the_default_allocator(
+def test_checkpointing_from_a_config_file_or_a_resumed_run_also_gets_the_lean_allocator(
     tmp_path,
 ):
     train = ["train", "--algorithm", "maml", "--dataset", "omniglot"]
@@ -630,16 +632,18 @@ def test_checkpointing_from_a_config_file_or_a_resumed_run_also_keeps_the_defaul
     asking.write_text(json.dumps({"algorithm": "maml", "checkpoint_inner": True}))
     plain = tmp_path / "plain.json"
     plain.write_text(json.dumps({"algorithm": "maml"}))
-    assert not tunes_malloc([*train, "--config", str(asking)], {})
-    assert not tunes_malloc([*train, f"--config={asking}"], {})
-    assert tunes_malloc([*train, "--config", str(asking), "--no-checkpoint-inner"], {})
-    assert tunes_malloc([*train, "--config", str(plain)], {})
+    assert malloc_settings([*train, "--config", str(asking)], {}) == LEAN_MALLOC
+    assert malloc_settings([*train, f"--config={asking}"], {}) == LEAN_MALLOC
+    no = [*train, "--config", str(asking), "--no-checkpoint-inner"]
+    assert malloc_settings(no, {}) == TUNED_MALLOC
+    assert malloc_settings([*train, "--config", str(plain)], {}) == TUNED_MALLOC
     run = tmp_path / "run"
     run.mkdir()
     config = TrainConfig(algorithm="maml", dataset="omniglot", settings={"checkpoint_inner": True})
     write_config(run, config.resolved())
-    assert not tunes_malloc(["train", "--resume", str(run)], {})
-    assert tunes_malloc(["train", "--resume", str(tmp_path / "missing")], {})
+    assert malloc_settings(["train", "--resume", str(run)], {}) == LEAN_MALLOC
+    missing = ["train", "--resume", str(tmp_path / "missing")]
+    assert malloc_settings(missing, {}) == TUNED_MALLOC
 
 
 @pytest.mark.omniglot

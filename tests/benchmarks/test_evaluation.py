@@ -1,12 +1,14 @@
 """benchmarks/evaluation.py: the table of seconds per 600 episodes, with before and after
-columns."""
+columns, and the work each model's episodes do."""
+
+import pytest
 
 from benchmarks import evaluation
 
 
-def row(label, median, before=None, options=()):
+def row(label, median, before=None, options=(), gflop=1000.0):
     values = {"model": label.lower(), "options": list(options), "label": label}
-    values.update(median=median, rounds=[median, median + 1, median - 1])
+    values.update(median=median, rounds=[median, median + 1, median - 1], gflop=gflop)
     if before is not None:
         values.update(before=before, **{"rounds before": [before] * 3})
     return values
@@ -18,7 +20,7 @@ def test_the_table_shows_each_version_against_protonet_and_inductive_against_tra
         row("MAML (transductive)", 20.0, before=30.0),
         row("MAML inductive", 50.0, before=120.0, options=("--batch-norm", "inductive")),
     ]
-    lines = evaluation.table(rows).splitlines()
+    lines = evaluation.table(rows, matmul=100.0).splitlines()
     assert "before" in lines[0] and "after" in lines[0]
     assert lines[1].count("|") == lines[0].count("|")
     inductive = lines[-1]
@@ -27,6 +29,24 @@ def test_the_table_shows_each_version_against_protonet_and_inductive_against_tra
 
 
 def test_without_an_earlier_checkout_the_table_has_one_version():
-    lines = evaluation.table([row("ProtoNet", 10.0), row("Reptile", 95.0)]).splitlines()
+    rows = [row("ProtoNet", 10.0), row("Reptile", 95.0, gflop=7600.0)]
+    lines = evaluation.table(rows, matmul=100.0).splitlines()
     assert "before" not in lines[0] and "after" not in lines[0]
-    assert lines[-1] == "| Reptile | 95 | 9.5 | 95, 96, 94 |"
+    assert lines[1].count("|") == lines[0].count("|")
+    assert lines[-1] == "| Reptile | 95 | 9.5 | 95, 96, 94 | 7,600 | 80 (80%) |"
+
+
+# Conv4 (64 channels, 3x3, padding 1, each block halving the side) on one 28x28 image:
+# 2 x side^2 x out x in x 9 per convolution, at sides 28, 14, 7 and 3.
+CONV4_FORWARD_FLOP = sum(
+    2 * side**2 * 64 * c_in * 9 for side, c_in in ((28, 1), (14, 64), (7, 64), (3, 64))
+)
+
+
+@pytest.mark.slow
+def test_the_work_of_protonets_episodes_is_its_encoders_forward_passes(omniglot_root, monkeypatch):
+    """600 ProtoNet episodes (5-way 1-shot, 15 queries: 80 images each) are 48,000 Conv4
+    forward passes; the distances to 5 prototypes add almost nothing."""
+    monkeypatch.setenv("FEWSHOT_DATA_ROOT", str(omniglot_root))
+    gflop = evaluation.gflop_per_600_episodes("protonet-omniglot-5w1s", ())
+    assert gflop == pytest.approx(600 * 80 * CONV4_FORWARD_FLOP / 1e9, rel=1e-3)
