@@ -21,6 +21,7 @@ row whose time is long at a rate near the matmul's is long because of its work, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -28,8 +29,11 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
+
+from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
 EPISODES, BASE_EPISODES = 62, 2
@@ -102,17 +106,32 @@ def measure(
     return rows
 
 
+@contextlib.contextmanager
+def counted_flops(algorithm) -> Iterator[FlopCounterMode]:
+    """`FlopCounterMode` around `algorithm`'s work, its tasks taken one at a time: torch's
+    counter takes a grouped convolution's weight gradient for an ungrouped one (the groups
+    times too many), and the vectorised paths run the tasks as groups; one task at a time is
+    the same arithmetic in plain convolutions."""
+    vectorize = getattr(algorithm, "vectorize", None)
+    if vectorize is not None:
+        algorithm.vectorize = False
+    try:
+        with FlopCounterMode(display=False) as counter:
+            yield counter
+    finally:
+        if vectorize is not None:
+            algorithm.vectorize = vectorize
+
+
 def gflop_per_600_episodes(name: str, options: tuple[str, ...]) -> float:
     """Matmul and convolution GFLOPs (forward and backward passes) of 600 test episodes as
     `fewshot eval zoo/NAME OPTIONS` runs them: one draw's, counted, scaled."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from fewshot.training.evaluation import EPISODES_PER_DRAW, evaluate_episodes
     from fewshot.training.loading import load_run
 
     batch_norm = dict(zip(options[::2], options[1::2], strict=True)).get("--batch-norm")
     _, algorithm, sources = load_run(REPO / "zoo" / name, batch_norm=batch_norm)
-    with FlopCounterMode(display=False) as counter:
+    with counted_flops(algorithm) as counter:
         evaluate_episodes(algorithm, sources.test, EPISODES_PER_DRAW)
     return counter.get_total_flops() / EPISODES_PER_DRAW * 600 / 1e9
 
@@ -136,11 +155,9 @@ def matmul_gflops(repeats: int = 21) -> float:
 def adaptation_gflop_per_step(algorithm, batch, steps: int) -> float:
     """Matmul and convolution GFLOPs of one adaptation step to `batch`'s support sets, as the
     evaluator takes it."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from fewshot.training.evaluation import prediction_mode
 
-    with prediction_mode(algorithm, 0), FlopCounterMode(display=False) as counter:
+    with prediction_mode(algorithm, 0), counted_flops(algorithm) as counter:
         algorithm.adapt_tasks(batch.support_x, batch.support_y)
     return counter.get_total_flops() / steps / 1e9
 

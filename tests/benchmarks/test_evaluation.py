@@ -50,3 +50,21 @@ def test_the_work_of_protonets_episodes_is_its_encoders_forward_passes(omniglot_
     monkeypatch.setenv("FEWSHOT_DATA_ROOT", str(omniglot_root))
     gflop = evaluation.gflop_per_600_episodes("protonet-omniglot-5w1s", ())
     assert gflop == pytest.approx(600 * 80 * CONV4_FORWARD_FLOP / 1e9, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_an_adaptation_steps_work_is_counted_as_plain_convolutions_would_count_it(
+    omniglot_root, monkeypatch
+):
+    """A MAML step on 25 support sets of 5 images: each image's Conv4 forward pass, its weight
+    gradients (as much again) and its input gradients but the first layer's, plus the 64 to 5
+    linear head's three products. Run as groups, torch's counter alone would take each weight
+    gradient 25 times."""
+    monkeypatch.setenv("FEWSHOT_DATA_ROOT", str(omniglot_root))
+    algorithm, batch, steps = evaluation.first_draw("maml-omniglot-5w1s-cpu")
+    first_layer = 2 * 28**2 * 64 * 9
+    head = 3 * 2 * 64 * 5
+    per_image = 3 * CONV4_FORWARD_FLOP - first_layer + head
+    gflop = evaluation.adaptation_gflop_per_step(algorithm, batch, steps)
+    assert gflop == pytest.approx(25 * 5 * per_image / 1e9, rel=1e-3)
+    assert algorithm.vectorize  # as it was
