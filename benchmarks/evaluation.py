@@ -2,14 +2,18 @@
 `fewshot eval zoo/NAME`, Omniglot 5-way 1-shot, as a user runs it (docs/performance.md).
 
 Each model's time is that of `fewshot eval zoo/NAME --episodes 62` minus that of the same
-command with `--episodes 2`, scaled to 600 episodes, so that process start-up, loading and the
-first draw's warm-up are left out. Both commands run one after the other, in rounds; the table
-shows each model's median over the rounds and its ratio to ProtoNet's, and MAML's inductive
+command with `--episodes 12`, scaled to 600 episodes: the evaluator draws 25 episodes at a
+time, so the difference is two whole draws of 25 (62 is 25 + 25 + 12), and process start-up,
+loading and the first draw's warm-up are left out. (The before/after run of 2026-12-06 took
+`--episodes 2` as the base, whose one draw still pays every step of a many-step method: its
+scaled times of such methods are low.) Both commands run one after the other, in rounds; the
+table shows each model's median over the rounds and its ratio to ProtoNet's, and MAML's inductive
 policy against its own transductive time. Beside them, the work: each model's matmul and
 convolution FLOPs per 600 episodes (counted by torch's `FlopCounterMode` on one draw of 25
 episodes, forward and backward passes; elementwise work is not counted), the rate its time
 makes of them, and that rate as a share of a 2048x2048 float32 matmul's, timed in this run. A
-row whose time is long at a rate near the matmul's is long because of its work, not its code.
+row whose time is long at a rate as high as the others' is long because of its work, not its
+code.
 
     FEWSHOT_DATA_ROOT=../shared/data/omniglot python benchmarks/evaluation.py [--rounds 3]
         [--models NAME,...] [--before CHECKOUT] [--json-out F] [--md-out F]
@@ -36,7 +40,7 @@ from typing import cast
 from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
-EPISODES, BASE_EPISODES = 62, 2
+EPISODES, BASE_EPISODES = 62, 12  # their difference: two draws of 25 episodes
 # (zoo folder, extra `fewshot eval` options, the row's name)
 MODELS = [
     ("protonet-omniglot-5w1s", (), "ProtoNet"),
@@ -74,7 +78,7 @@ def eval_seconds(
 
 
 def per_600_episodes(name: str, options: tuple[str, ...], source: Path | None = None) -> float:
-    """One round: (t(62) - t(2)) / 60 * 600."""
+    """One round: (t(62) - t(12)) / 50 * 600."""
     long = eval_seconds(name, options, EPISODES, source)
     short = eval_seconds(name, options, BASE_EPISODES, source)
     return (long - short) / (EPISODES - BASE_EPISODES) * 600
