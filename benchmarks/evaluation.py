@@ -39,8 +39,12 @@ from typing import cast
 
 from torch.utils.flop_counter import FlopCounterMode
 
+from fewshot.training.evaluation import EPISODES_PER_DRAW
+
 REPO = Path(__file__).resolve().parents[1]
-EPISODES, BASE_EPISODES = 62, 12  # their difference: two draws of 25 episodes
+# The base run's one draw is partial, as the long run's last; between them, two whole draws.
+BASE_EPISODES = 12
+EPISODES = BASE_EPISODES + 2 * EPISODES_PER_DRAW
 # (zoo folder, extra `fewshot eval` options, the row's name)
 MODELS = [
     ("protonet-omniglot-5w1s", (), "ProtoNet"),
@@ -78,7 +82,7 @@ def eval_seconds(
 
 
 def per_600_episodes(name: str, options: tuple[str, ...], source: Path | None = None) -> float:
-    """One round: (t(62) - t(12)) / 50 * 600."""
+    """One round: (t(EPISODES) - t(BASE_EPISODES)) / (EPISODES - BASE_EPISODES) * 600."""
     long = eval_seconds(name, options, EPISODES, source)
     short = eval_seconds(name, options, BASE_EPISODES, source)
     return (long - short) / (EPISODES - BASE_EPISODES) * 600
@@ -130,10 +134,10 @@ def counted_flops(algorithm) -> Iterator[FlopCounterMode]:
 def gflop_per_600_episodes(name: str, options: tuple[str, ...]) -> float:
     """Matmul and convolution GFLOPs (forward and backward passes) of 600 test episodes as
     `fewshot eval zoo/NAME OPTIONS` runs them: one draw's, counted, scaled."""
-    from fewshot.training.evaluation import EPISODES_PER_DRAW, evaluate_episodes
+    from fewshot.training.evaluation import evaluate_episodes
     from fewshot.training.loading import load_run
 
-    batch_norm = dict(zip(options[::2], options[1::2], strict=True)).get("--batch-norm")
+    batch_norm = options[options.index("--batch-norm") + 1] if "--batch-norm" in options else None
     _, algorithm, sources = load_run(REPO / "zoo" / name, batch_norm=batch_norm)
     with counted_flops(algorithm) as counter:
         evaluate_episodes(algorithm, sources.test, EPISODES_PER_DRAW)
@@ -175,7 +179,6 @@ def first_draw(name: str):
     """A zoo model, loaded as `fewshot eval` loads it, and the first draw of its test episodes
     (the evaluator's seed and stream), with the steps its adaptation takes on them."""
     from fewshot.tasks import stream_generator
-    from fewshot.training.evaluation import EPISODES_PER_DRAW
     from fewshot.training.loading import load_run
 
     _, algorithm, sources = load_run(REPO / "zoo" / name)
@@ -274,7 +277,7 @@ def profile(name: str, rows: int = 15) -> str:
     operators by their own CPU time (after one unprofiled draw), as a table."""
     from torch.profiler import profile as profiled
 
-    from fewshot.training.evaluation import EPISODES_PER_DRAW, evaluate_episodes
+    from fewshot.training.evaluation import evaluate_episodes
     from fewshot.training.loading import load_run
 
     _, algorithm, sources = load_run(REPO / "zoo" / name)
@@ -385,8 +388,9 @@ def main() -> None:
     if args.before is not None:
         header += f"; before: commit {commit(args.before)}, after: commit {commit(REPO)}"
     header += (
-        f". GFLOP: matmuls and convolutions, forward and backward, of one draw of 25 episodes "
-        f"(`FlopCounterMode`) x 24; the reference, a 2048x2048 float32 matmul, ran at "
+        f". GFLOP: matmuls and convolutions, forward and backward, of one draw of "
+        f"{EPISODES_PER_DRAW} episodes (`FlopCounterMode`) x {600 // EPISODES_PER_DRAW}; the "
+        f"reference, a 2048x2048 float32 matmul, ran at "
         f"{matmul[0]:.0f} GFLOP/s before the rounds and {matmul[1]:.0f} after (their mean is "
         f"the share's 100%).\n\n"
     )

@@ -32,8 +32,20 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-# The glibc variables a child's allocator reads, recorded in each result; `--malloc` sets
-# `fewshot`'s own choices (`allocator_settings`).
+# `--malloc`'s glibc settings: `fewshot.cli`'s TUNED_MALLOC (what `fewshot` starts under,
+# which keeps freed memory in the process) and LEAN_MALLOC (what `fewshot train
+# --checkpoint-inner` starts under), copied so that this parent imports neither torch nor
+# fewshot (tests/benchmarks/test_run.py keeps the copies equal).
+MALLOC_SETTINGS: dict[str, dict[str, str]] = {
+    "tuned": {
+        "MALLOC_MMAP_THRESHOLD_": "10000000000",
+        "MALLOC_TRIM_THRESHOLD_": "10000000000",
+        "MALLOC_TOP_PAD_": "1000000000",
+    },
+    "lean": {"MALLOC_MMAP_THRESHOLD_": "16777216", "MALLOC_TRIM_THRESHOLD_": "67108864"},
+    "default": {},
+}
+# The variables a child's allocator reads, recorded in each result.
 ALLOCATOR_VARS = (
     "MALLOC_MMAP_THRESHOLD_",
     "MALLOC_TRIM_THRESHOLD_",
@@ -216,19 +228,12 @@ def child_environment(device: str) -> dict:
 # --- parent: spawn, collect, report ---------------------------------------------------------------
 
 
-def allocator_settings(malloc: str) -> dict[str, str]:
-    """glibc settings for `--malloc`: `tuned`, those `fewshot` starts under (which keep freed
-    memory in the process); `lean`, those of `fewshot train --checkpoint-inner`; `default`,
-    none."""
-    from fewshot.cli import LEAN_MALLOC, TUNED_MALLOC
-
-    return {"tuned": TUNED_MALLOC, "lean": LEAN_MALLOC, "default": {}}[malloc]
-
-
 def child_env(malloc: str) -> dict[str, str]:
-    """The environment of every child: the chosen allocator settings, fewshot's src/ on the path."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    env.update(allocator_settings(malloc))
+    """The environment of every child: the chosen allocator settings (`MALLOC_SETTINGS`, in
+    place of any of theirs in this environment), fewshot's src/ on the path."""
+    ours = {name for settings in MALLOC_SETTINGS.values() for name in settings}
+    env = {k: v for k, v in os.environ.items() if k not in ours}
+    env.update(MALLOC_SETTINGS[malloc])
     src = str(REPO / "src")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"
@@ -326,7 +331,7 @@ def run_all(args: argparse.Namespace) -> dict:
             **machine_info(),
             "device": args.device,
             "malloc": args.malloc,
-            "allocator_env_set_for_children": allocator_settings(args.malloc),
+            "allocator_env_set_for_children": MALLOC_SETTINGS[args.malloc],
             "quick": args.quick,
             "chunk_size": args.chunk_size,
             "queries": args.queries,
@@ -378,7 +383,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
         "--malloc",
-        choices=("tuned", "lean", "default"),
+        choices=tuple(MALLOC_SETTINGS),
         default="tuned",
         help="glibc settings in every child: tuned, those `fewshot` starts under (freed memory "
         "kept); lean, those of `fewshot train --checkpoint-inner`; default, none",

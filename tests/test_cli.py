@@ -621,6 +621,9 @@ def test_the_allocator_settings_follow_what_the_command_is_for():
     assert malloc_settings(train, {"MALLOC_ARENA_MAX": "2"}) is None
     assert malloc_settings([*train, "--checkpoint-inner"], {"MALLOC_ARENA_MAX": "2"}) is None
     assert malloc_settings(train, {"FEWSHOT_NO_MALLOC_TUNING": "1"}) is None
+    # the restarted process, under the settings, starts as it is: no second restart
+    assert malloc_settings([*train, "--checkpoint-inner"], LEAN_MALLOC) is None
+    assert malloc_settings(train, TUNED_MALLOC) is None
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's settings: Linux only")

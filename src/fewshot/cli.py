@@ -1359,7 +1359,7 @@ def malloc_settings(argv: list[str], environment: Mapping[str, str]) -> dict[str
         or environment.get("FEWSHOT_NO_MALLOC_TUNING")
     ):
         return None
-    return LEAN_MALLOC if checkpoints_inner(argv) else TUNED_MALLOC
+    return dict(LEAN_MALLOC if checkpoints_inner(argv) else TUNED_MALLOC)
 
 
 def checkpoints_inner(argv: list[str]) -> bool:

@@ -36,6 +36,20 @@ def test_without_an_earlier_checkout_the_table_has_one_version():
     assert lines[-1] == "| Reptile | 95 | 9.5 | 95, 96, 94 | 7,600 | 80 (80%) |"
 
 
+def test_counting_flops_runs_the_tasks_one_at_a_time_and_restores_the_setting():
+    class Learner:
+        vectorize = True
+
+    learner = Learner()
+    with pytest.raises(RuntimeError), evaluation.counted_flops(learner):
+        assert learner.vectorize is False
+        raise RuntimeError("an evaluation that fails")
+    assert learner.vectorize is True
+    with evaluation.counted_flops(object()) as counter:  # a method with nothing to vectorise
+        pass
+    assert counter.get_total_flops() == 0
+
+
 # Conv4 (64 channels, 3x3, padding 1, each block halving the side) on one 28x28 image:
 # 2 x side^2 x out x in x 9 per convolution, at sides 28, 14, 7 and 3.
 CONV4_FORWARD_FLOP = sum(
