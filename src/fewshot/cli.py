@@ -65,8 +65,8 @@ TUNED_MALLOC = {
 # For --checkpoint-inner, whose point is memory: by default glibc raises its mmap threshold to
 # the largest block freed (up to 32 MiB), so blocks of 16 to 32 MiB land in the heap, where
 # longer-lived neighbours keep freed memory from going back. Fixed thresholds (mapped from
-# 16 MiB, the heap's top returned past 64 MiB) lowered ResNet-12's peak resident memory by
-# about a tenth here, at no measurable cost in time; lower ones cost time (docs/performance.md).
+# 16 MiB, the heap's top returned past 64 MiB) lowered ResNet-12's peak resident memory at no
+# measurable cost in time; lower ones cost time (docs/performance.md has the figures).
 LEAN_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "16777216", "MALLOC_TRIM_THRESHOLD_": "67108864"}
 TEST_SEED = 0
 PAPER = "[default: the paper's; `fewshot methods` lists them]"
