@@ -160,6 +160,12 @@ def matmul_gflops(repeats: int = 21) -> float:
     return cast(int, bench.flops_per_step) / statistics.median(seconds[2:]) / 1e9
 
 
+def step_work(algorithm, batch, steps: int, seconds: float, how: str) -> str:
+    """A step's GFLOPs on `batch` and the rate `seconds` a step makes of them, taken `how`."""
+    gflop = adaptation_gflop_per_step(algorithm, batch, steps)
+    return f"{gflop:.2f} GFLOP a step, {how} {rate(gflop, seconds, matmul_gflops())}"
+
+
 def adaptation_gflop_per_step(algorithm, batch, steps: int) -> float:
     """Matmul and convolution GFLOPs of one adaptation step to `batch`'s support sets, as the
     evaluator takes it."""
@@ -220,11 +226,10 @@ def inner_step_seconds(name: str, rounds: int = 3) -> str:
             algorithm.trajectory(batch.support_x, batch.support_y, steps, False)
             times["training"].append((time.perf_counter() - started) / steps)
     t = medians(times)
-    gflop = adaptation_gflop_per_step(algorithm, batch, steps)
     return (
         f"{name}: {steps} steps; per inner step {1000 * t['test']:.1f} ms at test, "
         f"{1000 * t['training']:.1f} ms in training (25 support sets, median of {rounds}); "
-        f"{gflop:.2f} GFLOP a step, at test {rate(gflop, t['test'], matmul_gflops())}"
+        + step_work(algorithm, batch, steps, t["test"], "at test")
     )
 
 
@@ -262,13 +267,11 @@ def fine_tuning_step_seconds(name: str, rounds: int = 3) -> str:
             optimizer.step()
         times["one network"].append((time.perf_counter() - started) / len(sizes))
     t = medians(times)
-    gflop = adaptation_gflop_per_step(algorithm, batch, steps)
     return (
         f"{name}: {steps} steps of 25 episodes; per step {1000 * t['vectorised']:.1f} ms "
         f"vectorised, {1000 * t['one at a time']:.1f} ms one episode at a time, "
         f"{1000 * t['one network']:.1f} ms as one network on the same images (median of "
-        f"{rounds}); {gflop:.2f} GFLOP a step, vectorised "
-        f"{rate(gflop, t['vectorised'], matmul_gflops())}"
+        f"{rounds}); " + step_work(algorithm, batch, steps, t["vectorised"], "vectorised")
     )
 
 
