@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import platform
@@ -37,6 +38,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
+import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from fewshot.training.evaluation import EPISODES_PER_DRAW
@@ -147,7 +150,6 @@ def gflop_per_600_episodes(name: str, options: tuple[str, ...]) -> float:
 def matmul_gflops(repeats: int = 21) -> float:
     """GFLOP/s of a 2048x2048 float32 matmul on this machine now (median of `repeats`): the
     rate the other rows are put in scale of (`run.py`'s reference)."""
-    import torch
     from builders import build_matmul
     from workloads import WORKLOADS
 
@@ -212,8 +214,6 @@ def inner_step_seconds(name: str, rounds: int = 3) -> str:
     same steps on the same support sets as its training does (train mode, gradients on, no
     graph kept across steps); medians of `rounds`. Where the two agree, a method's evaluation
     costs what its steps cost: the time is in the number of steps, not in the test path."""
-    import torch
-
     algorithm, batch, steps = first_draw(name)
     if algorithm.training_data == "examples":
         raise SystemExit(f"{name}: its training is pretraining on batches, not inner steps")
@@ -240,11 +240,6 @@ def fine_tuning_step_seconds(name: str, rounds: int = 3) -> str:
     vectorised), and as one network taking a step on all 25 mini-batches at once (a
     pretraining step on the same images: what a step costs without 25 networks); medians of
     `rounds`."""
-    import copy
-
-    import torch
-    import torch.nn.functional as F
-
     algorithm, batch, steps = first_draw(name)
     network = copy.deepcopy(algorithm.model).eval()  # body and head, running statistics
     optimizer = torch.optim.SGD(
