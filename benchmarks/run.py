@@ -32,7 +32,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-# `--malloc`'s glibc settings: `fewshot.cli`'s TUNED_MALLOC (what `fewshot` starts under,
+# `--malloc`'s allocator settings: `fewshot.cli`'s TUNED_MALLOC (what `fewshot` starts under,
 # which keeps freed memory in the process) and LEAN_MALLOC (what `fewshot train
 # --checkpoint-inner` starts under), copied so that this parent imports neither torch nor
 # fewshot (tests/benchmarks/test_run.py keeps the copies equal).
@@ -42,7 +42,11 @@ MALLOC_SETTINGS: dict[str, dict[str, str]] = {
         "MALLOC_TRIM_THRESHOLD_": "10000000000",
         "MALLOC_TOP_PAD_": "1000000000",
     },
-    "lean": {"MALLOC_MMAP_THRESHOLD_": "16777216", "MALLOC_TRIM_THRESHOLD_": "67108864"},
+    "lean": {
+        "MALLOC_MMAP_THRESHOLD_": "6291456",
+        "MALLOC_TRIM_THRESHOLD_": "67108864",
+        "THP_MEM_ALLOC_ENABLE": "1",
+    },
     "default": {},
 }
 # The variables a child's allocator reads, recorded in each result.
@@ -53,6 +57,7 @@ ALLOCATOR_VARS = (
     "MALLOC_ARENA_MAX",
     "LD_PRELOAD",
     "PYTORCH_CUDA_ALLOC_CONF",
+    "THP_MEM_ALLOC_ENABLE",
 )
 CHILD_TIMEOUT_S = 1800
 RESULT_PREFIX = "FEWSHOT_BENCH_RESULT "
@@ -385,7 +390,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--malloc",
         choices=tuple(MALLOC_SETTINGS),
         default="tuned",
-        help="glibc settings in every child: tuned, those `fewshot` starts under (freed memory "
+        help="allocator settings in every child: tuned, those `fewshot` starts under (freed memory "
         "kept); lean, those of `fewshot train --checkpoint-inner`; default, none",
     )
     parser.add_argument(

@@ -2,7 +2,9 @@
 
 import json
 import math
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -621,9 +623,40 @@ def test_the_allocator_settings_follow_what_the_command_is_for():
     assert malloc_settings(train, {"MALLOC_ARENA_MAX": "2"}) is None
     assert malloc_settings([*train, "--checkpoint-inner"], {"MALLOC_ARENA_MAX": "2"}) is None
     assert malloc_settings(train, {"FEWSHOT_NO_MALLOC_TUNING": "1"}) is None
+    assert malloc_settings([*train, "--checkpoint-inner"], {"THP_MEM_ALLOC_ENABLE": "0"}) is None
     # the restarted process, under the settings, starts as it is: no second restart
     assert malloc_settings([*train, "--checkpoint-inner"], LEAN_MALLOC) is None
     assert malloc_settings(train, TUNED_MALLOC) is None
+
+
+THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def huge_pages_on_request() -> bool:
+    """Whether this kernel backs memory with transparent huge pages where a process asks."""
+    return THP_MODE.exists() and "[never]" not in THP_MODE.read_text()
+
+
+@pytest.mark.skipif(not huge_pages_on_request(), reason="no transparent huge pages here")
+def test_under_the_lean_settings_torch_backs_large_tensors_with_huge_pages():
+    """LEAN_MALLOC's THP_MEM_ALLOC_ENABLE is the variable torch's CPU allocator reads: a 64 MiB
+    tensor filled under it lies (mostly) in huge pages, and not without it."""
+    fill = (
+        "import re, torch; x = torch.ones(16 << 20); "
+        "text = open('/proc/self/smaps_rollup').read(); "
+        "print(int(re.search(r'AnonHugePages:\\s+(\\d+) kB', text).group(1)))"
+    )
+    base = {k: v for k, v in os.environ.items() if k not in LEAN_MALLOC}  # (the user's too)
+
+    def huge_kib(env: dict[str, str]) -> int:
+        done = subprocess.run(
+            [sys.executable, "-c", fill], env=env, capture_output=True, text=True, check=True
+        )
+        return int(done.stdout)
+
+    assert huge_kib({**base, **LEAN_MALLOC}) >= 32 << 10
+    if "[madvise]" in THP_MODE.read_text():  # (under "always" every process gets them)
+        assert huge_kib(base) < 32 << 10
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's settings: Linux only")

@@ -62,12 +62,17 @@ TUNED_MALLOC = {
     "MALLOC_TRIM_THRESHOLD_": "10000000000",
     "MALLOC_TOP_PAD_": "1000000000",
 }
-# For --checkpoint-inner, whose point is memory: by default glibc raises its mmap threshold to
-# the largest block freed (up to 32 MiB), so blocks of 16 to 32 MiB land in the heap, where
-# longer-lived neighbours keep freed memory from going back. Fixed thresholds (mapped from
-# 16 MiB, the heap's top returned past 64 MiB) lowered ResNet-12's peak resident memory at no
-# measurable cost in time; lower ones cost time (docs/performance.md has the figures).
-LEAN_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "16777216", "MALLOC_TRIM_THRESHOLD_": "67108864"}
+# For --checkpoint-inner, whose point is memory: fixed thresholds (blocks from 6 MiB mapped and
+# returned at once, the heap's top returned past 64 MiB) instead of glibc's moving ones, under
+# which blocks of up to 32 MiB land in the heap, where longer-lived neighbours keep freed memory
+# from going back. A mapped block is faulted in afresh at each allocation, so torch's allocator
+# asks for transparent huge pages (THP_MEM_ALLOC_ENABLE: madvise on blocks from 2 MiB), one
+# fault per 2 MiB instead of per 4 KiB. docs/performance.md has the figures.
+LEAN_MALLOC = {
+    "MALLOC_MMAP_THRESHOLD_": "6291456",
+    "MALLOC_TRIM_THRESHOLD_": "67108864",
+    "THP_MEM_ALLOC_ENABLE": "1",
+}
 TEST_SEED = 0
 PAPER = "[default: the paper's; `fewshot methods` lists them]"
 
@@ -1335,7 +1340,7 @@ def run() -> None:
     """Console entry point: restart once under allocator settings for the command
     (`malloc_settings`), then run `main`.
 
-    glibc reads these variables only at start-up, hence the restart.
+    glibc and torch read these variables only at start-up, hence the restart.
     """
     settings = malloc_settings(sys.argv[1:], os.environ)
     if settings:
@@ -1349,13 +1354,13 @@ def run() -> None:
 
 
 def malloc_settings(argv: list[str], environment: Mapping[str, str]) -> dict[str, str] | None:
-    """The glibc settings `fewshot` restarts under: on Linux, unless a MALLOC_*_ variable or
-    FEWSHOT_NO_MALLOC_TUNING is set, `TUNED_MALLOC`, which keeps freed memory in the process
-    for speed, or `LEAN_MALLOC` for a command that checkpoints inner steps, whose point is
-    memory. None: start as it is."""
+    """The allocator settings `fewshot` restarts under: on Linux, unless a MALLOC_*_ variable,
+    THP_MEM_ALLOC_ENABLE or FEWSHOT_NO_MALLOC_TUNING is set, `TUNED_MALLOC`, which keeps freed
+    memory in the process for speed, or `LEAN_MALLOC` for a command that checkpoints inner
+    steps, whose point is memory. None: start as it is."""
     if (
         sys.platform != "linux"
-        or any(key.startswith("MALLOC_") for key in environment)
+        or any(key.startswith("MALLOC_") or key == "THP_MEM_ALLOC_ENABLE" for key in environment)
         or environment.get("FEWSHOT_NO_MALLOC_TUNING")
     ):
         return None

@@ -16,10 +16,12 @@ def test_a_child_gets_the_chosen_settings_in_place_of_the_parents_and_keeps_the_
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
     env = run.child_env("lean")
     assert {k: env.get(k) for k in TUNED_MALLOC} == {
-        "MALLOC_MMAP_THRESHOLD_": "16777216",
+        "MALLOC_MMAP_THRESHOLD_": "6291456",
         "MALLOC_TRIM_THRESHOLD_": "67108864",
         "MALLOC_TOP_PAD_": None,
     }
+    assert env["THP_MEM_ALLOC_ENABLE"] == "1"
     assert env["MALLOC_ARENA_MAX"] == "2"  # not one of ours: the user's choice stands
     assert "MALLOC_TOP_PAD_" not in run.child_env("default")
+    assert "THP_MEM_ALLOC_ENABLE" not in run.child_env("tuned")
     assert run.child_env("tuned")["MALLOC_TOP_PAD_"] == "1000000000"
