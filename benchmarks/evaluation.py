@@ -13,7 +13,9 @@ convolution FLOPs per 600 episodes (counted by torch's `FlopCounterMode` on one 
 episodes, forward and backward passes; elementwise work is not counted), the rate its time
 makes of them, and that rate as a share of a 2048x2048 float32 matmul's, timed in this run. A
 row whose time is long at a rate as high as the others' is long because of its work, not its
-code.
+code. The script restarts itself once under the allocator settings `fewshot eval` runs under
+(`fewshot.cli.malloc_settings`), so that what it times in its own process (steps, profiles)
+sees the allocator of the command line's evaluations.
 
     FEWSHOT_DATA_ROOT=../shared/data/omniglot python benchmarks/evaluation.py [--rounds 3]
         [--models NAME,...] [--before CHECKOUT] [--json-out F] [--md-out F]
@@ -42,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from fewshot.cli import malloc_settings
 from fewshot.training.evaluation import EPISODES_PER_DRAW
 
 REPO = Path(__file__).resolve().parents[1]
@@ -330,7 +333,18 @@ def table(rows: list[dict], matmul: float) -> str:
     return "\n".join(lines)
 
 
+def restart_environment(environment: dict[str, str]) -> dict[str, str] | None:
+    """The environment to restart this script under: `environment` with the allocator
+    settings `fewshot eval` restarts under; None where it needs none (already under them, or
+    under the user's own)."""
+    settings = malloc_settings(["eval"], environment)
+    return {**environment, **settings} if settings else None
+
+
 def main() -> None:
+    restart = restart_environment(dict(os.environ))
+    if restart is not None:
+        os.execve(sys.executable, [sys.executable, *sys.argv], restart)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--models", type=lambda s: s.split(","), help="zoo folders, a subset")
