@@ -13,9 +13,10 @@ convolution FLOPs per 600 episodes (counted by torch's `FlopCounterMode` on one 
 episodes, forward and backward passes; elementwise work is not counted), the rate its time
 makes of them, and that rate as a share of a 2048x2048 float32 matmul's, timed in this run. A
 row whose time is long at a rate as high as the others' is long because of its work, not its
-code. The script restarts itself once under the allocator settings `fewshot eval` runs under
-(`fewshot.cli.malloc_settings`), so that what it times in its own process (steps, profiles)
-sees the allocator of the command line's evaluations.
+code. For what it times in its own process (`--step-times`, `--fine-tuning-steps`,
+`--profile`), the script restarts itself once under the allocator settings `fewshot eval` runs
+under (`fewshot.cli.malloc_settings`), so that those see the command line's allocator; the
+table's `fewshot eval` commands choose their own.
 
     FEWSHOT_DATA_ROOT=../shared/data/omniglot python benchmarks/evaluation.py [--rounds 3]
         [--models NAME,...] [--before CHECKOUT] [--json-out F] [--md-out F]
@@ -44,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from fewshot.cli import malloc_settings
+from fewshot.cli import malloc_settings, restart_under
 from fewshot.training.evaluation import EPISODES_PER_DRAW
 
 REPO = Path(__file__).resolve().parents[1]
@@ -333,18 +334,7 @@ def table(rows: list[dict], matmul: float) -> str:
     return "\n".join(lines)
 
 
-def restart_environment(environment: dict[str, str]) -> dict[str, str] | None:
-    """The environment to restart this script under: `environment` with the allocator
-    settings `fewshot eval` restarts under; None where it needs none (already under them, or
-    under the user's own)."""
-    settings = malloc_settings(["eval"], environment)
-    return {**environment, **settings} if settings else None
-
-
 def main() -> None:
-    restart = restart_environment(dict(os.environ))
-    if restart is not None:
-        os.execve(sys.executable, [sys.executable, *sys.argv], restart)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--models", type=lambda s: s.split(","), help="zoo folders, a subset")
@@ -375,6 +365,9 @@ def main() -> None:
         help="zoo models: where one draw of 25 test episodes spends its time (torch.profiler)",
     )
     args = parser.parse_args()
+    settings = malloc_settings(["eval"], os.environ)  # `fewshot eval`'s allocator
+    if settings and (args.profile or args.fine_tuning_steps or args.step_times):
+        restart_under(settings, sys.orig_argv)
     reports = (
         (args.profile, lambda name: profile(name)),
         (args.fine_tuning_steps, lambda name: fine_tuning_step_seconds(name, args.rounds)),

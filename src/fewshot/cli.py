@@ -1344,27 +1344,31 @@ def run() -> None:
     """
     settings = malloc_settings(sys.argv[1:], os.environ)
     if settings:
-        with contextlib.suppress(OSError):
-            os.execve(
-                sys.executable,
-                [sys.executable, "-m", "fewshot", *sys.argv[1:]],
-                {**os.environ, **settings},
-            )
+        restart_under(settings, [sys.executable, "-m", "fewshot", *sys.argv[1:]])
     main(prog_name="fewshot")
 
 
+def restart_under(settings: Mapping[str, str], argv: list[str]) -> None:
+    """Replace this process by `argv` under its environment plus `settings` (variables the
+    allocators read only at start-up); where that fails, go on as it is."""
+    with contextlib.suppress(OSError):
+        os.execve(sys.executable, argv, {**os.environ, **settings})
+
+
 def malloc_settings(argv: list[str], environment: Mapping[str, str]) -> dict[str, str] | None:
-    """The allocator settings `fewshot` restarts under: on Linux, unless a MALLOC_*_ variable,
-    THP_MEM_ALLOC_ENABLE or FEWSHOT_NO_MALLOC_TUNING is set, `TUNED_MALLOC`, which keeps freed
-    memory in the process for speed, or `LEAN_MALLOC` for a command that checkpoints inner
-    steps, whose point is memory. None: start as it is."""
+    """The allocator settings `fewshot` restarts under: on Linux, unless a MALLOC_*_ variable or
+    FEWSHOT_NO_MALLOC_TUNING is set, `TUNED_MALLOC`, which keeps freed memory in the process
+    for speed, or `LEAN_MALLOC` for a command that checkpoints inner steps, whose point is
+    memory, less any variable the user set (their THP_MEM_ALLOC_ENABLE stands). None: start as
+    it is."""
     if (
         sys.platform != "linux"
-        or any(key.startswith("MALLOC_") or key == "THP_MEM_ALLOC_ENABLE" for key in environment)
+        or any(key.startswith("MALLOC_") for key in environment)
         or environment.get("FEWSHOT_NO_MALLOC_TUNING")
     ):
         return None
-    return dict(LEAN_MALLOC if checkpoints_inner(argv) else TUNED_MALLOC)
+    settings = LEAN_MALLOC if checkpoints_inner(argv) else TUNED_MALLOC
+    return {key: value for key, value in settings.items() if key not in environment}
 
 
 def checkpoints_inner(argv: list[str]) -> bool:

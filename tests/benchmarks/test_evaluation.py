@@ -1,12 +1,9 @@
 """benchmarks/evaluation.py: the table of seconds per 600 episodes, with before and after
 columns, and the work each model's episodes do."""
 
-import sys
-
 import pytest
 
 from benchmarks import evaluation
-from fewshot.cli import TUNED_MALLOC
 
 
 def row(label, median, before=None, options=(), gflop=1000.0):
@@ -85,15 +82,3 @@ def test_an_adaptation_steps_work_is_counted_as_plain_convolutions_would_count_i
     gflop = evaluation.adaptation_gflop_per_step(algorithm, batch, steps)
     assert gflop == pytest.approx(25 * 5 * per_image / 1e9, rel=1e-3)
     assert algorithm.vectorize  # as it was
-
-
-def test_the_script_restarts_once_under_the_allocator_of_fewshot_eval():
-    """What the script times in its own process runs under the settings `fewshot eval` runs
-    under; the restarted process, or one under the user's own settings, goes on as it is."""
-    restarted = evaluation.restart_environment({"PATH": "/bin"})
-    if sys.platform != "linux":
-        assert restarted is None
-        return
-    assert restarted == {"PATH": "/bin", **TUNED_MALLOC}
-    assert evaluation.restart_environment(restarted) is None
-    assert evaluation.restart_environment({"MALLOC_ARENA_MAX": "1"}) is None
