@@ -49,16 +49,10 @@ MALLOC_SETTINGS: dict[str, dict[str, str]] = {
     },
     "default": {},
 }
+# The variables `--malloc` sets (each child gets the chosen ones in place of the parent's).
+SET_VARS = tuple(dict.fromkeys(name for settings in MALLOC_SETTINGS.values() for name in settings))
 # The variables a child's allocator reads, recorded in each result.
-ALLOCATOR_VARS = (
-    "MALLOC_MMAP_THRESHOLD_",
-    "MALLOC_TRIM_THRESHOLD_",
-    "MALLOC_TOP_PAD_",
-    "MALLOC_ARENA_MAX",
-    "LD_PRELOAD",
-    "PYTORCH_CUDA_ALLOC_CONF",
-    "THP_MEM_ALLOC_ENABLE",
-)
+ALLOCATOR_VARS = (*SET_VARS, "MALLOC_ARENA_MAX", "LD_PRELOAD", "PYTORCH_CUDA_ALLOC_CONF")
 CHILD_TIMEOUT_S = 1800
 RESULT_PREFIX = "FEWSHOT_BENCH_RESULT "
 
@@ -236,8 +230,7 @@ def child_environment(device: str) -> dict:
 def child_env(malloc: str) -> dict[str, str]:
     """The environment of every child: the chosen allocator settings (`MALLOC_SETTINGS`, in
     place of any of theirs in this environment), fewshot's src/ on the path."""
-    ours = {name for settings in MALLOC_SETTINGS.values() for name in settings}
-    env = {k: v for k, v in os.environ.items() if k not in ours}
+    env = {k: v for k, v in os.environ.items() if k not in SET_VARS}
     env.update(MALLOC_SETTINGS[malloc])
     src = str(REPO / "src")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
